@@ -1,0 +1,7 @@
+"""`python -m compressor ...` (and `accelerate launch -m compressor run ...`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""`compressor run | validate | eval | report | teacher build`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import UserError
+
+
+def _run(args) -> None:
+    from .pipeline import run
+    from .recipe import load_recipe
+    from .storage import Store
+
+    recipe = load_recipe(args.recipe)
+    out = Path(args.out or Path("runs") / recipe.name)
+    record = run(recipe, out, Store(Path(args.store)) if args.store else None)
+    cached = sum(s["cached"] for s in record["stages"])
+    print(f"{out / 'report.md'} ({len(record['stages'])} measured, {cached} cached)")
+
+
+def _validate(args) -> None:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
+
+
+def _eval(args) -> None:
+    from pydantic import ValidationError
+
+    from .data import TextSource
+    from .measure import EvalSpec
+    from .pipeline import evaluate_model
+    from .tasks import local_task_names, unknown_tasks
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else EvalSpec().tasks
+    dirs = tuple(Path(d) for d in args.task_dir)
+    unknown = unknown_tasks(tasks, dirs)
+    if unknown:
+        raise UserError(f"--tasks: unknown task {unknown[0]!r}; ours: {', '.join(sorted(local_task_names(dirs)))}")
+    try:
+        spec = EvalSpec(tasks=tasks, task_dirs=[str(d) for d in dirs], limit=args.limit)
+        heldout = TextSource.model_validate(args.data)
+    except ValidationError as exc:
+        raise UserError(f"--data: {exc.errors(include_url=False)[0]['msg'].removeprefix('Value error, ')}") from None
+    out = Path(args.out)
+    evaluate_model(args.model, spec, out, heldout, args.seq_len, args.seed, args.device, args.teacher)
+    print(out / "report.md")
+
+
+def _report(args) -> None:
+    from .report import rerender
+
+    if not (Path(args.dir) / "run.json").is_file():
+        raise UserError(f"{args.dir}: no run.json here")
+    print(rerender(Path(args.dir)))
+
+
+def _teacher(args) -> None:
+    from .builtin import ensure_teacher, teacher_report
+
+    folder = ensure_teacher(args.name)
+    report = teacher_report(folder)
+    print(f"{folder}\nparams {report['params']:,}  held-out perplexity {report['heldout_ppl']:.1f}  "
+          f"unigram {report['unigram_ppl']:.1f}  build {report['build_seconds']}s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compressor", description="Stack distillation, pruning and quantization; "
+                                "measure every stage.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run (or resume) a recipe")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="output folder (default runs/<recipe name>)")
+    r.add_argument("--store", help="artifact store (default $COMPRESSOR_HOME/artifacts)")
+    r.set_defaults(fn=_run)
+
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("recipe")
+    v.set_defaults(fn=_validate)
+
+    e = sub.add_parser("eval", help="measure one model: builtin:NAME, hf:ID|FOLDER, llama2c:FILE, or an artifact folder")
+    e.add_argument("model")
+    e.add_argument("--tasks", help="comma-separated lm-eval task names (default stdlib_ppl,stdlib_mc)")
+    e.add_argument("--task-dir", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
+    e.add_argument("--limit", type=int, help="items per task")
+    e.add_argument("--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--teacher", help="a model to measure KL and top-1 agreement against")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=_eval)
+
+    rp = sub.add_parser("report", help="re-render DIR/report.md from DIR/run.json")
+    rp.add_argument("dir")
+    rp.set_defaults(fn=_report)
+
+    t = sub.add_parser("teacher", help="the built-in teacher")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tb = tsub.add_parser("build", help="build (or find cached) the built-in teacher")
+    tb.add_argument("--name", default="tiny-stdlib")
+    tb.set_defaults(fn=_teacher)
+    return p
+
+
+def _quiet_libraries() -> None:
+    """Our progress is the one to watch: mute library chatter."""
+    import logging
+
+    for name in ("lm-eval", "lm_eval", "transformers", "datasets", "accelerate", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.fn(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Text sources, tokenization and packing, and deterministic batches.
+
+A source is the built-in stdlib text, a local `.txt`/`.jsonl`/`.json` file, or a Hugging Face
+dataset. Documents are tokenized once per (tokenizer, source, seq_len), packed into blocks and
+cached. Batch `i` depends only on (seed, i), so a resumed run sees exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from safetensors.torch import load_file, save_file
+
+from . import UserError
+from .storage import digest, home, recipe_path, sha256_file
+
+BUILTIN_SOURCES = ("builtin:stdlib-text", "builtin:stdlib-heldout")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+# Parts of the stdlib that are not code a person wrote: test suites and generated tables.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "encodings", "pydoc_data", "site-packages", "__pycache__"}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if _STDLIB_SKIP.isdisjoint(parts) and not parts[-1].startswith("test_"):
+            files.append(path)
+    return files
+
+
+def _is_heldout(relative: str) -> bool:
+    """A deterministic 1-in-12 split by file name, stable across machines and versions."""
+    return hashlib.sha256(relative.encode()).digest()[0] % 12 == 0
+
+
+def stdlib_documents(split: str) -> list[str]:
+    """The stdlib `.py` sources (tests excluded), split by file into train / heldout."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    want_heldout = split == "heldout"
+    docs = []
+    for path in stdlib_files():
+        if _is_heldout(str(path.relative_to(root))) == want_heldout:
+            docs.append(path.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+class TextSource(BaseModel):
+    """Where text comes from: `builtin:stdlib-text|stdlib-heldout`, a `.txt`/`.jsonl`/`.json`
+    file (`.txt` split into documents at `separator`), or `hf:<dataset id or folder>`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    field: str = Field("text", description="the text field of .jsonl/.json rows and hf datasets")
+    config: str | None = Field(None, description="hf dataset config name")
+    split: str = Field("train", description="hf dataset split")
+    separator: str = Field("\n\n", min_length=1, description="document separator in .txt files")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value, info: ValidationInfo):
+        value = {"source": value} if isinstance(value, str) else value
+        source = value.get("source") if isinstance(value, dict) else None
+        if isinstance(source, str) and not source.startswith(("builtin:", "hf:")):
+            value = dict(value, source=recipe_path(source, info))
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "TextSource":
+        if self.source.startswith("builtin:"):
+            if self.source not in BUILTIN_SOURCES:
+                raise ValueError(f"unknown built-in text {self.source!r}; built-in: {', '.join(BUILTIN_SOURCES)}")
+        elif not self.source.startswith("hf:"):
+            path = Path(self.source)
+            if not path.is_file():
+                raise ValueError(f"file not found: {self.source}")
+            if path.suffix not in TEXT_SUFFIXES:
+                raise ValueError(f"{self.source}: must end in {', '.join(TEXT_SUFFIXES)} (or use hf:<dataset>)")
+        return self
+
+    def identity(self) -> str:
+        """What the text is, for cache keys: content hash for files, name + version else."""
+        if self.source.startswith("builtin:"):
+            return f"{self.source}@python{sys.version_info[0]}.{sys.version_info[1]}"
+        if self.source.startswith("hf:"):
+            return f"{self.source}:{self.config}:{self.split}:{self.field}"
+        return f"file:{sha256_file(Path(self.source))}:{self.field}:{self.separator!r}"
+
+
+def load_documents(src: TextSource) -> list[str]:
+    if src.source == "builtin:stdlib-text":
+        return stdlib_documents("train")
+    if src.source == "builtin:stdlib-heldout":
+        return stdlib_documents("heldout")
+    if src.source.startswith("hf:"):
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(src.source[3:], src.config, split=src.split)
+        except Exception as exc:  # the hub or the folder is the user's to fix
+            raise UserError(f"data {src.source}: cannot load dataset ({type(exc).__name__}: {exc})") from None
+        if src.field not in ds.column_names:
+            raise UserError(f"data {src.source}: no field {src.field!r}; fields are {ds.column_names}")
+        return [t for t in ds[src.field] if t]
+    path = Path(src.source)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [d for d in text.split(src.separator) if d.strip()]
+    try:
+        return [row[src.field] for row in rows if row[src.field]]
+    except (KeyError, TypeError):
+        raise UserError(f"data {path}: every row needs a {src.field!r} string field") from None
+
+
+def split_heldout(docs: list[str], fraction: float = 0.05) -> tuple[list[str], list[str]]:
+    """Hold out the last `fraction` of documents (at least one) when no held-out set is named."""
+    n = max(1, int(len(docs) * fraction))
+    if len(docs) < 2:
+        raise UserError("data: need at least two documents to hold one out; name data.heldout")
+    return docs[:-n], docs[-n:]
+
+
+def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:
+    """One token stream: the tokenizer's own BOS starts each document if it adds one (Llama
+    convention), otherwise EOS ends each document (GPT-2 convention)."""
+    ids = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    adds_bos = bool(ids) and bos is not None and all(seq[:1] == [bos] for seq in ids if seq)
+    stream: list[int] = []
+    for seq in ids:
+        stream.extend(seq)
+        if not adds_bos and eos is not None:
+            stream.append(eos)
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def pack(docs: list[str], tokenizer, seq_len: int, cache_key: str | None = None) -> torch.Tensor:
+    """Blocks [N, seq_len] of the token stream (remainder dropped), cached on disk by key."""
+    path = home() / "tokens" / f"{digest([cache_key, seq_len])}.safetensors" if cache_key else None
+    if path is not None and path.is_file():
+        return load_file(path)["blocks"]
+    stream = tokenize_stream(docs, tokenizer)
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise UserError(f"data: only {stream.numel()} tokens, fewer than one block of seq_len {seq_len}")
+    blocks = stream[: n * seq_len].view(n, seq_len).clone()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"blocks": blocks}, tmp)
+        tmp.replace(path)
+    return blocks
+
+
+class Batches:
+    """Deterministic batches over packed blocks: each epoch is a seeded permutation, and
+    batch `step` is a fixed slice of the concatenated epochs."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(len(self.blocks), generator=g)
+        return self._perms[epoch]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        n = len(self.blocks)
+        idx = [self._perm(i // n)[i % n] for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
+        return self.blocks[torch.stack(idx)]

@@ -1,0 +1,73 @@
+"""Progress a person can watch: stage, step, loss and ETA.
+
+On a terminal this is a live rich bar; in a log file (CI, nohup) it prints a plain line every
+~10% or 30 s, so a long run is never silent.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def say(message: str) -> None:
+    """One line of status for the user (stderr, so stdout stays machine-readable)."""
+    console.print(message, markup=False, soft_wrap=True)
+
+
+class Bar:
+    """A progress bar for `total` steps with a free-form postfix (loss, lr, ...)."""
+
+    def __init__(self, description: str, total: int, unit: str = "step"):
+        self.description, self.total, self.unit = description, total, unit
+        self.done, self.start, self.postfix = 0, time.time(), ""
+        self._last_log, self._next_pct = 0.0, 10
+        self._live = console.is_terminal and sys.stderr.isatty()
+        if self._live:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[postfix]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._task = self._progress.add_task(description, total=total, postfix="")
+            self._progress.start()
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def update(self, advance: int = 1, **fields: float | str) -> None:
+        self.done += advance
+        if fields:
+            self.postfix = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        if self._live:
+            self._progress.update(self._task, advance=advance, postfix=self.postfix)
+            return
+        pct = 100 * self.done / max(self.total, 1)
+        now = time.time()
+        if pct >= self._next_pct or now - self._last_log > 30 or self.done == self.total:
+            while self._next_pct <= pct:
+                self._next_pct += 10
+            self._last_log = now
+            elapsed = now - self.start
+            eta = elapsed / max(self.done, 1) * (self.total - self.done)
+            say(f"{self.description}: {self.unit} {self.done}/{self.total} {self.postfix} "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+
+    def close(self) -> None:
+        if self._live:
+            self._progress.stop()
+            self._live = False

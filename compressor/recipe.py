@@ -1,0 +1,219 @@
+"""Recipes: YAML -> a validated plan, or one line saying what is wrong.
+
+Everything is checked before any work starts: YAML syntax, every key and type (pydantic,
+unknown keys refused), files that must exist, stage kinds, stage order (nothing that needs a
+float model after a quantized one), stage settings against the teacher's dimensions, and
+eval task names. A mistake raises UserError("stacks/x.yaml: stages[2].quantize.bits: must
+be 4 or 8, got 3"); the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import UserError
+from .data import TextSource
+from .measure import EvalSpec
+from .models import TeacherSpec, teacher_shape
+from .stages import STAGES
+from .tasks import local_task_names, unknown_tasks
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: TextSource = TextSource(source="builtin:stdlib-text")
+    heldout: TextSource | None = Field(None, description="default: the stdlib held-out files for builtin "
+                                                         "text, else the last heldout_fraction of train")
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    seq_len: int = Field(256, ge=8)
+
+
+class RecipeModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    teacher: TeacherSpec
+    data: DataSpec = DataSpec()
+    stages: list[Any] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    kind: str
+    config: BaseModel
+
+    @property
+    def module(self):
+        return STAGES[self.kind]
+
+    def params(self) -> dict:
+        """What determines this stage's artifact (with defaults filled in)."""
+        return {"kind": self.kind, "config": self.config.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    spec: RecipeModel
+    stages: tuple[Stage, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = msg.removeprefix("Value error, ").replace("Input should be", "must be")
+    shown = err.get("input")
+    if kind != "value_error" and not isinstance(shown, (dict, list)):
+        msg += f", got {shown!r}"
+    return msg
+
+
+def _fail(path: Path, where: str, message: str) -> UserError:
+    return UserError(f"{path}: {where}: {message}" if where else f"{path}: {message}")
+
+
+def _first_error(path: Path, exc: ValidationError, prefix: tuple = ()) -> UserError:
+    err = exc.errors(include_url=False)[0]
+    loc = prefix + tuple(p for p in err["loc"] if p not in ("function-after", "function-before"))
+    extra = ""
+    if err["type"] == "extra_forbidden":
+        extra = f" (allowed: {', '.join(_allowed_keys(loc))})" if _allowed_keys(loc) else ""
+    return _fail(path, _where(loc), _message(err) + extra)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model that owns the unknown key, for the error message."""
+    model: Any = RecipeModel
+    parts = list(loc[:-1])
+    if parts[:1] == ["stages"] and len(parts) >= 3:
+        model, parts = STAGES[parts[2]].Config, parts[3:]
+    elif parts[:1] == ["stages"]:
+        return []
+    for part in parts:
+        field = getattr(model, "model_fields", {}).get(part)
+        ann = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    fields = getattr(model, "model_fields", {})
+    return sorted(f.alias or name for name, f in fields.items())
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if "\x00" in text:
+        raise UserError(f"{path}: not a text file (contains NUL bytes)")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: {where}: broken YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: must be a mapping with name, teacher, data, stages, eval; got {type(raw).__name__}")
+    return raw
+
+
+def _parse_stages(path: Path, raw_stages: list, base: Path) -> tuple[Stage, ...]:
+    stages, names = [], set()
+    for i, item in enumerate(raw_stages):
+        where = f"stages[{i}]"
+        if not isinstance(item, dict):
+            raise _fail(path, where, f"must be a mapping like {{distill: {{...}}}}, got {item!r}")
+        kinds = [k for k in item if k != "name"]
+        if len(kinds) != 1:
+            raise _fail(path, where, f"must have exactly one stage kind ({', '.join(STAGES)}), got {kinds}")
+        kind = kinds[0]
+        if kind not in STAGES:
+            raise _fail(path, where, f"unknown stage kind {kind!r}; kinds: {', '.join(STAGES)}")
+        try:
+            config = STAGES[kind].Config.model_validate(item[kind] or {}, context={"base": base})
+        except ValidationError as exc:
+            raise _first_error(path, exc, ("stages", i, kind)) from None
+        name = item.get("name") or kind
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise _fail(path, f"{where}.name", f"must be letters, digits, - or _, got {name!r}")
+        if name in names:
+            name = f"{name}-{i}"
+        names.add(name)
+        stages.append(Stage(i, name, kind, config))
+    return tuple(stages)
+
+
+def _check_order(path: Path, stages: tuple[Stage, ...]) -> None:
+    quantized = None
+    for stage in stages:
+        if quantized is not None and getattr(stage.module, "NEEDS_FLOAT", False):
+            raise _fail(path, f"stages[{stage.index}].{stage.kind}",
+                        f"cannot follow stages[{quantized.index}].{quantized.kind}: it needs a float model, "
+                        f"and the weights are quantized by then; move it before the quantization")
+        if getattr(stage.module, "PRODUCES", "float") == "quantized":
+            if quantized is not None:
+                raise _fail(path, f"stages[{stage.index}].{stage.kind}",
+                            f"a second quantization after stages[{quantized.index}].{quantized.kind}; "
+                            f"a recipe quantizes once, last")
+            quantized = stage
+
+
+def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
+    shape = teacher_shape(spec.teacher)
+    if shape is None:
+        return  # a hub teacher: checked when loaded
+    for stage in stages:
+        try:
+            shape = stage.module.check(stage.config, shape)
+        except ValueError as exc:
+            raise _fail(path, f"stages[{stage.index}].{stage.kind}", str(exc)) from None
+
+
+def load_recipe(path: str | Path, check_tasks: bool = True) -> Recipe:
+    """Read and validate a recipe completely; raise UserError with one line on any mistake."""
+    path = Path(path)
+    raw = _read(path)
+    base = path.resolve().parent
+    try:
+        spec = RecipeModel.model_validate(raw, context={"base": base})
+    except ValidationError as exc:
+        raise _first_error(path, exc) from None
+    stages = _parse_stages(path, spec.stages, base)
+    _check_order(path, stages)
+    _check_shapes(path, spec, stages)
+    if check_tasks:
+        dirs = tuple(Path(d) for d in spec.eval.task_dirs)
+        unknown = unknown_tasks(spec.eval.tasks, dirs)
+        if unknown:
+            ours = ", ".join(sorted(local_task_names(dirs)))
+            raise _fail(path, "eval.tasks", f"unknown task {unknown[0]!r}; ours: {ours}, or any lm-eval task name")
+    return Recipe(path, spec, stages)

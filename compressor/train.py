@@ -1,0 +1,163 @@
+"""The one training loop: built-in teacher, distill, recover and QAT all run through it.
+
+It runs on `accelerate`, so `accelerate launch -m compressor run ...` trains on several GPUs
+unchanged; on one CPU it is a plain loop. It checkpoints every `checkpoint_every` steps into a
+folder that survives a crash, and since batch `i` and the sampling seed of step `i` depend only
+on (seed, i), a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_model, save_model
+
+from . import UserError
+from .progress import Bar, say
+from .storage import atomic_dir, read_json, write_json
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings shared by every training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine decay, or warmup-stable-decay "
+                                               "(constant lr, then linear decay over the last `decay` fraction)")
+    decay: float = Field(0.3, gt=0, le=1, description="wsd: fraction of steps spent decaying")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the decay ends at lr x this")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1, description="steps between crash-safe checkpoints")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+# The loss sees the model, a batch of token ids [B, L] and the optimiser step; it returns the
+# loss and numbers to show beside it.
+LossFn = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = int(cfg.warmup * cfg.steps)
+
+    stable_until = int((1 - cfg.decay) * cfg.steps)
+
+    def at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "wsd":
+            if step < stable_until:
+                return 1.0
+            progress = (step - stable_until) / max(1, cfg.steps - stable_until)
+            return 1 - (1 - cfg.min_lr_ratio) * min(progress, 1.0)
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return at
+
+
+def _accelerator(cfg: TrainConfig, device: torch.device):
+    from accelerate import Accelerator
+
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if bf16 and device.type != "cuda":
+        bf16 = False  # bf16 autocast on CPU is slower than fp32 and changes results
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+
+
+def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, extra: torch.nn.Module | None) -> None:
+    with atomic_dir(folder) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        if extra is not None:
+            save_model(extra, str(tmp / "extra.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        write_json(tmp / "progress.json", {"step": step})
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, extra: torch.nn.Module | None) -> int:
+    load_model(model, str(folder / "model.safetensors"))
+    if extra is not None:
+        load_model(extra, str(folder / "extra.safetensors"))
+    state = torch.load(folder / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(read_json(folder / "progress.json")["step"])
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batches: Callable[[int], torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    description: str,
+    checkpoint_dir: Path | None = None,
+    extra_module: torch.nn.Module | None = None,
+) -> dict:
+    """Train `model` in place for cfg.steps optimiser steps; return a summary.
+
+    `extra_module` holds trainable parameters that belong to the loss (e.g. the projection of
+    hidden-state distillation); they are optimised and checkpointed with the model.
+    """
+    accelerator = _accelerator(cfg, device)
+    model.to(accelerator.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if extra_module is not None:
+        extra_module.to(accelerator.device)
+        params += list(extra_module.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    start_step = 0
+    ckpt = checkpoint_dir / "checkpoint" if checkpoint_dir else None
+    if ckpt is not None and (ckpt / "progress.json").is_file():
+        start_step = _load_checkpoint(ckpt, raw_model, optimizer, scheduler, extra_module)
+        say(f"{description}: resuming from the checkpoint at step {start_step}/{cfg.steps}")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    losses: list[float] = []
+    begin = time.time()
+    with Bar(description, cfg.steps) as bar:
+        if start_step:
+            bar.update(start_step)
+        for step in range(start_step, cfg.steps):
+            logs: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                batch = batches(step * cfg.grad_accum + micro)[rank::world].to(accelerator.device)
+                torch.manual_seed(seed * 7919 + step * cfg.grad_accum + micro)  # on-policy sampling
+                with accelerator.autocast():
+                    loss, logs = loss_fn(model, batch, step)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"{description}: loss became {loss.item()} at step {step}; lower lr "
+                        f"(now {scheduler.get_last_lr()[0]:.2g}) or check the data", code=1)
+                accelerator.backward(loss / cfg.grad_accum)
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.update(1, loss=loss.item(), **{k: v for k, v in logs.items() if k != "loss"})
+            done = step + 1
+            if ckpt is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+                _save_checkpoint(ckpt, done, raw_model, optimizer, scheduler, extra_module)
+    raw_model.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": cfg.steps, "resumed_at": start_step, "final_loss": sum(tail) / len(tail) if tail else None,
+            "train_seconds": round(time.time() - begin, 2)}

@@ -1,0 +1,126 @@
+"""A recipe end to end on the tiny built-in teacher: the run.json contract, the cache, resume
+after kill -9, corrupt artifacts, the output-folder lock."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, distill_recipe
+
+from compressor import UserError
+from compressor.cli import main
+from compressor.pipeline import run
+from compressor.recipe import load_recipe
+from compressor.storage import Store, locked
+
+CONTRACT = ("params", "bytes", "bits_per_param", "prefill_ms", "decode_ms_per_token", "tokens_per_s",
+            "peak_mem_bytes", "accuracy", "teacher_kl", "top1_agreement")
+
+
+def _figures(record):
+    """What must be reproducible: everything but timings."""
+    keep = ("params", "bytes", "accuracy", "teacher_kl", "top1_agreement", "heldout_ppl")
+    return [{k: s["metrics"][k] for k in keep} for s in record["stages"]]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_teacher_folder):
+    folder = tmp_path_factory.mktemp("run")
+    path = folder / "recipe.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(distill_recipe("contract", steps=6)))
+    record = run(load_recipe(path), folder / "out")
+    return path, folder / "out", record
+
+
+def test_run_json_follows_the_output_contract(first_run):
+    _, out, record = first_run
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk == json.loads(json.dumps(record))
+    for key in ("recipe", "seed", "versions", "device", "stages"):
+        assert key in on_disk
+    assert [s["kind"] for s in on_disk["stages"]] == ["teacher", "distill"]
+    for stage in on_disk["stages"]:
+        for key in ("name", "kind", "key", "cached", "seconds", "metrics"):
+            assert key in stage
+        for key in CONTRACT:
+            assert stage["metrics"][key] is not None, key
+        assert 0 <= stage["metrics"]["accuracy"]["stdlib_mc/acc"] <= 1
+    teacher, student = on_disk["stages"]
+    assert teacher["metrics"]["teacher_kl"] == 0 and teacher["metrics"]["top1_agreement"] == 1
+    assert student["metrics"]["teacher_kl"] > 0 and student["metrics"]["params"] < teacher["metrics"]["params"]
+    assert student["info"]["student_layers"] == 1
+    assert abs(teacher["metrics"]["bits_per_param"] - 32) < 0.5  # fp32 safetensors
+    assert "| distill |" in (out / "report.md").read_text()
+
+
+def test_rerun_is_all_cached_with_identical_figures(first_run):
+    path, out, record = first_run
+    start = time.time()
+    again = run(load_recipe(path), out)
+    assert all(s["cached"] for s in again["stages"])
+    assert _figures(again) == _figures(record)
+    assert time.time() - start < 20
+
+
+def test_a_corrupt_artifact_is_detected_and_rebuilt(first_run, capsys):
+    path, out, record = first_run
+    artifact = Store().path(record["stages"][1]["key"])
+    weights = artifact / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-10] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    again = run(load_recipe(path), out)
+    assert "corrupt" in capsys.readouterr().err
+    assert again["stages"][1]["cached"] is False
+    assert _figures(again) == _figures(record)
+
+
+def test_a_second_run_into_the_same_folder_is_refused(first_run):
+    path, out, _ = first_run
+    with locked(out / ".lock", "test holder"):
+        with pytest.raises(UserError, match="in use by pid"):
+            run(load_recipe(path), out)
+
+
+def test_two_recipes_with_a_common_prefix_share_the_artifact(first_run, tmp_path, write_recipe):
+    _, _, record = first_run
+    longer = distill_recipe("longer", steps=6)
+    longer["stages"].append({"name": "again", "distill": {"steps": 2, "batch_size": 2}})
+    second = run(load_recipe(write_recipe(longer)), tmp_path / "out")
+    assert second["stages"][1]["key"] == record["stages"][1]["key"]
+    assert second["stages"][1]["cached"] is True
+    assert second["stages"][2]["cached"] is False
+
+
+def test_kill_9_mid_stage_resumes_to_the_same_figures(tmp_path, write_recipe, tiny_teacher_folder):
+    recipe = distill_recipe("killed", steps=40)
+    recipe["stages"][0]["distill"]["checkpoint_every"] = 5
+    path = write_recipe(recipe)
+    reference = run(load_recipe(path), tmp_path / "reference", Store(tmp_path / "store-a"))
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "compressor", "run", str(path), "--out", str(tmp_path / "killed"),
+           "--store", str(tmp_path / "store-b")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "step 20/40" in line or "step 24/40" in line or "step 28/40" in line:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "step" in seen, seen
+    assert not (tmp_path / "killed" / "run.json").exists()
+    code = main(["run", str(path), "--out", str(tmp_path / "killed"), "--store", str(tmp_path / "store-b")])
+    assert code == 0
+    resumed = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert resumed["stages"][1]["info"]["resumed_at"] > 0
+    assert _figures(resumed) == _figures(reference)
