@@ -124,3 +124,20 @@ def test_kill_9_mid_stage_resumes_to_the_same_figures(tmp_path, write_recipe, ti
     resumed = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert resumed["stages"][1]["info"]["resumed_at"] > 0
     assert _figures(resumed) == _figures(reference)
+
+
+def test_eval_measures_an_artifact_folder_and_report_rerenders(first_run, tmp_path, capsys):
+    _, out, record = first_run
+    artifact = record["stages"][1]["artifact"]
+    code = main(["eval", artifact, "--tasks", "stdlib_mc", "--limit", "8", "--seq-len", "64",
+                 "--teacher", artifact, "--out", str(tmp_path / "ev")])
+    assert code == 0, capsys.readouterr().err
+    measured = json.loads((tmp_path / "ev" / "run.json").read_text())["stages"][0]["metrics"]
+    assert measured["params"] == record["stages"][1]["metrics"]["params"]
+    assert abs(measured["teacher_kl"]) < 1e-6 and measured["top1_agreement"] == 1.0  # against itself
+    assert "stdlib_mc/acc" in measured["accuracy"]
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "| distill |" in (out / "report.md").read_text()
+    assert main(["eval", artifact, "--tasks", "nope_task", "--out", str(tmp_path / "ev2")]) == 2
+    assert "unknown task 'nope_task'" in capsys.readouterr().err
