@@ -44,8 +44,17 @@ class BuiltinBuild(BaseModel):
     num_kv_heads: int = Field(4, ge=1)
     seq_len: int = Field(256, ge=16)
     seed: int = 0
-    train: TrainConfig = TrainConfig(steps=270, batch_size=8, lr=3e-3, warmup=0.04, schedule="wsd", decay=0.3,
-                                     min_lr_ratio=0.1, weight_decay=0.01, checkpoint_every=50)
+    train: TrainConfig = TrainConfig(
+        steps=270,
+        batch_size=8,
+        lr=3e-3,
+        warmup=0.04,
+        schedule="wsd",
+        decay=0.3,
+        min_lr_ratio=0.1,
+        weight_decay=0.01,
+        checkpoint_every=50,
+    )
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -55,8 +64,12 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(docs, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, pad_token=EOT, unk_token=None)
 
@@ -67,11 +80,18 @@ def make_model(build: BuiltinBuild, tokenizer):
     if build.hidden_size % build.num_heads or build.num_heads % build.num_kv_heads:
         raise UserError("builtin teacher: hidden_size must divide by num_heads, num_heads by num_kv_heads")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=build.hidden_size, intermediate_size=build.intermediate_size,
-        num_hidden_layers=build.num_layers, num_attention_heads=build.num_heads,
-        num_key_value_heads=build.num_kv_heads, head_dim=build.hidden_size // build.num_heads,
-        max_position_embeddings=build.seq_len, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=build.hidden_size,
+        intermediate_size=build.intermediate_size,
+        num_hidden_layers=build.num_layers,
+        num_attention_heads=build.num_heads,
+        num_key_value_heads=build.num_kv_heads,
+        head_dim=build.hidden_size // build.num_heads,
+        max_position_embeddings=build.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(build.seed)
     return LlamaForCausalLM(config)
@@ -89,7 +109,7 @@ def token_perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float
     """exp(mean next-token NLL) over blocks, every block scored from its first token."""
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(model.device)
+        ids = blocks[i : i + batch_size].to(model.device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
         total, count = total + nll.item(), count + ids[:, 1:].numel()
@@ -97,8 +117,15 @@ def token_perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float
 
 
 def teacher_folder(name: str, build: BuiltinBuild) -> Path:
-    tag = digest({"name": name, "build": build.model_dump(), "format": FORMAT_VERSION,
-                  "python": sys.version_info[:2], "torch": torch.__version__})
+    tag = digest(
+        {
+            "name": name,
+            "build": build.model_dump(),
+            "format": FORMAT_VERSION,
+            "python": sys.version_info[:2],
+            "torch": torch.__version__,
+        }
+    )
     return home() / "teachers" / f"{name}-{tag}"
 
 
@@ -119,25 +146,36 @@ def ensure_teacher(name: str = "tiny-stdlib", build: BuiltinBuild | None = None)
         heldout_blocks = pack(heldout_docs, tokenizer, build.seq_len)
         model = make_model(build, tokenizer)
         scratch = folder.with_name(folder.name + ".partial")
-        summary = train(model, lambda m, ids, step: (m(input_ids=ids, labels=ids).loss, {}),
-                        Batches(train_blocks, build.train.batch_size, build.seed), build.train,
-                        device=torch.device("cpu"), seed=build.seed, description=f"teacher {name}",
-                        checkpoint_dir=scratch)
+        summary = train(
+            model,
+            lambda m, ids, step: (m(input_ids=ids, labels=ids).loss, {}),
+            Batches(train_blocks, build.train.batch_size, build.seed),
+            build.train,
+            device=torch.device("cpu"),
+            seed=build.seed,
+            description=f"teacher {name}",
+            checkpoint_dir=scratch,
+        )
         report = {
-            "name": name, "build": build.model_dump(),
+            "name": name,
+            "build": build.model_dump(),
             "params": sum(p.numel() for p in model.parameters()),
-            "train_tokens": train_blocks.numel(), "heldout_tokens": heldout_blocks[:HELDOUT_BLOCKS].numel(),
+            "train_tokens": train_blocks.numel(),
+            "heldout_tokens": heldout_blocks[:HELDOUT_BLOCKS].numel(),
             "heldout_ppl": token_perplexity(model, heldout_blocks[:HELDOUT_BLOCKS]),
             "unigram_ppl": unigram_perplexity(train_blocks, heldout_blocks[:HELDOUT_BLOCKS], len(tokenizer)),
-            **summary, "build_seconds": round(time.time() - start, 1),
+            **summary,
+            "build_seconds": round(time.time() - start, 1),
         }
         with atomic_dir(folder) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "teacher.json", report)
         shutil.rmtree(scratch, ignore_errors=True)
-        say(f"teacher {name}: {report['params'] / 1e6:.2f}M params, held-out perplexity "
-            f"{report['heldout_ppl']:.1f} (unigram {report['unigram_ppl']:.0f}), {report['build_seconds']:.0f}s")
+        say(
+            f"teacher {name}: {report['params'] / 1e6:.2f}M params, held-out perplexity "
+            f"{report['heldout_ppl']:.1f} (unigram {report['unigram_ppl']:.0f}), {report['build_seconds']:.0f}s"
+        )
     return folder
 
 

@@ -64,13 +64,16 @@ def _teacher(args) -> None:
 
     folder = ensure_teacher(args.name)
     report = teacher_report(folder)
-    print(f"{folder}\nparams {report['params']:,}  held-out perplexity {report['heldout_ppl']:.1f}  "
-          f"unigram {report['unigram_ppl']:.1f}  build {report['build_seconds']}s")
+    print(
+        f"{folder}\nparams {report['params']:,}  held-out perplexity {report['heldout_ppl']:.1f}  "
+        f"unigram {report['unigram_ppl']:.1f}  build {report['build_seconds']}s"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compressor", description="Stack distillation, pruning and quantization; "
-                                "measure every stage.")
+    p = argparse.ArgumentParser(
+        prog="compressor", description="Stack distillation, pruning and quantization; measure every stage."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run (or resume) a recipe")
@@ -83,12 +86,16 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.set_defaults(fn=_validate)
 
-    e = sub.add_parser("eval", help="measure one model: builtin:NAME, hf:ID|FOLDER, llama2c:FILE, or an artifact folder")
+    e = sub.add_parser(
+        "eval", help="measure one model: builtin:NAME, hf:ID|FOLDER, llama2c:FILE, or an artifact folder"
+    )
     e.add_argument("model")
     e.add_argument("--tasks", help="comma-separated lm-eval task names (default stdlib_ppl,stdlib_mc)")
     e.add_argument("--task-dir", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
     e.add_argument("--limit", type=int, help="items per task")
-    e.add_argument("--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts")
+    e.add_argument(
+        "--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts"
+    )
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--teacher", help="a model to measure KL and top-1 agreement against")
     e.add_argument("--device", default="auto")
@@ -111,7 +118,9 @@ def parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Our progress is the one to watch: mute library chatter."""
     import logging
+    import os
 
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("lm-eval", "lm_eval", "transformers", "datasets", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging

@@ -27,9 +27,19 @@ def read_header(path: Path) -> dict:
         raise UserError(f"{path}: too short to be a llama2.c checkpoint")
     dim, hidden, layers, heads, kv_heads, vocab, seq_len = HEADER.unpack(raw)
     if min(dim, hidden, layers, heads, kv_heads, seq_len) <= 0 or dim % heads or heads % kv_heads:
-        raise UserError(f"{path}: not a llama2.c v0 checkpoint (header {dim, hidden, layers, heads, kv_heads, vocab, seq_len})")
-    return {"dim": dim, "hidden_dim": hidden, "n_layers": layers, "n_heads": heads,
-            "n_kv_heads": kv_heads, "vocab_size": abs(vocab), "shared_classifier": vocab > 0, "seq_len": seq_len}
+        raise UserError(
+            f"{path}: not a llama2.c v0 checkpoint (header {dim, hidden, layers, heads, kv_heads, vocab, seq_len})"
+        )
+    return {
+        "dim": dim,
+        "hidden_dim": hidden,
+        "n_layers": layers,
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "vocab_size": abs(vocab),
+        "shared_classifier": vocab > 0,
+        "seq_len": seq_len,
+    }
 
 
 def _rotary_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -41,16 +51,27 @@ def _rotary_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def read_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header and an HF LlamaForCausalLM state dict."""
     h = read_header(path)
-    dim, hid, n_l, n_h, n_kv, vocab, seq = (h[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads",
-                                                            "n_kv_heads", "vocab_size", "seq_len"))
+    dim, hid, n_l, n_h, n_kv, vocab, seq = (
+        h[k] for k in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    )
     head = dim // n_h
     kv_dim = n_kv * head
     data = np.fromfile(path, dtype="<f4", offset=HEADER.size)
-    shapes = [("embed", (vocab, dim)), ("rms_att", (n_l, dim)), ("wq", (n_l, dim, dim)),
-              ("wk", (n_l, kv_dim, dim)), ("wv", (n_l, kv_dim, dim)), ("wo", (n_l, dim, dim)),
-              ("rms_ffn", (n_l, dim)), ("w1", (n_l, hid, dim)), ("w2", (n_l, dim, hid)),
-              ("w3", (n_l, hid, dim)), ("rms_final", (dim,)), ("freq_real", (seq, head // 2)),
-              ("freq_imag", (seq, head // 2))]
+    shapes = [
+        ("embed", (vocab, dim)),
+        ("rms_att", (n_l, dim)),
+        ("wq", (n_l, dim, dim)),
+        ("wk", (n_l, kv_dim, dim)),
+        ("wv", (n_l, kv_dim, dim)),
+        ("wo", (n_l, dim, dim)),
+        ("rms_ffn", (n_l, dim)),
+        ("w1", (n_l, hid, dim)),
+        ("w2", (n_l, dim, hid)),
+        ("w3", (n_l, hid, dim)),
+        ("rms_final", (dim,)),
+        ("freq_real", (seq, head // 2)),
+        ("freq_imag", (seq, head // 2)),
+    ]
     if not h["shared_classifier"]:
         shapes.append(("wcls", (vocab, dim)))
     need = sum(int(np.prod(s)) for _, s in shapes)
@@ -59,10 +80,13 @@ def read_weights(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     parts, offset = {}, 0
     for name, shape in shapes:
         n = int(np.prod(shape))
-        parts[name] = torch.from_numpy(data[offset:offset + n].copy()).view(shape)
+        parts[name] = torch.from_numpy(data[offset : offset + n].copy()).view(shape)
         offset += n
-    sd = {"model.embed_tokens.weight": parts["embed"], "model.norm.weight": parts["rms_final"],
-          "lm_head.weight": parts.get("wcls", parts["embed"])}
+    sd = {
+        "model.embed_tokens.weight": parts["embed"],
+        "model.norm.weight": parts["rms_final"],
+        "lm_head.weight": parts.get("wcls", parts["embed"]),
+    }
     for i in range(n_l):
         p = f"model.layers.{i}."
         sd[p + "input_layernorm.weight"] = parts["rms_att"][i]
@@ -87,7 +111,7 @@ def read_vocab(path: Path) -> list[tuple[str, float]]:
         while offset < len(raw):
             score, n = struct.unpack_from("<fi", raw, offset)
             offset += 8
-            vocab.append((raw[offset:offset + n].decode("utf-8"), score))
+            vocab.append((raw[offset : offset + n].decode("utf-8"), score))
             offset += n
     except (struct.error, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a llama2.c tokenizer ({exc})") from None
@@ -116,16 +140,18 @@ def build_tokenizer(path: Path):
             if left in index and right in index:
                 merges.append((-scores[i], i, index[left], (left, right)))
     merges.sort()
-    model = models.BPE(vocab=index, merges=[m[3] for m in merges], unk_token="<unk>",
-                       byte_fallback=True, fuse_unk=True)
+    model = models.BPE(vocab=index, merges=[m[3] for m in merges], unk_token="<unk>", byte_fallback=True, fuse_unk=True)
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
-    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<unk>")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
 
 
 def convert(model_bin: Path, tokenizer_bin: Path, out: Path) -> None:
@@ -137,11 +163,20 @@ def convert(model_bin: Path, tokenizer_bin: Path, out: Path) -> None:
     if len(tokenizer) != h["vocab_size"]:
         raise UserError(f"{tokenizer_bin}: {len(tokenizer)} pieces, but {model_bin} has vocab {h['vocab_size']}")
     config = LlamaConfig(
-        vocab_size=h["vocab_size"], hidden_size=h["dim"], intermediate_size=h["hidden_dim"],
-        num_hidden_layers=h["n_layers"], num_attention_heads=h["n_heads"], num_key_value_heads=h["n_kv_heads"],
-        head_dim=h["dim"] // h["n_heads"], max_position_embeddings=h["seq_len"], rms_norm_eps=1e-5,
+        vocab_size=h["vocab_size"],
+        hidden_size=h["dim"],
+        intermediate_size=h["hidden_dim"],
+        num_hidden_layers=h["n_layers"],
+        num_attention_heads=h["n_heads"],
+        num_key_value_heads=h["n_kv_heads"],
+        head_dim=h["dim"] // h["n_heads"],
+        max_position_embeddings=h["seq_len"],
+        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=h["shared_classifier"], bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=h["shared_classifier"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -77,7 +77,7 @@ def divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, cfg: LossConfig) 
 def token_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """The summed per-token loss of a set of positions (labels -100 are skipped)."""
     valid = labels != -100
-    kd = divergence(s_logits, t_logits, cfg) * cfg.temperature ** 2
+    kd = divergence(s_logits, t_logits, cfg) * cfg.temperature**2
     total = cfg.alpha * (kd * valid).sum()
     if cfg.alpha < 1:
         ce = F.cross_entropy(_at_least_fp32(s_logits), labels.clamp(min=0), reduction="none")
@@ -122,7 +122,9 @@ def kd_loss(
     return total / n
 
 
-def kd_loss_naive(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+def kd_loss_naive(
+    s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig
+) -> torch.Tensor:
     """The same loss on whole logits [B, L, V]: the reference for tests and the benchmark."""
     y = labels.flatten()
     n = (y != -100).sum().clamp(min=1)

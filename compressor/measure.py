@@ -84,14 +84,22 @@ def weight_bytes_on_disk(folder: Path | None) -> int | None:
 
 def size(model: torch.nn.Module, folder: Path | None) -> dict:
     params = count_params(model)
-    loaded = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else \
-        sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    loaded = (
+        model.get_memory_footprint()
+        if hasattr(model, "get_memory_footprint")
+        else sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    )
     on_disk = weight_bytes_on_disk(folder) or loaded
-    return {"params": params, "bytes": on_disk, "bits_per_param": round(8 * on_disk / params, 3),
-            "loaded_bytes": loaded}
+    return {
+        "params": params,
+        "bytes": on_disk,
+        "bits_per_param": round(8 * on_disk / params, 3),
+        "loaded_bytes": loaded,
+    }
 
 
 # --- latency ---------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _threads(n: int | None):
@@ -172,33 +180,46 @@ def latency(model: torch.nn.Module, prompt: torch.Tensor, spec: LatencySpec, pad
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     p = min(spec.prompt_tokens, prompt.numel(), max_pos - spec.new_tokens)
     ids = prompt[:p].view(1, -1).to(device)
-    gen = dict(max_new_tokens=spec.new_tokens, min_new_tokens=spec.new_tokens, do_sample=False,
-               pad_token_id=pad_token_id)
+    gen = dict(
+        max_new_tokens=spec.new_tokens, min_new_tokens=spec.new_tokens, do_sample=False, pad_token_id=pad_token_id
+    )
     out: dict = {"prompt_tokens": p, "new_tokens": spec.new_tokens, "threads": torch.get_num_threads()}
     with _threads(spec.threads), torch.no_grad():
         out["threads"] = torch.get_num_threads()
         prefill = _timed(lambda: model(input_ids=ids, use_cache=True), device, spec.warmup, spec.repeats)
-        full = _timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **gen), device,
-                      spec.warmup, spec.repeats)
+        full = _timed(
+            lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **gen), device, spec.warmup, spec.repeats
+        )
         decode = [(f - statistics.median(prefill)) / (spec.new_tokens - 1) for f in full]
-        out.update(prefill_ms=1e3 * statistics.median(prefill), prefill_ms_range=[1e3 * min(prefill), 1e3 * max(prefill)],
-                   decode_ms_per_token=1e3 * statistics.median(decode),
-                   decode_ms_range=[1e3 * min(decode), 1e3 * max(decode)])
+        out.update(
+            prefill_ms=1e3 * statistics.median(prefill),
+            prefill_ms_range=[1e3 * min(prefill), 1e3 * max(prefill)],
+            decode_ms_per_token=1e3 * statistics.median(decode),
+            decode_ms_range=[1e3 * min(decode), 1e3 * max(decode)],
+        )
         throughput = {}
         peak = None
         for b in spec.batch_sizes:
             batch = ids.expand(b, -1)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with (_PeakRSS() if device.type == "cpu" else contextlib.nullcontext()) as rss:
-                times = _timed(lambda: model.generate(batch, attention_mask=torch.ones_like(batch), **gen), device,
-                               spec.warmup, spec.repeats)
+            with _PeakRSS() if device.type == "cpu" else contextlib.nullcontext() as rss:
+                times = _timed(
+                    lambda: model.generate(batch, attention_mask=torch.ones_like(batch), **gen),
+                    device,
+                    spec.warmup,
+                    spec.repeats,
+                )
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
             throughput[str(b)] = b * spec.new_tokens / statistics.median(times)
         largest = str(max(spec.batch_sizes))
-        out.update(tokens_per_s=throughput[largest], tokens_per_s_batch=int(largest),
-                   tokens_per_s_by_batch=throughput, peak_mem_bytes=peak,
-                   peak_mem_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS")
+        out.update(
+            tokens_per_s=throughput[largest],
+            tokens_per_s_batch=int(largest),
+            tokens_per_s_by_batch=throughput,
+            peak_mem_bytes=peak,
+            peak_mem_kind="cuda max allocated" if device.type == "cuda" else "process peak RSS",
+        )
     bandwidth = memory_bandwidth(str(device))
     read = bytes_per_decoded_token(model, p + spec.new_tokens // 2)
     out.update(bandwidth_gb_s=bandwidth / 1e9, bytes_per_token=read, roofline_ms_per_token=1e3 * read / bandwidth)
@@ -207,12 +228,13 @@ def latency(model: torch.nn.Module, prompt: torch.Tensor, spec: LatencySpec, pad
 
 # --- fidelity --------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def fidelity(model: torch.nn.Module, teacher: torch.nn.Module | None, blocks: torch.Tensor, batch_size: int) -> dict:
     """Token-level held-out perplexity; with a teacher, KL(teacher || model) and top-1 agreement."""
     nll = kl = agree = count = 0.0
     for i in range(0, len(blocks), batch_size):
-        ids = blocks[i:i + batch_size].to(model.device)
+        ids = blocks[i : i + batch_size].to(model.device)
         logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
         nll += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         count += ids[:, 1:].numel()
@@ -226,15 +248,33 @@ def fidelity(model: torch.nn.Module, teacher: torch.nn.Module | None, blocks: to
     return out
 
 
-def measure(model: torch.nn.Module, tokenizer, folder: Path | None, spec: EvalSpec, heldout: torch.Tensor,
-            teacher: torch.nn.Module | None, seed: int, task_dirs: tuple[Path, ...] = ()) -> dict:
+def measure(
+    model: torch.nn.Module,
+    tokenizer,
+    folder: Path | None,
+    spec: EvalSpec,
+    heldout: torch.Tensor,
+    teacher: torch.nn.Module | None,
+    seed: int,
+    task_dirs: tuple[Path, ...] = (),
+) -> dict:
     """Every figure for one model, in the output contract's shape."""
     model.eval()
     metrics = size(model, folder)
     metrics.update(fidelity(model, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size))
     if spec.latency.enabled:
-        metrics.update(latency(model, heldout.flatten(), spec.latency, tokenizer.pad_token_id or tokenizer.eos_token_id))
+        metrics.update(
+            latency(model, heldout.flatten(), spec.latency, tokenizer.pad_token_id or tokenizer.eos_token_id)
+        )
     torch.manual_seed(seed)
-    metrics["accuracy"] = evaluate(model, tokenizer, spec.tasks, task_dirs=task_dirs, limit=spec.limit,
-                                   batch_size=spec.batch_size, max_length=spec.max_length, seed=seed)
+    metrics["accuracy"] = evaluate(
+        model,
+        tokenizer,
+        spec.tasks,
+        task_dirs=task_dirs,
+        limit=spec.limit,
+        batch_size=spec.batch_size,
+        max_length=spec.max_length,
+        seed=seed,
+    )
     return metrics

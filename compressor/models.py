@@ -56,7 +56,9 @@ class TeacherSpec(BaseModel):
     def _check(self) -> "TeacherSpec":
         kind, _, rest = self.source.partition(":")
         if kind not in ("builtin", "hf", "llama2c") or not rest:
-            raise ValueError(f"must be builtin:<name>, hf:<hub id or folder> or llama2c:<model.bin>, got {self.source!r}")
+            raise ValueError(
+                f"must be builtin:<name>, hf:<hub id or folder> or llama2c:<model.bin>, got {self.source!r}"
+            )
         if kind == "builtin" and rest not in BUILTIN_TEACHERS:
             raise ValueError(f"unknown built-in teacher {rest!r}; built-in teachers: {', '.join(BUILTIN_TEACHERS)}")
         if self.build is not None and kind != "builtin":
@@ -96,7 +98,6 @@ class TeacherSpec(BaseModel):
             return f"hf-folder:{digest(file_hashes(Path(self.target)))}"
         return f"hf:{self.target}@{self.revision or 'main'}"
 
-
     def folder(self) -> Path | None:
         """Where the teacher's HF folder is (or will be) on disk; None for a hub id."""
         if self.kind == "builtin":
@@ -127,8 +128,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pretrained(path_or_id: str, device: torch.device, dtype: torch.dtype | str = torch.float32,
-                    trust_remote_code: bool = False, revision: str | None = None) -> Loaded:
+def load_pretrained(
+    path_or_id: str,
+    device: torch.device,
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Loaded:
     """`from_pretrained` of a causal LM and its tokenizer; failures become one-line errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,8 +217,10 @@ def fresh_model(like: torch.nn.Module, overrides: dict, seed: int) -> torch.nn.M
     if "hidden_size" in overrides or "num_attention_heads" in overrides:
         cfg.head_dim = overrides.get("head_dim", cfg.hidden_size // cfg.num_attention_heads)
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise UserError(f"student config: num_attention_heads {cfg.num_attention_heads} must divide by "
-                        f"num_key_value_heads {cfg.num_key_value_heads}")
+        raise UserError(
+            f"student config: num_attention_heads {cfg.num_attention_heads} must divide by "
+            f"num_key_value_heads {cfg.num_key_value_heads}"
+        )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).to(like.device, like.dtype)
 
@@ -222,8 +230,14 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads")
+SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 
 
 def teacher_shape(spec: TeacherSpec) -> dict | None:
@@ -231,16 +245,26 @@ def teacher_shape(spec: TeacherSpec) -> dict | None:
     any work starts; None when they cannot be known offline (a hub id)."""
     if spec.kind == "builtin":
         b = spec.build or BuiltinBuild()
-        return {"vocab_size": b.vocab_size, "hidden_size": b.hidden_size, "intermediate_size": b.intermediate_size,
-                "num_hidden_layers": b.num_layers, "num_attention_heads": b.num_heads,
-                "num_key_value_heads": b.num_kv_heads}
+        return {
+            "vocab_size": b.vocab_size,
+            "hidden_size": b.hidden_size,
+            "intermediate_size": b.intermediate_size,
+            "num_hidden_layers": b.num_layers,
+            "num_attention_heads": b.num_heads,
+            "num_key_value_heads": b.num_kv_heads,
+        }
     if spec.kind == "llama2c":
         from .llama2c import read_header
 
         h = read_header(Path(spec.target))
-        return {"vocab_size": h["vocab_size"], "hidden_size": h["dim"], "intermediate_size": h["hidden_dim"],
-                "num_hidden_layers": h["n_layers"], "num_attention_heads": h["n_heads"],
-                "num_key_value_heads": h["n_kv_heads"]}
+        return {
+            "vocab_size": h["vocab_size"],
+            "hidden_size": h["dim"],
+            "intermediate_size": h["hidden_dim"],
+            "num_hidden_layers": h["n_layers"],
+            "num_attention_heads": h["n_heads"],
+            "num_key_value_heads": h["n_kv_heads"],
+        }
     config = Path(spec.target) / "config.json"
     if not config.is_file():
         return None

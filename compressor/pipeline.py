@@ -29,8 +29,17 @@ from .report import write_report
 from .stages import StageContext
 from .storage import Store, digest, locked, read_json, write_json
 
-VERSIONED = ("torch", "transformers", "accelerate", "lm_eval", "tokenizers", "safetensors", "bitsandbytes",
-             "gptqmodel", "torchao")
+VERSIONED = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "lm_eval",
+    "tokenizers",
+    "safetensors",
+    "bitsandbytes",
+    "gptqmodel",
+    "torchao",
+)
 
 
 def versions() -> dict:
@@ -86,8 +95,17 @@ class Session:
         keys, chain = [], []
         for stage in self.recipe.stages:
             chain.append(stage.params())
-            keys.append(digest({"format": FORMAT_VERSION, "teacher": self.teacher_key, "data": self.data_identity,
-                                "seed": self.spec.seed, "stages": chain}))
+            keys.append(
+                digest(
+                    {
+                        "format": FORMAT_VERSION,
+                        "teacher": self.teacher_key,
+                        "data": self.data_identity,
+                        "seed": self.spec.seed,
+                        "stages": chain,
+                    }
+                )
+            )
         return keys
 
     @cached_property
@@ -105,15 +123,26 @@ class Session:
             docs = self._documents[0 if split == "train" else 1]
             data = self.spec.data
             source = data.heldout.identity() if split == "heldout" and data.heldout else self.data_identity
-            self._blocks[(split, seq_len)] = pack(docs, self.teacher.tokenizer, seq_len,
-                                                  cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}")
+            self._blocks[(split, seq_len)] = pack(
+                docs,
+                self.teacher.tokenizer,
+                seq_len,
+                cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}",
+            )
         return self._blocks[(split, seq_len)]
 
     @cached_property
     def eval_key(self) -> str:
-        return digest({"eval": self.spec.eval.model_dump(mode="json"), "heldout": self.spec.data.model_dump(mode="json"),
-                       "teacher": self.teacher_key, "machine": machine(self.device), "format": FORMAT_VERSION,
-                       "seed": self.spec.seed})
+        return digest(
+            {
+                "eval": self.spec.eval.model_dump(mode="json"),
+                "heldout": self.spec.data.model_dump(mode="json"),
+                "teacher": self.teacher_key,
+                "machine": machine(self.device),
+                "format": FORMAT_VERSION,
+                "seed": self.spec.seed,
+            }
+        )
 
     def measurement(self, key: str, load, is_teacher: bool = False) -> tuple[dict, bool]:
         """Metrics of the artifact `key` (cached per eval settings and machine)."""
@@ -122,10 +151,16 @@ class Session:
             return read_json(path), True
         loaded: Loaded = load()
         say(f"measuring {'the teacher' if is_teacher else key} ...")
-        metrics = measure(loaded.model, loaded.tokenizer, loaded.folder, self.spec.eval,
-                          self.blocks("heldout", self.spec.data.seq_len),
-                          None if is_teacher else self.teacher.model, self.spec.seed,
-                          tuple(Path(d) for d in self.spec.eval.task_dirs))
+        metrics = measure(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.folder,
+            self.spec.eval,
+            self.blocks("heldout", self.spec.data.seq_len),
+            None if is_teacher else self.teacher.model,
+            self.spec.seed,
+            tuple(Path(d) for d in self.spec.eval.task_dirs),
+        )
         if is_teacher:
             metrics.update(teacher_kl=0.0, top1_agreement=1.0)
         write_json(path, metrics)
@@ -137,17 +172,35 @@ class Session:
     def build(self, stage: Stage, key: str, input_key: str | None) -> dict:
         """Run one stage on its input and save the artifact atomically."""
         torch.manual_seed(self.spec.seed)
-        source = self.load_artifact(input_key) if input_key else Loaded(
-            copy.deepcopy(self.teacher.model), self.teacher.tokenizer, None)
-        ctx = StageContext(name=f"{stage.name} ({stage.index + 1}/{len(self.recipe.stages)})", config=stage.config,
-                           device=self.device, seed=self.spec.seed, scratch=self.store.scratch(key),
-                           load_teacher=lambda: self.teacher,
-                           train_blocks=lambda seq_len: self.blocks("train", seq_len), seq_len=self.spec.data.seq_len)
+        source = (
+            self.load_artifact(input_key)
+            if input_key
+            else Loaded(copy.deepcopy(self.teacher.model), self.teacher.tokenizer, None)
+        )
+        ctx = StageContext(
+            name=f"{stage.name} ({stage.index + 1}/{len(self.recipe.stages)})",
+            config=stage.config,
+            device=self.device,
+            seed=self.spec.seed,
+            scratch=self.store.scratch(key),
+            load_teacher=lambda: self.teacher,
+            train_blocks=lambda seq_len: self.blocks("train", seq_len),
+            seq_len=self.spec.data.seq_len,
+        )
         start = time.time()
         model = stage.module.apply(source.model, source.tokenizer, ctx)
-        manifest = {"name": stage.name, "kind": stage.kind, "params": stage.params(), "input": input_key,
-                    "teacher": self.spec.teacher.identity(), "seed": self.spec.seed, "info": ctx.info,
-                    "seconds": round(time.time() - start, 2), "versions": versions(), "format": FORMAT_VERSION}
+        manifest = {
+            "name": stage.name,
+            "kind": stage.kind,
+            "params": stage.params(),
+            "input": input_key,
+            "teacher": self.spec.teacher.identity(),
+            "seed": self.spec.seed,
+            "info": ctx.info,
+            "seconds": round(time.time() - start, 2),
+            "versions": versions(),
+            "format": FORMAT_VERSION,
+        }
         with self.store.build(key, manifest) as tmp:
             save = getattr(stage.module, "save", None)
             if save is not None:
@@ -166,14 +219,24 @@ def run(recipe: Recipe, out: Path, store: Store | None = None) -> dict:
         session = Session(recipe, store)
         keys = session.stage_keys()
         finished = [store.get(k) is not None for k in keys]
-        say(f"recipe {recipe.name}: {len(keys)} stage(s); " + ", ".join(
-            f"{s.name} {'cached' if done else 'to run'}" for s, done in zip(recipe.stages, finished)))
+        say(
+            f"recipe {recipe.name}: {len(keys)} stage(s); "
+            + ", ".join(f"{s.name} {'cached' if done else 'to run'}" for s, done in zip(recipe.stages, finished))
+        )
         start = time.time()
         metrics, cached = session.measurement(session.teacher_key, lambda: session.teacher, is_teacher=True)
-        records = [{"name": "teacher", "kind": "teacher", "key": session.teacher_key, "cached": cached,
-                    "seconds": round(time.time() - start, 2), "source": recipe.spec.teacher.source,
-                    "artifact": str(recipe.spec.teacher.folder() or recipe.spec.teacher.target),
-                    "metrics": metrics}]
+        records = [
+            {
+                "name": "teacher",
+                "kind": "teacher",
+                "key": session.teacher_key,
+                "cached": cached,
+                "seconds": round(time.time() - start, 2),
+                "source": recipe.spec.teacher.source,
+                "artifact": str(recipe.spec.teacher.folder() or recipe.spec.teacher.target),
+                "metrics": metrics,
+            }
+        ]
         input_key = None
         for stage, key in zip(recipe.stages, keys):
             start = time.time()
@@ -185,20 +248,45 @@ def run(recipe: Recipe, out: Path, store: Store | None = None) -> dict:
                 with store.lock(key):
                     manifest = store.get(key) or session.build(stage, key, input_key)
             metrics, _ = session.measurement(key, lambda: session.load_artifact(key))
-            records.append({"name": stage.name, "kind": stage.kind, "key": key, "cached": cached,
-                            "seconds": round(time.time() - start, 2), "build_seconds": manifest.get("seconds"),
-                            "artifact": str(store.path(key)), "info": manifest.get("info", {}), "metrics": metrics})
+            records.append(
+                {
+                    "name": stage.name,
+                    "kind": stage.kind,
+                    "key": key,
+                    "cached": cached,
+                    "seconds": round(time.time() - start, 2),
+                    "build_seconds": manifest.get("seconds"),
+                    "artifact": str(store.path(key)),
+                    "info": manifest.get("info", {}),
+                    "metrics": metrics,
+                }
+            )
             input_key = key
-        record = {"recipe": recipe.name, "recipe_path": str(recipe.path), "seed": recipe.spec.seed,
-                  "versions": versions(), "device": str(session.device), "machine": machine(session.device),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": records}
+        record = {
+            "recipe": recipe.name,
+            "recipe_path": str(recipe.path),
+            "seed": recipe.spec.seed,
+            "versions": versions(),
+            "device": str(session.device),
+            "machine": machine(session.device),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stages": records,
+        }
         write_json(out / "run.json", record)
         write_report(record, out)
         return record
 
 
-def evaluate_model(model_ref: str, spec: EvalSpec, out: Path, heldout: TextSource, seq_len: int, seed: int,
-                   device_name: str = "auto", teacher_ref: str | None = None) -> dict:
+def evaluate_model(
+    model_ref: str,
+    spec: EvalSpec,
+    out: Path,
+    heldout: TextSource,
+    seq_len: int,
+    seed: int,
+    device_name: str = "auto",
+    teacher_ref: str | None = None,
+) -> dict:
     """`compressor eval`: measure any model (teacher spec or artifact folder) like a stage."""
     from .models import TeacherSpec
 
@@ -215,13 +303,35 @@ def evaluate_model(model_ref: str, spec: EvalSpec, out: Path, heldout: TextSourc
         teacher = load(teacher_ref).model if teacher_ref else None
         blocks = pack(load_documents(heldout), loaded.tokenizer, seq_len)
         start = time.time()
-        metrics = measure(loaded.model, loaded.tokenizer, loaded.folder, spec, blocks, teacher, seed,
-                          tuple(Path(d) for d in spec.task_dirs))
-        record = {"recipe": None, "seed": seed, "versions": versions(), "device": str(device),
-                  "machine": machine(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "stages": [{"name": Path(model_ref).name if Path(model_ref).is_dir() else model_ref, "kind": "eval",
-                              "key": None, "cached": False, "seconds": round(time.time() - start, 2),
-                              "artifact": str(loaded.folder) if loaded.folder else None, "metrics": metrics}]}
+        metrics = measure(
+            loaded.model,
+            loaded.tokenizer,
+            loaded.folder,
+            spec,
+            blocks,
+            teacher,
+            seed,
+            tuple(Path(d) for d in spec.task_dirs),
+        )
+        record = {
+            "recipe": None,
+            "seed": seed,
+            "versions": versions(),
+            "device": str(device),
+            "machine": machine(device),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stages": [
+                {
+                    "name": Path(model_ref).name if Path(model_ref).is_dir() else model_ref,
+                    "kind": "eval",
+                    "key": None,
+                    "cached": False,
+                    "seconds": round(time.time() - start, 2),
+                    "artifact": str(loaded.folder) if loaded.folder else None,
+                    "metrics": metrics,
+                }
+            ],
+        }
         write_json(out / "run.json", record)
         write_report(record, out)
         return record

@@ -64,8 +64,10 @@ class Bar:
             self._last_log = now
             elapsed = now - self.start
             eta = elapsed / max(self.done, 1) * (self.total - self.done)
-            say(f"{self.description}: {self.unit} {self.done}/{self.total} {self.postfix} "
-                f"elapsed {elapsed:.0f}s eta {eta:.0f}s")
+            say(
+                f"{self.description}: {self.unit} {self.done}/{self.total} {self.postfix} "
+                f"elapsed {elapsed:.0f}s eta {eta:.0f}s"
+            )
 
     def close(self) -> None:
         if self._live:

@@ -28,8 +28,9 @@ class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train: TextSource = TextSource(source="builtin:stdlib-text")
-    heldout: TextSource | None = Field(None, description="default: the stdlib held-out files for builtin "
-                                                         "text, else the last heldout_fraction of train")
+    heldout: TextSource | None = Field(
+        None, description="default: the stdlib held-out files for builtin text, else the last heldout_fraction of train"
+    )
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
     seq_len: int = Field(256, ge=8)
 
@@ -176,14 +177,20 @@ def _check_order(path: Path, stages: tuple[Stage, ...]) -> None:
     quantized = None
     for stage in stages:
         if quantized is not None and getattr(stage.module, "NEEDS_FLOAT", False):
-            raise _fail(path, f"stages[{stage.index}].{stage.kind}",
-                        f"cannot follow stages[{quantized.index}].{quantized.kind}: it needs a float model, "
-                        f"and the weights are quantized by then; move it before the quantization")
+            raise _fail(
+                path,
+                f"stages[{stage.index}].{stage.kind}",
+                f"cannot follow stages[{quantized.index}].{quantized.kind}: it needs a float model, "
+                f"and the weights are quantized by then; move it before the quantization",
+            )
         if getattr(stage.module, "PRODUCES", "float") == "quantized":
             if quantized is not None:
-                raise _fail(path, f"stages[{stage.index}].{stage.kind}",
-                            f"a second quantization after stages[{quantized.index}].{quantized.kind}; "
-                            f"a recipe quantizes once, last")
+                raise _fail(
+                    path,
+                    f"stages[{stage.index}].{stage.kind}",
+                    f"a second quantization after stages[{quantized.index}].{quantized.kind}; "
+                    f"a recipe quantizes once, last",
+                )
             quantized = stage
 
 

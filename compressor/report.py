@@ -27,20 +27,48 @@ def _mib(n) -> str:
 
 def table(stages: list[dict]) -> str:
     tasks = sorted({k for s in stages for k in s["metrics"].get("accuracy", {})})
-    head = ["stage", "kind", "params", "MiB on disk", "bits/param", "MiB loaded", "prefill ms", "decode ms/tok",
-            "roofline ms/tok", "tok/s @B", "peak MiB", "held-out ppl", "KL to teacher", "top-1 agree", *tasks,
-            "seconds", "cached"]
+    head = [
+        "stage",
+        "kind",
+        "params",
+        "MiB on disk",
+        "bits/param",
+        "MiB loaded",
+        "prefill ms",
+        "decode ms/tok",
+        "roofline ms/tok",
+        "tok/s @B",
+        "peak MiB",
+        "held-out ppl",
+        "KL to teacher",
+        "top-1 agree",
+        *tasks,
+        "seconds",
+        "cached",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in stages:
         m = s["metrics"]
         tps = m.get("tokens_per_s")
-        cells = [s["name"], s["kind"], _fmt(m.get("params")), _mib(m.get("bytes")), _fmt(m.get("bits_per_param")),
-                 _mib(m.get("loaded_bytes")), _fmt(m.get("prefill_ms")), _fmt(m.get("decode_ms_per_token")),
-                 _fmt(m.get("roofline_ms_per_token")),
-                 f"{_fmt(tps)} @{m.get('tokens_per_s_batch')}" if tps is not None else "–",
-                 _mib(m.get("peak_mem_bytes")), _fmt(m.get("heldout_ppl")), _fmt(m.get("teacher_kl")),
-                 _fmt(m.get("top1_agreement")), *[_fmt(m.get("accuracy", {}).get(t)) for t in tasks],
-                 _fmt(s.get("build_seconds") or s.get("seconds")), _fmt(s.get("cached"))]
+        cells = [
+            s["name"],
+            s["kind"],
+            _fmt(m.get("params")),
+            _mib(m.get("bytes")),
+            _fmt(m.get("bits_per_param")),
+            _mib(m.get("loaded_bytes")),
+            _fmt(m.get("prefill_ms")),
+            _fmt(m.get("decode_ms_per_token")),
+            _fmt(m.get("roofline_ms_per_token")),
+            f"{_fmt(tps)} @{m.get('tokens_per_s_batch')}" if tps is not None else "–",
+            _mib(m.get("peak_mem_bytes")),
+            _fmt(m.get("heldout_ppl")),
+            _fmt(m.get("teacher_kl")),
+            _fmt(m.get("top1_agreement")),
+            *[_fmt(m.get("accuracy", {}).get(t)) for t in tasks],
+            _fmt(s.get("build_seconds") or s.get("seconds")),
+            _fmt(s.get("cached")),
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -60,7 +88,9 @@ def render(record: dict) -> str:
         "lm-eval's `*/word_perplexity` and `*/byte_perplexity` are per word and per byte.",
         "- **decode ms/tok** is at batch 1; **roofline** is the bytes read per decoded token divided by "
         f"the measured memory bandwidth ({_fmt(first.get('bandwidth_gb_s'))} GB/s), the physical floor.",
-        "- **peak MiB** is " + (first.get("peak_mem_kind") or "peak memory") + " during generation at the largest batch.",
+        "- **peak MiB** is "
+        + (first.get("peak_mem_kind") or "peak memory")
+        + " during generation at the largest batch.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()),
     ]
     return "\n".join(lines) + "\n"

@@ -119,7 +119,7 @@ def locked(path: Path, what: str, wait: bool = True) -> Iterator[None]:
         except BlockingIOError:
             if not wait:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                raise UserError(f"{what} is in use by {holder}; wait for it or use another --out")
+                raise UserError(f"{what} is in use by {holder}; wait for it or use another --out") from None
             say(f"waiting for {what} (locked by another process) ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)

@@ -29,6 +29,7 @@ PACKAGED_DIR = Path(__file__).parent / "evals"
 
 # --- YAML that keeps lm-eval's `!function` tags as they are --------------------------------
 
+
 class _Tagged(str):
     def __new__(cls, tag: str, value: str):
         obj = super().__new__(cls, value)
@@ -56,6 +57,7 @@ def _read_yaml(path: Path) -> dict:
 
 # --- data for the packaged tasks, generated offline and deterministically -------------------
 
+
 def stdlib_ppl_rows() -> list[dict]:
     """The first ~4 KB (whole lines) of every held-out stdlib file."""
     rows = []
@@ -71,8 +73,12 @@ def stdlib_mc_rows(n_items: int = 400, context_lines: int = 6) -> list[dict]:
     Python, which a 3M-parameter model passes well above chance and compression erodes."""
     rng = random.Random(1234)
     files = [doc.splitlines() for doc in stdlib_documents("heldout")]
-    candidates = [(fi, li) for fi, lines in enumerate(files) for li in range(context_lines, len(lines))
-                  if len(set(lines[li].split())) >= 3]
+    candidates = [
+        (fi, li)
+        for fi, lines in enumerate(files)
+        for li in range(context_lines, len(lines))
+        if len(set(lines[li].split())) >= 3
+    ]
     rows = []
     for fi, li in rng.sample(candidates, min(n_items, len(candidates))):
         line = files[fi][li]
@@ -90,7 +96,7 @@ def stdlib_mc_rows(n_items: int = 400, context_lines: int = 6) -> list[dict]:
         label = rng.randrange(4)
         choices = sorted(shuffled)
         choices.insert(label, line)
-        context = "\n".join(files[fi][li - context_lines: li]) + "\n"
+        context = "\n".join(files[fi][li - context_lines : li]) + "\n"
         rows.append({"context": context, "choices": choices, "label": label})
     return rows
 
@@ -114,6 +120,7 @@ def generated_data_dir() -> Path:
 
 
 # --- task folders -----------------------------------------------------------------------------
+
 
 def task_names(folder: Path) -> dict[str, Path]:
     """Task and group names defined by the YAML files of a folder."""
@@ -144,8 +151,20 @@ def materialize(task_dirs: tuple[Path, ...] = ()) -> Path:
     """A cache folder holding our task folders with every data path made absolute."""
     # packaged YAMLs name generated files; a user's YAML names files beside itself
     sources = [(PACKAGED_DIR, generated_data_dir())] + [(Path(d), None) for d in task_dirs]
-    stamp = digest([[str(src), str(root), {str(p.relative_to(src)): p.read_text(encoding="utf-8")
-                     for p in sorted(src.rglob("*")) if p.suffix in (".yaml", ".py")}] for src, root in sources])
+    stamp = digest(
+        [
+            [
+                str(src),
+                str(root),
+                {
+                    str(p.relative_to(src)): p.read_text(encoding="utf-8")
+                    for p in sorted(src.rglob("*"))
+                    if p.suffix in (".yaml", ".py")
+                },
+            ]
+            for src, root in sources
+        ]
+    )
     out = home() / "tasks" / stamp
     if out.is_dir():
         return out
@@ -195,8 +214,17 @@ def _offline_unless_needed(names: list[str], task_dirs: tuple[Path, ...]) -> Non
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def evaluate(model, tokenizer, names: list[str], *, task_dirs: tuple[Path, ...] = (), limit: int | None = None,
-             batch_size: int = 8, max_length: int | None = None, seed: int = 0) -> dict[str, float]:
+def evaluate(
+    model,
+    tokenizer,
+    names: list[str],
+    *,
+    task_dirs: tuple[Path, ...] = (),
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """lm-eval `simple_evaluate` on an in-memory model; returns {"task/metric": value}."""
     if not names:
         return {}
@@ -207,6 +235,7 @@ def evaluate(model, tokenizer, names: list[str], *, task_dirs: tuple[Path, ...] 
     include = str(materialize(task_dirs))
     manager = _task_manager(include, not set(names) <= local_task_names(task_dirs))
     max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+
     class Quiet(HFLM):
         """lm-eval's per-document bars redraw in place on a terminal but flood a log file."""
 
@@ -218,22 +247,35 @@ def evaluate(model, tokenizer, names: list[str], *, task_dirs: tuple[Path, ...] 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):  # rolling forces False
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or self.quiet, **kwargs)
+
         def generate_until(self, requests, disable_tqdm=False):
             return super().generate_until(requests, disable_tqdm or self.quiet)
 
-    lm = Quiet(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=str(model.device))
+    lm = Quiet(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=str(model.device)
+    )
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=limit,
-                                      bootstrap_iters=0, log_samples=False, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(names),
+            task_manager=manager,
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise UserError(f"lm-eval failed on tasks {names}: {type(exc).__name__}: {exc}", code=1) from None
     metrics = {}
     for task, values in (out or {}).get("results", {}).items():
         for key, value in values.items():
             metric, _, filt = key.partition(",")
-            if "stderr" in metric or not isinstance(value, (int, float)) or key == "alias":
+            if "stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)):
                 continue
             metrics[f"{task}/{metric if filt in ('', 'none') else metric + '_' + filt}"] = float(value)
     return metrics

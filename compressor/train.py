@@ -32,8 +32,11 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warm-up")
-    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine decay, or warmup-stable-decay "
-                                               "(constant lr, then linear decay over the last `decay` fraction)")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine",
+        description="cosine decay, or warmup-stable-decay "
+        "(constant lr, then linear decay over the last `decay` fraction)",
+    )
     decay: float = Field(0.3, gt=0, le=1, description="wsd: fraction of steps spent decaying")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the decay ends at lr x this")
     weight_decay: float = Field(0.0, ge=0)
@@ -146,7 +149,9 @@ def train(
                 if not torch.isfinite(loss):
                     raise UserError(
                         f"{description}: loss became {loss.item()} at step {step}; lower lr "
-                        f"(now {scheduler.get_last_lr()[0]:.2g}) or check the data", code=1)
+                        f"(now {scheduler.get_last_lr()[0]:.2g}) or check the data",
+                        code=1,
+                    )
                 accelerator.backward(loss / cfg.grad_accum)
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -155,9 +160,18 @@ def train(
             losses.append(loss.item())
             bar.update(1, loss=loss.item(), **{k: v for k, v in logs.items() if k != "loss"})
             done = step + 1
-            if ckpt is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps and accelerator.is_main_process:
+            if (
+                ckpt is not None
+                and done % cfg.checkpoint_every == 0
+                and done < cfg.steps
+                and accelerator.is_main_process
+            ):
                 _save_checkpoint(ckpt, done, raw_model, optimizer, scheduler, extra_module)
     raw_model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"steps": cfg.steps, "resumed_at": start_step, "final_loss": sum(tail) / len(tail) if tail else None,
-            "train_seconds": round(time.time() - begin, 2)}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": cfg.steps,
+        "resumed_at": start_step,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "train_seconds": round(time.time() - begin, 2),
+    }

@@ -21,17 +21,30 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "stories260K").is_dir(),
-                                       reason="../shared/data is absent (real artifacts live beside the checkout)")
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "stories260K").is_dir(),
+    reason="../shared/data is absent (real artifacts live beside the checkout)",
+)
 
 # A built-in teacher small enough to build in seconds, same code path as the real one.
-TINY_BUILD = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
-              "num_kv_heads": 2, "seq_len": 64,
-              "train": {"steps": 150, "batch_size": 16, "lr": 2.0e-2, "schedule": "wsd", "checkpoint_every": 50}}
+TINY_BUILD = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "seq_len": 64,
+    "train": {"steps": 150, "batch_size": 16, "lr": 2.0e-2, "schedule": "wsd", "checkpoint_every": 50},
+}
 TINY_TEACHER = {"source": "builtin:tiny-stdlib", "build": TINY_BUILD}
-FAST_EVAL = {"tasks": ["stdlib_mc"], "limit": 16, "batch_size": 8,
-             "latency": {"prompt_tokens": 16, "new_tokens": 4, "batch_sizes": [1, 2], "repeats": 1, "warmup": 0},
-             "fidelity": {"samples": 4}}
+FAST_EVAL = {
+    "tasks": ["stdlib_mc"],
+    "limit": 16,
+    "batch_size": 8,
+    "latency": {"prompt_tokens": 16, "new_tokens": 4, "batch_sizes": [1, 2], "repeats": 1, "warmup": 0},
+    "fidelity": {"samples": 4},
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,15 +62,33 @@ def tiny_teacher_folder(compressor_home) -> Path:
     return ensure_teacher("tiny-stdlib", BuiltinBuild.model_validate(TINY_BUILD))
 
 
-def tiny_llama(hidden: int = 64, layers: int = 3, heads: int = 4, kv_heads: int = 2, inter: int = 128,
-               vocab: int = 512, tie: bool = True, seed: int = 0):
+def tiny_llama(
+    hidden: int = 64,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 128,
+    vocab: int = 512,
+    tie: bool = True,
+    seed: int = 0,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                      max_position_embeddings=256, tie_word_embeddings=tie, eos_token_id=0, pad_token_id=0,
-                      bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -75,9 +106,21 @@ def save_with_tokenizer(model, folder: Path) -> Path:
 
 def distill_recipe(name: str = "t", steps: int = 8, **extra) -> dict:
     recipe = {
-        "name": name, "seed": 0, "teacher": copy.deepcopy(TINY_TEACHER), "data": {"seq_len": 64},
-        "stages": [{"distill": {"student": {"num_layers": 1}, "steps": steps, "batch_size": 4,
-                                "checkpoint_every": 2, "loss": {"temperature": 2.0, "alpha": 0.5}}}],
+        "name": name,
+        "seed": 0,
+        "teacher": copy.deepcopy(TINY_TEACHER),
+        "data": {"seq_len": 64},
+        "stages": [
+            {
+                "distill": {
+                    "student": {"num_layers": 1},
+                    "steps": steps,
+                    "batch_size": 4,
+                    "checkpoint_every": 2,
+                    "loss": {"temperature": 2.0, "alpha": 0.5},
+                }
+            }
+        ],
         "eval": copy.deepcopy(FAST_EVAL),
     }
     recipe.update(extra)

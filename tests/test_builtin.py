@@ -26,7 +26,8 @@ def test_same_settings_same_weights(tiny_teacher_folder, tmp_path, monkeypatch):
     first = (tiny_teacher_folder / "model.safetensors").read_bytes()
     assert (again / "model.safetensors").read_bytes() == first
     assert json.loads((again / "tokenizer.json").read_text()) == json.loads(
-        (tiny_teacher_folder / "tokenizer.json").read_text())
+        (tiny_teacher_folder / "tokenizer.json").read_text()
+    )
 
 
 def test_other_settings_other_folder():

@@ -19,7 +19,7 @@ def ref_vocab(path):
     raw, off, vocab, scores = open(path, "rb").read(), 4, [], []
     while off < len(raw):
         score, n = struct.unpack_from("<fi", raw, off)
-        vocab.append(raw[off + 8:off + 8 + n])
+        vocab.append(raw[off + 8 : off + 8 + n])
         scores.append(score)
         off += 8 + n
     return vocab, scores
@@ -33,12 +33,19 @@ def ref_encode(text, vocab, scores):
         b = ch.encode()
         toks += [lookup[b]] if b in lookup else [c + 3 for c in b]
     while True:
-        best = max(((scores[lookup[vocab[a] + vocab[b]]], i) for i, (a, b) in enumerate(zip(toks, toks[1:]))
-                    if vocab[a] + vocab[b] in lookup), default=None, key=lambda x: (x[0], -x[1]))
+        best = max(
+            (
+                (scores[lookup[vocab[a] + vocab[b]]], i)
+                for i, (a, b) in enumerate(zip(toks, toks[1:]))
+                if vocab[a] + vocab[b] in lookup
+            ),
+            default=None,
+            key=lambda x: (x[0], -x[1]),
+        )
         if best is None:
             return toks
         i = best[1]
-        toks[i:i + 2] = [lookup[vocab[toks[i]] + vocab[toks[i + 1]]]]
+        toks[i : i + 2] = [lookup[vocab[toks[i]] + vocab[toks[i + 1]]]]
 
 
 def ref_logits(path, tokens):
@@ -51,10 +58,16 @@ def ref_logits(path, tokens):
         nonlocal off
         n = int(np.prod(shape))
         off += n
-        return w[off - n:off].reshape(shape)
+        return w[off - n : off].reshape(shape)
 
-    emb, ra, wq, wk, wv, wo = take(abs(vocab), dim), take(n_l, dim), take(n_l, dim, dim), take(n_l, kvd, dim), \
-        take(n_l, kvd, dim), take(n_l, dim, dim)
+    emb, ra, wq, wk, wv, wo = (
+        take(abs(vocab), dim),
+        take(n_l, dim),
+        take(n_l, dim, dim),
+        take(n_l, kvd, dim),
+        take(n_l, kvd, dim),
+        take(n_l, dim, dim),
+    )
     rf, w1, w2, w3, rfin = take(n_l, dim), take(n_l, hid, dim), take(n_l, dim, hid), take(n_l, hid, dim), take(dim)
     T = len(tokens)
     ang = np.arange(T)[:, None] / 10000 ** (np.arange(0, hs, 2) / hs)

@@ -34,8 +34,14 @@ def test_latency_reports_every_field():
     model = tiny_llama()
     spec = LatencySpec(prompt_tokens=8, new_tokens=4, batch_sizes=[1, 3], repeats=2, warmup=0)
     out = latency(model, torch.arange(20), spec, pad_token_id=0)
-    for key in ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_mem_bytes", "roofline_ms_per_token",
-                "bandwidth_gb_s"):
+    for key in (
+        "prefill_ms",
+        "decode_ms_per_token",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "roofline_ms_per_token",
+        "bandwidth_gb_s",
+    ):
         assert out[key] > 0, key
     assert out["tokens_per_s_batch"] == 3 and set(out["tokens_per_s_by_batch"]) == {"1", "3"}
     assert out["decode_ms_range"][0] <= out["decode_ms_per_token"] <= out["decode_ms_range"][1]
@@ -84,15 +90,22 @@ def _loglik(model, tokenizer, context: str, continuation: str) -> float:
 
 def test_a_user_task_folder_with_relative_data_scores_like_a_hand_computation(tmp_path, scored_model):
     """The documented no-Python step: a YAML beside a JSONL file; acc checked by hand."""
-    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"q": "t1 t2", "choices": ["t3", "t4 t5"], "label": 0},
-        {"q": "t6", "choices": ["t7", "t8", "t9"], "label": 2},
-        {"q": "t10 t11 t12", "choices": ["t13", "t14"], "label": 1},
-    ]) + "\n")
+    (tmp_path / "mine.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"q": "t1 t2", "choices": ["t3", "t4 t5"], "label": 0},
+                {"q": "t6", "choices": ["t7", "t8", "t9"], "label": 2},
+                {"q": "t10 t11 t12", "choices": ["t13", "t14"], "label": 1},
+            ]
+        )
+        + "\n"
+    )
     (tmp_path / "mine.yaml").write_text(
         "task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mine.jsonl\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: choices\n"
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n"
+    )
     assert "my_mc" in local_task_names((tmp_path,))
     got = evaluate(scored_model.model, scored_model.tokenizer, ["my_mc"], task_dirs=(tmp_path,), batch_size=2)
     rows = [json.loads(line) for line in (tmp_path / "mine.jsonl").read_text().splitlines()]

@@ -4,8 +4,15 @@ from conftest import save_with_tokenizer, tiny_llama
 from pydantic import ValidationError
 
 from compressor import UserError
-from compressor.models import (TeacherSpec, evenly_spaced, fresh_model, keep_layers, load_pretrained, load_teacher,
-                               teacher_shape)
+from compressor.models import (
+    TeacherSpec,
+    evenly_spaced,
+    fresh_model,
+    keep_layers,
+    load_pretrained,
+    load_teacher,
+    teacher_shape,
+)
 
 
 def _layer_outputs(model, ids):

@@ -17,8 +17,18 @@ from compressor.pipeline import run
 from compressor.recipe import load_recipe
 from compressor.storage import Store, locked
 
-CONTRACT = ("params", "bytes", "bits_per_param", "prefill_ms", "decode_ms_per_token", "tokens_per_s",
-            "peak_mem_bytes", "accuracy", "teacher_kl", "top1_agreement")
+CONTRACT = (
+    "params",
+    "bytes",
+    "bits_per_param",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "accuracy",
+    "teacher_kl",
+    "top1_agreement",
+)
 
 
 def _figures(record):
@@ -105,8 +115,17 @@ def test_kill_9_mid_stage_resumes_to_the_same_figures(tmp_path, write_recipe, ti
     reference = run(load_recipe(path), tmp_path / "reference", Store(tmp_path / "store-a"))
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "compressor", "run", str(path), "--out", str(tmp_path / "killed"),
-           "--store", str(tmp_path / "store-b")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "compressor",
+        "run",
+        str(path),
+        "--out",
+        str(tmp_path / "killed"),
+        "--store",
+        str(tmp_path / "store-b"),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = ""
     deadline = time.time() + 240
@@ -129,8 +148,22 @@ def test_kill_9_mid_stage_resumes_to_the_same_figures(tmp_path, write_recipe, ti
 def test_eval_measures_an_artifact_folder_and_report_rerenders(first_run, tmp_path, capsys):
     _, out, record = first_run
     artifact = record["stages"][1]["artifact"]
-    code = main(["eval", artifact, "--tasks", "stdlib_mc", "--limit", "8", "--seq-len", "64",
-                 "--teacher", artifact, "--out", str(tmp_path / "ev")])
+    code = main(
+        [
+            "eval",
+            artifact,
+            "--tasks",
+            "stdlib_mc",
+            "--limit",
+            "8",
+            "--seq-len",
+            "64",
+            "--teacher",
+            artifact,
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     measured = json.loads((tmp_path / "ev" / "run.json").read_text())["stages"][0]["metrics"]
     assert measured["params"] == record["stages"][1]["metrics"]["params"]

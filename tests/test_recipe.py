@@ -34,16 +34,26 @@ BROKEN = [
     ("unknown top-level key", _mutate("sedd", 1), ["sedd", "unknown key", "allowed"]),
     ("wrong type", _mutate("seed", "abc"), ["seed", "integer"]),
     ("out of range", _mutate("stages.0.distill.steps", 0), ["stages[0].distill.steps", "greater than or equal to 1"]),
-    ("unknown stage kind", _mutate("stages.0", {"distil": {}}), ["stages[0]", "unknown stage kind 'distil'", "distill"]),
+    (
+        "unknown stage kind",
+        _mutate("stages.0", {"distil": {}}),
+        ["stages[0]", "unknown stage kind 'distil'", "distill"],
+    ),
     ("two kinds in one stage", _mutate("stages.0", {"distill": {}, "prune": {}}), ["stages[0]", "exactly one"]),
     ("unknown stage key", _mutate("stages.0.distill.stepz", 3), ["stages[0].distill.stepz", "unknown key", "steps"]),
     ("bad divergence", _mutate("stages.0.distill.loss.divergence", "kl"), ["loss.divergence", "forward_kl"]),
     ("temperature <= 0", _mutate("stages.0.distill.loss.temperature", 0), ["loss.temperature", "greater than 0"]),
     ("alpha > 1", _mutate("stages.0.distill.loss.alpha", 1.5), ["loss.alpha", "less than or equal to 1"]),
-    ("layer index out of range", _mutate("stages.0.distill.student", {"keep_layers": [0, 7]}),
-     ["stages[0].distill", "keep_layers", "[0, 1]"]),
-    ("two student shapes", _mutate("stages.0.distill.student", {"keep_layers": [0], "num_layers": 1}),
-     ["student", "one of"]),
+    (
+        "layer index out of range",
+        _mutate("stages.0.distill.student", {"keep_layers": [0, 7]}),
+        ["stages[0].distill", "keep_layers", "[0, 1]"],
+    ),
+    (
+        "two student shapes",
+        _mutate("stages.0.distill.student", {"keep_layers": [0], "num_layers": 1}),
+        ["student", "one of"],
+    ),
     ("missing teacher file", _mutate("teacher", "llama2c:nowhere/model.bin"), ["teacher", "not found"]),
     ("unknown teacher kind", _mutate("teacher", "gguf:x"), ["teacher", "builtin:<name>"]),
     ("missing data file", _mutate("data.train", "nowhere.txt"), ["data.train", "not found"]),
@@ -84,8 +94,14 @@ def test_a_broken_recipe_from_the_shell_has_no_traceback(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_mutate("stages.0.distill.lr", -1)))
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "compressor", "run", str(path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compressor", "run", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {path}: stages[0].distill.lr: must be greater than 0, got -1"
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

@@ -30,12 +30,21 @@ def test_resume_after_a_crash_ends_with_identical_weights(tmp_path):
 
     resumed = tiny_llama(seed=1)
     with pytest.raises(Crash):
-        train(resumed, crashing, Batches(blocks, 4, seed=0), cfg, device=CPU, seed=0, description="a",
-              checkpoint_dir=tmp_path)
+        train(
+            resumed,
+            crashing,
+            Batches(blocks, 4, seed=0),
+            cfg,
+            device=CPU,
+            seed=0,
+            description="a",
+            checkpoint_dir=tmp_path,
+        )
     assert (tmp_path / "checkpoint" / "progress.json").is_file()
     fresh = tiny_llama(seed=1)  # a new process would start from the initial weights
-    summary = train(fresh, _ce, Batches(blocks, 4, seed=0), cfg, device=CPU, seed=0, description="b",
-                    checkpoint_dir=tmp_path)
+    summary = train(
+        fresh, _ce, Batches(blocks, 4, seed=0), cfg, device=CPU, seed=0, description="b", checkpoint_dir=tmp_path
+    )
     assert summary["resumed_at"] == 6
     for a, b in zip(straight.parameters(), fresh.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -50,19 +59,40 @@ def test_a_non_finite_loss_stops_with_a_clear_message():
         return (loss * float("nan") if step == 2 else loss), logs
 
     with pytest.raises(UserError, match="loss became nan at step 2; lower lr") as err:
-        train(model, nan_at_two, Batches(blocks, 2, 0), TrainConfig(steps=5, batch_size=2), device=CPU, seed=0,
-              description="distill")
+        train(
+            model,
+            nan_at_two,
+            Batches(blocks, 2, 0),
+            TrainConfig(steps=5, batch_size=2),
+            device=CPU,
+            seed=0,
+            description="distill",
+        )
     assert err.value.code == 1
 
 
 def test_grad_accumulation_matches_one_big_batch():
     blocks = torch.randint(0, 512, (16, 8))
     big, small = tiny_llama(seed=2), tiny_llama(seed=2)
-    train(big, _ce, Batches(blocks, 4, 0), TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup=0), device=CPU,
-          seed=0, description="big")
+    train(
+        big,
+        _ce,
+        Batches(blocks, 4, 0),
+        TrainConfig(steps=2, batch_size=4, lr=1e-2, warmup=0),
+        device=CPU,
+        seed=0,
+        description="big",
+    )
     # two micro-batches of 2 that together are the same 4 rows
-    halves = lambda i: Batches(blocks, 4, 0)(i // 2)[(i % 2) * 2:(i % 2) * 2 + 2]  # noqa: E731
-    train(small, _ce, halves, TrainConfig(steps=2, batch_size=2, grad_accum=2, lr=1e-2, warmup=0), device=CPU,
-          seed=0, description="accum")
+    halves = lambda i: Batches(blocks, 4, 0)(i // 2)[(i % 2) * 2 : (i % 2) * 2 + 2]  # noqa: E731
+    train(
+        small,
+        _ce,
+        halves,
+        TrainConfig(steps=2, batch_size=2, grad_accum=2, lr=1e-2, warmup=0),
+        device=CPU,
+        seed=0,
+        description="accum",
+    )
     for a, b in zip(big.parameters(), small.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -26,7 +26,9 @@ class StudentSpec(BaseModel):
     init: Literal["input", "teacher"] = Field("input", alias="from")
     keep_layers: list[int] | None = Field(None, min_length=1)
     num_layers: int | None = Field(None, ge=1, description="keep this many evenly spaced layers")
-    config: dict[str, int | float] | None = Field(None, description="a new model of the same family with these config changes")
+    config: dict[str, int | float] | None = Field(
+        None, description="a new model of the same family with these config changes"
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> "StudentSpec":
@@ -48,7 +50,9 @@ def check(cfg: Config, shape: dict) -> dict:
     if spec.keep_layers is not None:
         bad = [i for i in spec.keep_layers if not 0 <= i < layers]
         if bad or len(set(spec.keep_layers)) != len(spec.keep_layers):
-            raise ValueError(f"student.keep_layers: must be distinct indices in [0, {layers - 1}], got {spec.keep_layers}")
+            raise ValueError(
+                f"student.keep_layers: must be distinct indices in [0, {layers - 1}], got {spec.keep_layers}"
+            )
         return dict(shape, num_hidden_layers=len(spec.keep_layers))
     if spec.num_layers is not None:
         if spec.num_layers > layers:
@@ -88,10 +92,19 @@ def kd_step(teacher: torch.nn.Module, loss_cfg: LossConfig) -> LossFn:
         labels = shift_labels(ids)
         s_hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
         with torch.no_grad():
-            t_hidden = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True,
-                               logits_to_keep=1).hidden_states[-1].to(s_hidden.device)
-        loss = kd_loss(s_hidden, _unwrap(model).get_output_embeddings(), t_hidden,
-                       lambda h: t_head(h.to(t_head.weight.dtype)), labels, loss_cfg)
+            t_hidden = (
+                teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1)
+                .hidden_states[-1]
+                .to(s_hidden.device)
+            )
+        loss = kd_loss(
+            s_hidden,
+            _unwrap(model).get_output_embeddings(),
+            t_hidden,
+            lambda h: t_head(h.to(t_head.weight.dtype)),
+            labels,
+            loss_cfg,
+        )
         return loss, {}
 
     return step
@@ -101,9 +114,22 @@ def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
     cfg: Config = ctx.config
     teacher = ctx.teacher.model
     student = build_student(model, teacher, cfg.student, ctx.seed).float()
-    ctx.info.update(input_params=count_params(model), student_params=count_params(student),
-                    student_layers=student.config.num_hidden_layers)
+    ctx.info.update(
+        input_params=count_params(model),
+        student_params=count_params(student),
+        student_layers=student.config.num_hidden_layers,
+    )
     blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
-    ctx.info.update(train(student, kd_step(teacher, cfg.loss), Batches(blocks, cfg.batch_size, ctx.seed), cfg,
-                          device=ctx.device, seed=ctx.seed, description=ctx.name, checkpoint_dir=ctx.scratch))
+    ctx.info.update(
+        train(
+            student,
+            kd_step(teacher, cfg.loss),
+            Batches(blocks, cfg.batch_size, ctx.seed),
+            cfg,
+            device=ctx.device,
+            seed=ctx.seed,
+            description=ctx.name,
+            checkpoint_dir=ctx.scratch,
+        )
+    )
     return student
