@@ -148,7 +148,7 @@ def ensure_teacher(name: str = "tiny-stdlib", build: BuiltinBuild | None = None)
         scratch = folder.with_name(folder.name + ".partial")
         summary = train(
             model,
-            lambda m, ids, step: (m(input_ids=ids, labels=ids).loss, {}),
+            lambda m, b, step: (m(input_ids=b["input_ids"], labels=b["input_ids"]).loss, {}),
             Batches(train_blocks, build.train.batch_size, build.seed),
             build.train,
             device=torch.device("cpu"),

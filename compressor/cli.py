@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import UserError
+from .progress import quiet_libraries
 
 
 def _run(args) -> None:
@@ -115,23 +116,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_libraries() -> None:
-    """Our progress is the one to watch: mute library chatter."""
-    import logging
-    import os
-
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    for name in ("lm-eval", "lm_eval", "transformers", "datasets", "accelerate", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         args.fn(args)
     except UserError as exc:

@@ -13,6 +13,7 @@ import json
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
@@ -148,12 +149,15 @@ def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(stream, dtype=torch.int64)
 
 
-def pack(docs: list[str], tokenizer, seq_len: int, cache_key: str | None = None) -> torch.Tensor:
-    """Blocks [N, seq_len] of the token stream (remainder dropped), cached on disk by key."""
+def pack(
+    docs: list[str] | Callable[[], list[str]], tokenizer, seq_len: int, cache_key: str | None = None
+) -> torch.Tensor:
+    """Blocks [N, seq_len] of the token stream (remainder dropped), cached on disk by key;
+    `docs` may be a callable, so a cache hit does not even read the text."""
     path = home() / "tokens" / f"{digest([cache_key, seq_len])}.safetensors" if cache_key else None
     if path is not None and path.is_file():
         return load_file(path)["blocks"]
-    stream = tokenize_stream(docs, tokenizer)
+    stream = tokenize_stream(docs() if callable(docs) else docs, tokenizer)
     n = stream.numel() // seq_len
     if n == 0:
         raise UserError(f"data: only {stream.numel()} tokens, fewer than one block of seq_len {seq_len}")
@@ -167,20 +171,103 @@ def pack(docs: list[str], tokenizer, seq_len: int, cache_key: str | None = None)
 
 
 class Batches:
-    """Deterministic batches over packed blocks: each epoch is a seeded permutation, and
-    batch `step` is a fixed slice of the concatenated epochs."""
+    """Deterministic batches over rows of equal-length tensors (`input_ids`, optionally
+    `labels`): each epoch is a seeded permutation, and batch `step` is a fixed slice of the
+    concatenated epochs, so it depends only on (seed, step)."""
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
-        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+    def __init__(self, rows: torch.Tensor | dict[str, torch.Tensor], batch_size: int, seed: int):
+        self.rows = rows if isinstance(rows, dict) else {"input_ids": rows}
+        self.n = len(self.rows["input_ids"])
+        self.batch_size, self.seed = batch_size, seed
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(len(self.blocks), generator=g)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
-    def __call__(self, step: int) -> torch.Tensor:
-        n = len(self.blocks)
-        idx = [self._perm(i // n)[i % n] for i in range(step * self.batch_size, (step + 1) * self.batch_size)]
-        return self.blocks[torch.stack(idx)]
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        start = step * self.batch_size
+        idx = torch.stack([self._perm(i // self.n)[i % self.n] for i in range(start, start + self.batch_size)])
+        return {name: rows[idx] for name, rows in self.rows.items()}
+
+
+class Sequences(BaseModel):
+    """Sequence-level KD data: the teacher continues prompts taken from the training text;
+    generated once per (teacher, data, settings, seed) and cached on disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(256, ge=1, description="how many sequences to generate")
+    prompt_tokens: int = Field(16, ge=1)
+    new_tokens: int = Field(64, ge=1)
+    method: Literal["greedy", "sample", "beam"] = "sample"
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_beams: int = Field(4, ge=2, description="beam only")
+    batch_size: int = Field(16, ge=1)
+
+    def generate_kwargs(self) -> dict:
+        if self.method == "greedy":
+            return {"do_sample": False, "num_beams": 1}
+        if self.method == "beam":
+            return {"do_sample": False, "num_beams": self.num_beams, "early_stopping": True}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+
+
+@torch.no_grad()
+def continue_prompts(model, prompts: torch.Tensor, new_tokens: int, generate_kwargs: dict) -> dict[str, torch.Tensor]:
+    """Rows of prompt + continuation [N, P + new] and next-token labels that cover only the
+    generated tokens, up to and including the first EOS (padding after it is ignored)."""
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (eos or 0)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=new_tokens,
+        min_new_tokens=1,
+        pad_token_id=pad,
+        **generate_kwargs,
+    )
+    model.train(was_training)
+    p, full = prompts.shape[1], prompts.shape[1] + new_tokens
+    out = torch.nn.functional.pad(out, (0, full - out.shape[1]), value=pad)
+    generated = out[:, p:]
+    length = torch.full((len(out),), new_tokens, device=out.device)
+    if eos is not None:
+        is_eos = generated == eos
+        length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, length)
+    valid = torch.arange(new_tokens, device=out.device)[None] < length[:, None]
+    labels = torch.full_like(out, -100)
+    labels[:, p - 1 : full - 1] = torch.where(valid, generated, torch.full_like(generated, -100))
+    return {"input_ids": out, "labels": labels}
+
+
+def teacher_sequences(teacher, blocks: torch.Tensor, cfg: Sequences, seed: int, cache_key: str) -> dict:
+    """The teacher's continuations of `cfg.prompts` prompts (cached on disk)."""
+    from .progress import Bar
+
+    path = home() / "generations" / f"{digest([cache_key, cfg.model_dump(), seed])}.safetensors"
+    if path.is_file():
+        return load_file(path)
+    if cfg.prompt_tokens > blocks.shape[1]:
+        raise UserError(f"sequences.prompt_tokens {cfg.prompt_tokens} exceeds the data's seq_len {blocks.shape[1]}")
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    prompts = blocks[order[: cfg.prompts], : cfg.prompt_tokens]
+    parts: list[dict] = []
+    with Bar("teacher generations", len(prompts), unit="sequence") as bar:
+        for i in range(0, len(prompts), cfg.batch_size):
+            torch.manual_seed(seed * 7919 + i)
+            batch = prompts[i : i + cfg.batch_size].to(teacher.device)
+            parts.append(continue_prompts(teacher, batch, cfg.new_tokens, cfg.generate_kwargs()))
+            bar.update(len(batch))
+    rows = {k: torch.cat([part[k].cpu() for part in parts]) for k in parts[0]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(rows, tmp)
+    tmp.replace(path)
+    return rows

@@ -74,11 +74,16 @@ def divergence(s_logits: torch.Tensor, t_logits: torch.Tensor, cfg: LossConfig) 
     return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
 
 
-def token_losses(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The summed per-token loss of a set of positions (labels -100 are skipped)."""
+def token_losses(
+    s_logits: torch.Tensor, t_logits: torch.Tensor | None, labels: torch.Tensor, cfg: LossConfig
+) -> torch.Tensor:
+    """The summed per-token loss of a set of positions (labels -100 are skipped). With
+    alpha = 0 it is plain cross-entropy and the teacher's logits are not needed."""
     valid = labels != -100
-    kd = divergence(s_logits, t_logits, cfg) * cfg.temperature**2
-    total = cfg.alpha * (kd * valid).sum()
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    if cfg.alpha > 0:
+        kd = divergence(s_logits, t_logits, cfg) * cfg.temperature**2
+        total = total + cfg.alpha * (kd * valid).sum()
     if cfg.alpha < 1:
         ce = F.cross_entropy(_at_least_fp32(s_logits), labels.clamp(min=0), reduction="none")
         total = total + (1 - cfg.alpha) * (ce * valid).sum()
@@ -97,29 +102,41 @@ def shift_labels(input_ids: torch.Tensor, pad_mask: torch.Tensor | None = None) 
 def kd_loss(
     s_hidden: torch.Tensor,
     s_head: Callable[[torch.Tensor], torch.Tensor],
-    t_hidden: torch.Tensor,
-    t_head: Callable[[torch.Tensor], torch.Tensor],
+    t_hidden: torch.Tensor | None,
+    t_head: Callable[[torch.Tensor], torch.Tensor] | None,
     labels: torch.Tensor,
     cfg: LossConfig,
 ) -> torch.Tensor:
-    """Mean loss over valid tokens from final hidden states [B, L, H], chunk by chunk."""
-    s_flat, t_flat, y = s_hidden.flatten(0, 1), t_hidden.flatten(0, 1), labels.flatten()
+    """Mean loss over valid tokens from final hidden states [B, L, H], chunk by chunk
+    (teacher states may be None when alpha = 0: plain cross-entropy)."""
+    y = labels.flatten()
     keep = y != -100
-    s_flat, t_flat, y = s_flat[keep], t_flat[keep], y[keep]
+    s_flat, y = s_hidden.flatten(0, 1)[keep], y[keep]
+    t_flat = t_hidden.flatten(0, 1)[keep] if cfg.alpha > 0 else None
     n = y.numel()
     if n == 0:
         return s_hidden.sum() * 0.0
 
-    def chunk(sh: torch.Tensor, th: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    def chunk(sh: torch.Tensor, th: torch.Tensor | None, yy: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            t_logits = t_head(th)
+            t_logits = t_head(th) if th is not None else None
         return token_losses(s_head(sh), t_logits, yy, cfg)
 
     total = s_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, cfg.chunk_tokens):
         part = slice(start, start + cfg.chunk_tokens)
-        total = total + checkpoint(chunk, s_flat[part], t_flat[part], y[part], use_reentrant=False)
+        th = t_flat[part] if t_flat is not None else None
+        total = total + checkpoint(chunk, s_flat[part], th, y[part], use_reentrant=False)
     return total / n
+
+
+def hidden_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str) -> torch.Tensor:
+    """Distance between (projected) student and teacher hidden states [N, D]: mean squared
+    error, or 1 - cosine similarity averaged over tokens."""
+    s, t = _at_least_fp32(s_hidden), _at_least_fp32(t_hidden)
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
 def kd_loss_naive(

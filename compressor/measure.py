@@ -130,7 +130,7 @@ def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-class _PeakRSS:
+class PeakRSS:
     """Peak resident memory of this process while the block runs (CPU), sampled every 2 ms."""
 
     def __enter__(self):
@@ -203,7 +203,7 @@ def latency(model: torch.nn.Module, prompt: torch.Tensor, spec: LatencySpec, pad
             batch = ids.expand(b, -1)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            with _PeakRSS() if device.type == "cpu" else contextlib.nullcontext() as rss:
+            with PeakRSS() if device.type == "cpu" else contextlib.nullcontext() as rss:
                 times = _timed(
                     lambda: model.generate(batch, attention_mask=torch.ones_like(batch), **gen),
                     device,

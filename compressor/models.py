@@ -230,6 +230,8 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# the dimensions stages are checked against; teacher_shape adds model_type, tie_word_embeddings
+# and head_dim when it knows them (parameter counts depend on them)
 SHAPE_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -246,6 +248,9 @@ def teacher_shape(spec: TeacherSpec) -> dict | None:
     if spec.kind == "builtin":
         b = spec.build or BuiltinBuild()
         return {
+            "model_type": "llama",
+            "tie_word_embeddings": True,
+            "head_dim": b.hidden_size // b.num_heads,
             "vocab_size": b.vocab_size,
             "hidden_size": b.hidden_size,
             "intermediate_size": b.intermediate_size,
@@ -258,6 +263,9 @@ def teacher_shape(spec: TeacherSpec) -> dict | None:
 
         h = read_header(Path(spec.target))
         return {
+            "model_type": "llama",
+            "tie_word_embeddings": h["shared_classifier"],
+            "head_dim": h["dim"] // h["n_heads"],
             "vocab_size": h["vocab_size"],
             "hidden_size": h["dim"],
             "intermediate_size": h["hidden_dim"],
@@ -270,4 +278,7 @@ def teacher_shape(spec: TeacherSpec) -> dict | None:
         return None
     raw = json.loads(config.read_text())
     raw.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
-    return {k: raw[k] for k in SHAPE_KEYS} if all(k in raw for k in SHAPE_KEYS) else None
+    if not all(k in raw for k in SHAPE_KEYS):
+        return None
+    extra = {k: raw[k] for k in ("model_type", "tie_word_embeddings", "head_dim") if raw.get(k) is not None}
+    return {**extra, **{k: raw[k] for k in SHAPE_KEYS}}

@@ -88,7 +88,8 @@ class Session:
 
     @cached_property
     def data_identity(self) -> str:
-        return self.train_source.identity()
+        budget = self.spec.data.max_train_tokens
+        return self.train_source.identity() + (f":first{budget}" if budget else "")
 
     def stage_keys(self) -> list[str]:
         """key_i = hash(teacher, data, seed, format, params of stages 0..i)."""
@@ -120,15 +121,17 @@ class Session:
 
     def blocks(self, split: str, seq_len: int) -> torch.Tensor:
         if (split, seq_len) not in self._blocks:
-            docs = self._documents[0 if split == "train" else 1]
             data = self.spec.data
-            source = data.heldout.identity() if split == "heldout" and data.heldout else self.data_identity
-            self._blocks[(split, seq_len)] = pack(
-                docs,
+            source = data.heldout.identity() if split == "heldout" and data.heldout else self.train_source.identity()
+            blocks = pack(
+                lambda: self._documents[0 if split == "train" else 1],
                 self.teacher.tokenizer,
                 seq_len,
                 cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}",
             )
+            if split == "train" and data.max_train_tokens:
+                blocks = blocks[: max(1, data.max_train_tokens // seq_len)]
+            self._blocks[(split, seq_len)] = blocks
         return self._blocks[(split, seq_len)]
 
     @cached_property
@@ -186,6 +189,7 @@ class Session:
             load_teacher=lambda: self.teacher,
             train_blocks=lambda seq_len: self.blocks("train", seq_len),
             seq_len=self.spec.data.seq_len,
+            cache_key=f"{self.teacher_key}:{self.data_identity}",
         )
         start = time.time()
         model = stage.module.apply(source.model, source.tokenizer, ctx)

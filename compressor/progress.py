@@ -73,3 +73,18 @@ class Bar:
         if self._live:
             self._progress.stop()
             self._live = False
+
+
+def quiet_libraries() -> None:
+    """Our progress is the one to watch: mute library chatter (transformers' shard bars,
+    datasets' split bars, lm-eval's warnings)."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for name in ("lm-eval", "lm_eval", "transformers", "datasets", "accelerate", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

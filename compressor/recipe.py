@@ -33,6 +33,9 @@ class DataSpec(BaseModel):
     )
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
     seq_len: int = Field(256, ge=8)
+    max_train_tokens: int | None = Field(
+        None, ge=8, description="train on only the first N tokens of the text (a data budget)"
+    )
 
 
 class RecipeModel(BaseModel):
@@ -195,12 +198,12 @@ def _check_order(path: Path, stages: tuple[Stage, ...]) -> None:
 
 
 def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
-    shape = teacher_shape(spec.teacher)
+    teacher = shape = teacher_shape(spec.teacher)
     if shape is None:
         return  # a hub teacher: checked when loaded
     for stage in stages:
         try:
-            shape = stage.module.check(stage.config, shape)
+            shape = stage.module.check(stage.config, shape, teacher)
         except ValueError as exc:
             raise _fail(path, f"stages[{stage.index}].{stage.kind}", str(exc)) from None
 

@@ -45,9 +45,10 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
-# The loss sees the model, a batch of token ids [B, L] and the optimiser step; it returns the
-# loss and numbers to show beside it.
-LossFn = Callable[[torch.nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
+# The loss sees the model, a batch ({"input_ids": [B, L], optionally "labels": [B, L]}) and the
+# optimiser step; it returns the loss and numbers to show beside it.
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch, int], tuple[torch.Tensor, dict[str, float]]]
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -102,7 +103,7 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, extra: torch.nn.
 def train(
     model: torch.nn.Module,
     loss_fn: LossFn,
-    batches: Callable[[int], torch.Tensor],
+    batches: Callable[[int], Batch],
     cfg: TrainConfig,
     *,
     device: torch.device,
@@ -142,7 +143,8 @@ def train(
         for step in range(start_step, cfg.steps):
             logs: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                batch = batches(step * cfg.grad_accum + micro)[rank::world].to(accelerator.device)
+                micro_batch = batches(step * cfg.grad_accum + micro)
+                batch = {k: v[rank::world].to(accelerator.device) for k, v in micro_batch.items()}
                 torch.manual_seed(seed * 7919 + step * cfg.grad_accum + micro)  # on-policy sampling
                 with accelerator.autocast():
                     loss, logs = loss_fn(model, batch, step)

@@ -39,11 +39,13 @@ def test_pack_drops_the_remainder_and_refuses_too_little():
 def test_batches_are_a_function_of_seed_and_step_only():
     blocks = torch.arange(50).view(10, 5)
     a, b = Batches(blocks, 4, seed=3), Batches(blocks, 4, seed=3)
-    assert torch.equal(a(7), b(7))  # b never saw steps 0..6
-    assert not torch.equal(a(7), Batches(blocks, 4, seed=4)(7))
-    # one epoch covers every block exactly once
-    seen = torch.cat([a(i) for i in range(5)])[:10]
+    assert torch.equal(a(7)["input_ids"], b(7)["input_ids"])  # b never saw steps 0..6
+    assert not torch.equal(a(7)["input_ids"], Batches(blocks, 4, seed=4)(7)["input_ids"])
+    # one epoch covers every block exactly once, and named rows stay aligned
+    seen = torch.cat([a(i)["input_ids"] for i in range(5)])[:10]
     assert sorted(seen[:, 0].tolist()) == list(range(0, 50, 5))
+    paired = Batches({"input_ids": blocks, "labels": blocks + 100}, 3, seed=0)(2)
+    assert torch.equal(paired["labels"], paired["input_ids"] + 100)
 
 
 def test_text_sources_txt_jsonl_json(tmp_path):

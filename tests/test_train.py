@@ -13,8 +13,8 @@ class Crash(Exception):
     pass
 
 
-def _ce(model, ids, step):
-    return model(input_ids=ids, labels=ids).loss, {}
+def _ce(model, batch, step):
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, {}
 
 
 def test_resume_after_a_crash_ends_with_identical_weights(tmp_path):
@@ -84,7 +84,7 @@ def test_grad_accumulation_matches_one_big_batch():
         description="big",
     )
     # two micro-batches of 2 that together are the same 4 rows
-    halves = lambda i: Batches(blocks, 4, 0)(i // 2)[(i % 2) * 2 : (i % 2) * 2 + 2]  # noqa: E731
+    halves = lambda i: {"input_ids": Batches(blocks, 4, 0)(i // 2)["input_ids"][(i % 2) * 2 : (i % 2) * 2 + 2]}  # noqa: E731
     train(
         small,
         _ce,

@@ -1,6 +1,6 @@
-"""Stage kinds. Each module holds one technique: a pydantic `Config`, `check(cfg, shape)` that
-validates it against the model's dimensions before any work (returning the dimensions after
-the stage), and `apply(model, tokenizer, ctx) -> model`.
+"""Stage kinds. Each module holds one technique: a pydantic `Config`, `check(cfg, shape,
+teacher_shape)` that validates it against the models' dimensions before any work (returning
+the dimensions after the stage), and `apply(model, tokenizer, ctx) -> model`.
 
 A stage never reads the recipe, never writes outside `ctx.scratch`, and never measures: the
 pipeline saves and measures every artifact the same way.
@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from . import distill
+from . import distill, prune, recover
 
 # kind -> module; a module may set PRODUCES = "quantized" (the model cannot be trained or
 # pruned afterwards) and NEEDS_FLOAT = True (it cannot follow a quantized stage).
-STAGES = {"distill": distill}
+STAGES = {"distill": distill, "prune": prune, "recover": recover}
 
 
 @dataclass
@@ -35,6 +35,7 @@ class StageContext:
     load_teacher: Callable[[], object]  # -> models.Loaded, loaded on first use
     train_blocks: Callable[[int], torch.Tensor]  # seq_len -> packed training blocks [N, seq_len]
     seq_len: int
+    cache_key: str  # identifies (teacher, data): prefix for caches such as teacher generations
     info: dict = field(default_factory=dict)  # facts the stage reports (sizes, roundings, ...)
 
     @cached_property

@@ -1,21 +1,71 @@
 """`distill`: make a smaller student and train it to match the teacher.
 
-The student starts from the stage's input model (or the teacher): a subset of its layers
-(listed, or evenly spaced), or a freshly initialised config of the same family. Training is
-word-level KD: alpha * T^2 * D(teacher_T || student_T) + (1 - alpha) * CE, chunked over tokens.
+Three knobs, all recipe fields (`Knobs`, shared with every stage that trains against a teacher):
+- WHAT is matched: logits at every position (`loss`), optionally hidden states of chosen layers
+  (`hidden`: a student->teacher layer map, MSE or cosine, a learned projection when widths
+  differ), and whole teacher-generated sequences (`sequences`);
+- HOW the gap is measured: `loss` (forward/reverse KL, JSD(beta), TVD; temperature with T^2;
+  alpha mix with CE; teacher top-k), computed chunk-wise over tokens;
+- WHERE the data comes from: the fixed text, the teacher's generations (`sequences`), or the
+  student's own samples with probability `on_policy.fraction` per batch (GKD's lambda), scored
+  by the teacher. Reverse KL with fraction 1 is the MiniLLM setting.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..data import Batches
-from ..losses import LossConfig, kd_loss, shift_labels
+from ..data import Batches, Sequences, continue_prompts, teacher_sequences
+from ..losses import LossConfig, hidden_loss, kd_loss, shift_labels
 from ..models import count_params, evenly_spaced, fresh_model, keep_layers
-from ..train import LossFn, TrainConfig, train
+from ..train import Batch, LossFn, TrainConfig, train
+
+NEEDS_FLOAT = True
+
+
+class HiddenMatch(BaseModel):
+    """Match hidden states: the output of student layer i against teacher layer j."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer_map: dict[int, int] = Field(min_length=1, description="student layer -> teacher layer (0-based)")
+    loss: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, gt=0, description="added to the logit loss with this weight")
+
+
+class OnPolicy(BaseModel):
+    """GKD: with probability `fraction` a batch is replaced by the student's own samples
+    (continuing the batch's first `prompt_tokens`), which the teacher then scores. Only the
+    divergence is used on those batches (cross-entropy on one's own samples teaches nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(ge=0, le=1, description="lambda: 0 off-policy, 1 fully on-policy")
+    new_tokens: int = Field(ge=1, description="the generation budget per sampled sequence")
+    prompt_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class Knobs(TrainConfig):
+    """Distillation settings shared by every stage that trains against a teacher."""
+
+    loss: LossConfig = LossConfig(temperature=2.0, alpha=0.5)
+    hidden: HiddenMatch | None = None
+    sequences: Sequences | None = Field(None, description="train on teacher generations instead of the text")
+    on_policy: OnPolicy | None = None
+    seq_len: int | None = Field(None, ge=8, description="training sequence length (default: data.seq_len)")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Knobs":
+        if self.on_policy is not None and self.on_policy.prompt_tokens >= (self.seq_len or 1 << 30):
+            raise ValueError("on_policy.prompt_tokens must be shorter than seq_len")
+        if self.loss.alpha == 0 and (self.on_policy is not None and self.on_policy.fraction > 0):
+            raise ValueError("on_policy needs a divergence term: alpha is 0 (plain CE)")
+        return self
 
 
 class StudentSpec(BaseModel):
@@ -27,7 +77,7 @@ class StudentSpec(BaseModel):
     keep_layers: list[int] | None = Field(None, min_length=1)
     num_layers: int | None = Field(None, ge=1, description="keep this many evenly spaced layers")
     config: dict[str, int | float] | None = Field(
-        None, description="a new model of the same family with these config changes"
+        None, description="a freshly initialised model of the same family with these config changes"
     )
 
     @model_validator(mode="after")
@@ -38,34 +88,50 @@ class StudentSpec(BaseModel):
         return self
 
 
-class Config(TrainConfig):
+class Config(Knobs):
     student: StudentSpec = StudentSpec()
-    loss: LossConfig = LossConfig(temperature=2.0, alpha=0.5)
-    seq_len: int | None = Field(None, ge=8, description="training sequence length (default: data.seq_len)")
 
 
-def check(cfg: Config, shape: dict) -> dict:
-    layers = shape["num_hidden_layers"]
-    spec = cfg.student
+def student_shape(spec: StudentSpec, shape: dict, teacher_shape: dict) -> dict:
+    base = teacher_shape if spec.init == "teacher" else shape
+    layers = base["num_hidden_layers"]
     if spec.keep_layers is not None:
         bad = [i for i in spec.keep_layers if not 0 <= i < layers]
         if bad or len(set(spec.keep_layers)) != len(spec.keep_layers):
             raise ValueError(
                 f"student.keep_layers: must be distinct indices in [0, {layers - 1}], got {spec.keep_layers}"
             )
-        return dict(shape, num_hidden_layers=len(spec.keep_layers))
+        return dict(base, num_hidden_layers=len(spec.keep_layers))
     if spec.num_layers is not None:
         if spec.num_layers > layers:
-            raise ValueError(f"student.num_layers: the input has {layers} layers, got {spec.num_layers}")
-        return dict(shape, num_hidden_layers=spec.num_layers)
+            raise ValueError(f"student.num_layers: the model has {layers} layers, got {spec.num_layers}")
+        return dict(base, num_hidden_layers=spec.num_layers)
     if spec.config is not None:
-        if "vocab_size" in spec.config and spec.config["vocab_size"] != shape["vocab_size"]:
+        if "vocab_size" in spec.config and spec.config["vocab_size"] != base["vocab_size"]:
             raise ValueError("student.config.vocab_size: the student must keep the teacher's vocabulary")
-        new = dict(shape, **{k: v for k, v in spec.config.items() if k in shape})
+        new = dict(base, **{k: v for k, v in spec.config.items() if k in base})
         if new["num_attention_heads"] % new["num_key_value_heads"]:
             raise ValueError("student.config: num_attention_heads must be a multiple of num_key_value_heads")
         return new
-    return shape
+    return base
+
+
+def check_knobs(cfg: Knobs, shape: dict, teacher_shape: dict) -> None:
+    """What can only be checked against the models' dimensions (layer maps)."""
+    if cfg.hidden is None:
+        return
+    s_layers, t_layers = shape["num_hidden_layers"], teacher_shape["num_hidden_layers"]
+    for s, t in cfg.hidden.layer_map.items():
+        if not 0 <= s < s_layers:
+            raise ValueError(f"hidden.layer_map: student layer {s} does not exist (the student has {s_layers})")
+        if not 0 <= t < t_layers:
+            raise ValueError(f"hidden.layer_map: teacher layer {t} does not exist (the teacher has {t_layers})")
+
+
+def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
+    out = student_shape(cfg.student, shape, teacher_shape)
+    check_knobs(cfg, out, teacher_shape)
+    return out
 
 
 def build_student(model: torch.nn.Module, teacher: torch.nn.Module, spec: StudentSpec, seed: int) -> torch.nn.Module:
@@ -83,31 +149,90 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def kd_step(teacher: torch.nn.Module, loss_cfg: LossConfig) -> LossFn:
-    """The training step of every distillation stage: final hidden states of student and
-    teacher, projected and compared chunk by chunk (see losses.kd_loss)."""
-    t_head = teacher.get_output_embeddings()
+def projections(
+    cfg: Knobs, student: torch.nn.Module, teacher: torch.nn.Module | None, seed: int
+) -> torch.nn.ModuleDict | None:
+    """Learned linear maps student width -> teacher width for hidden matching (None if equal)."""
+    if cfg.hidden is None or teacher is None or student.config.hidden_size == teacher.config.hidden_size:
+        return None
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict(
+        {
+            str(s): torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False)
+            for s in cfg.hidden.layer_map
+        }
+    )
 
-    def step(model: torch.nn.Module, ids: torch.Tensor, _step: int):
-        labels = shift_labels(ids)
-        s_hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        with torch.no_grad():
-            t_hidden = (
-                teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1)
-                .hidden_states[-1]
-                .to(s_hidden.device)
+
+def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.nn.ModuleDict | None) -> LossFn:
+    """The training step of every distillation stage. The teacher may be None for plain CE."""
+    t_head = teacher.get_output_embeddings() if teacher is not None else None
+    on_policy = cfg.on_policy if cfg.on_policy is not None and cfg.on_policy.fraction > 0 else None
+    student_loss = cfg.loss.model_copy(update={"alpha": 1.0})  # on student samples: divergence only
+
+    def step(model: torch.nn.Module, batch: Batch, step_index: int):
+        ids = batch["input_ids"]
+        labels = batch["labels"] if "labels" in batch else shift_labels(ids)
+        loss_cfg, logs = cfg.loss, {}
+        if on_policy is not None and random.Random(seed * 1_000_003 + step_index).random() < on_policy.fraction:
+            sampled = continue_prompts(
+                _unwrap(model),
+                ids[:, : on_policy.prompt_tokens],
+                on_policy.new_tokens,
+                {"do_sample": True, "temperature": on_policy.temperature, "top_k": 0},
             )
+            ids, labels, loss_cfg = sampled["input_ids"], sampled["labels"], student_loss
+            logs["on_policy"] = 1.0
+        s_out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        t_out = None
+        if teacher is not None and (loss_cfg.alpha > 0 or cfg.hidden is not None):
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1)
+        t_final = t_out.hidden_states[-1].to(s_out.hidden_states[-1].device) if t_out is not None else None
         loss = kd_loss(
-            s_hidden,
+            s_out.hidden_states[-1],
             _unwrap(model).get_output_embeddings(),
-            t_hidden,
-            lambda h: t_head(h.to(t_head.weight.dtype)),
+            t_final,
+            (lambda h: t_head(h.to(t_head.weight.dtype))) if t_head is not None else None,
             labels,
             loss_cfg,
         )
-        return loss, {}
+        if cfg.hidden is not None:
+            mask = labels != -100
+            parts = []
+            for s_layer, t_layer in cfg.hidden.layer_map.items():
+                s_h = s_out.hidden_states[s_layer + 1][mask]
+                if proj is not None:
+                    s_h = proj[str(s_layer)](s_h)
+                parts.append(hidden_loss(s_h, t_out.hidden_states[t_layer + 1][mask].to(s_h.device), cfg.hidden.loss))
+            matched = torch.stack(parts).mean()
+            logs["hidden"] = matched.item()
+            loss = loss + cfg.hidden.weight * matched
+        return loss, logs
 
     return step
+
+
+def distill_train(student: torch.nn.Module, teacher: torch.nn.Module | None, cfg: Knobs, ctx) -> dict:
+    """Train `student` in place with the knobs of `cfg`; return the training summary."""
+    blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
+    if cfg.sequences is not None:
+        rows = teacher_sequences(teacher, blocks, cfg.sequences, ctx.seed, ctx.cache_key)
+        ctx.info["teacher_sequences"] = len(rows["input_ids"])
+    else:
+        rows = blocks
+    proj = projections(cfg, student, teacher, ctx.seed)
+    return train(
+        student,
+        kd_step(teacher, cfg, ctx.seed, proj),
+        Batches(rows, cfg.batch_size, ctx.seed),
+        cfg,
+        device=ctx.device,
+        seed=ctx.seed,
+        description=ctx.name,
+        checkpoint_dir=ctx.scratch,
+        extra_module=proj,
+    )
 
 
 def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
@@ -119,17 +244,5 @@ def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
         student_params=count_params(student),
         student_layers=student.config.num_hidden_layers,
     )
-    blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
-    ctx.info.update(
-        train(
-            student,
-            kd_step(teacher, cfg.loss),
-            Batches(blocks, cfg.batch_size, ctx.seed),
-            cfg,
-            device=ctx.device,
-            seed=ctx.seed,
-            description=ctx.name,
-            checkpoint_dir=ctx.scratch,
-        )
-    )
+    ctx.info.update(distill_train(student, teacher, cfg, ctx))
     return student

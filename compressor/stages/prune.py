@@ -1,0 +1,372 @@
+"""`prune`: remove whole attention heads, MLP channels, hidden channels and layers.
+
+Importance (`method`):
+- `magnitude`: the L1 or L2 norm of every weight that belongs to the structure;
+- `taylor`: first-order Taylor |w * dL/dw| summed over those weights, on calibration batches;
+- `activation` (as in Minitron): mean |activation| of the channel / L2 norm of the head's output
+  on calibration batches; for hidden channels, the mean |x| of the residual stream at every
+  block input.
+Layers are always ranked by block influence on calibration data (1 - cos(input, output) of the
+block, as in ShortGPT): the blocks that change their input least go first.
+
+Widths are uniform across layers: a stock HF config has one intermediate_size and one head
+count, and an artifact must load with plain `from_pretrained`. With grouped-query attention,
+`gqa: groups` removes whole KV groups (a KV head with its query heads) and `gqa: within`
+removes the same number of query heads inside every group; the stage reports how it rounded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..data import Batches
+from ..models import SHAPE_KEYS, count_params, decoder_layers, keep_layers
+from ..slicing import head_dim, keep_heads, keep_hidden, keep_mlp_channels
+
+NEEDS_FLOAT = True
+TARGETS = ("layers", "heads", "mlp", "hidden")
+
+Amount = float | Literal["auto"]
+
+
+class Targets(BaseModel):
+    """Fraction of each structure to remove, or "auto" to solve for `target_params`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: Amount = 0.0
+    heads: Amount = 0.0
+    mlp: Amount = 0.0
+    hidden: Amount = 0.0
+
+    @field_validator("*")
+    @classmethod
+    def _ratio(cls, value):
+        if value != "auto" and not 0 <= value < 1:
+            raise ValueError(f"must be a fraction in [0, 1) or 'auto', got {value}")
+        return value
+
+    def autos(self) -> list[str]:
+        return [t for t in TARGETS if getattr(self, t) == "auto"]
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(32, ge=1, description="training blocks used to score importance")
+    batch_size: int = Field(4, ge=1)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    targets: Targets
+    target_params: int | None = Field(None, ge=1, description="solve the 'auto' targets for this parameter count")
+    method: Literal["magnitude", "taylor", "activation"] = "taylor"
+    norm: Literal["l1", "l2"] = Field("l2", description="magnitude only")
+    gqa: Literal["groups", "within"] = "groups"
+    multiple_of: int = Field(1, ge=1, description="round kept MLP and hidden widths to a multiple of this")
+    calibration: Calibration = Calibration()
+
+
+# --- how many of each structure stay -----------------------------------------------------------
+
+
+def _head_counts(shape: dict, gqa: str, hidden_fixed: bool) -> list[tuple[int, int]]:
+    """(query heads, KV heads) a pruned model may have. transformers' Llama config requires
+    hidden_size divisible by the number of query heads, so while the hidden size stays, only
+    counts that divide it are allowed."""
+    n_q, n_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+    group = n_q // n_kv
+    if gqa == "groups":
+        counts = [(kv * group, kv) for kv in range(1, n_kv + 1)]
+    else:
+        counts = [(n_kv * per, n_kv) for per in range(1, group + 1)]
+    return [c for c in counts if not hidden_fixed or shape["hidden_size"] % c[0] == 0]
+
+
+def plan(shape: dict, targets: dict, gqa: str, multiple_of: int) -> tuple[dict, list[str]]:
+    """The shape after pruning, and one note per rounding. Raises ValueError for an impossible one."""
+    notes, out = [], dict(shape)
+    n_l, n_q, n_kv = shape["num_hidden_layers"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    if targets["layers"]:
+        drop = round(targets["layers"] * n_l)
+        if drop >= n_l:
+            raise ValueError(f"targets.layers: removing {drop} of {n_l} layers leaves none")
+        out["num_hidden_layers"] = n_l - drop
+        notes.append(f"layers: drop {drop} of {n_l} ({drop / n_l:.0%} for {targets['layers']:.0%} asked)")
+    if targets["heads"]:
+        group = n_q // n_kv
+        if gqa == "within" and round(targets["heads"] * group) >= group:
+            raise ValueError(
+                f"targets.heads: removing {targets['heads']:.0%} of the {group} query heads of each KV "
+                "group prunes whole groups; use gqa: groups"
+            )
+        want = (1 - targets["heads"]) * n_q
+        counts = [c for c in _head_counts(shape, gqa, hidden_fixed=not targets["hidden"]) if c[0] < n_q]
+        if not counts:
+            raise ValueError(
+                f"targets.heads: no smaller head count fits ({gqa}; hidden_size {shape['hidden_size']} "
+                f"must divide by the number of query heads)"
+            )
+        q, kv = min(counts, key=lambda c: (abs(c[0] - want), c[0]))
+        out["num_attention_heads"], out["num_key_value_heads"] = q, kv
+        how = (
+            f"remove {n_kv - kv} of {n_kv} KV groups with their {group} query heads each"
+            if gqa == "groups"
+            else f"remove {group - q // n_kv} of {group} query heads in each of {n_kv} KV groups"
+        )
+        notes.append(
+            f"heads: {how}: {q} of {n_q} query heads stay ({1 - q / n_q:.0%} removed for "
+            f"{targets['heads']:.0%} asked; feasible counts {[c[0] for c in counts] + [n_q]})"
+        )
+    for target, key in (("mlp", "intermediate_size"), ("hidden", "hidden_size")):
+        if targets[target]:
+            width = shape[key]
+            step = math.lcm(multiple_of, out["num_attention_heads"]) if key == "hidden_size" else multiple_of
+            keep = max(step, int(round(width * (1 - targets[target]) / step)) * step)
+            if keep >= width:
+                raise ValueError(
+                    f"targets.{target}: {targets[target]} of {width} rounds to no change "
+                    f"(kept widths are multiples of {step})"
+                )
+            out[key] = keep
+            notes.append(
+                f"{target}: keep {keep} of {width} ({1 - keep / width:.0%} removed "
+                f"for {targets[target]:.0%} asked; multiple of {step})"
+            )
+    return out, notes
+
+
+def shape_params(shape: dict, like: dict) -> int:
+    """Parameters of a model of `shape` (a meta-device instance of the same family)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{**like, **shape})
+    cfg.head_dim = like.get("head_dim") or like["hidden_size"] // like["num_attention_heads"]
+    with torch.device("meta"):
+        return count_params(AutoModelForCausalLM.from_config(cfg))
+
+
+def solve_targets(cfg: Config, shape: dict, like: dict) -> dict:
+    """Concrete fractions: 'auto' targets share one fraction, bisected to reach target_params."""
+    fixed = {t: (0.0 if v == "auto" else v) for t, v in cfg.targets.model_dump().items()}
+    autos = cfg.targets.autos()
+    if not autos:
+        return fixed
+    if cfg.target_params is None:
+        raise ValueError(f"targets {', '.join(autos)} are 'auto': give target_params")
+
+    def params_at(r: float) -> int | None:
+        try:
+            new, _ = plan(shape, {**fixed, **{t: r for t in autos}}, cfg.gqa, cfg.multiple_of)
+        except ValueError:
+            return None
+        return shape_params(new, like)
+
+    lo, hi = 0.0, 0.99
+    while params_at(hi) is None and hi > 0.01:  # the largest fraction that still leaves a model
+        hi -= 0.01
+    if (params_at(lo) or 0) <= cfg.target_params:
+        raise ValueError(f"target_params {cfg.target_params:,} is already met without pruning the auto targets")
+    smallest = params_at(hi)
+    if smallest is None or smallest > cfg.target_params:
+        raise ValueError(f"target_params {cfg.target_params:,} cannot be reached by pruning {', '.join(autos)}")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        got = params_at(mid)
+        if got is not None and got <= cfg.target_params:
+            hi = mid
+        else:
+            lo = mid
+    return {**fixed, **{t: hi for t in autos}}
+
+
+def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
+    ratios = solve_targets(cfg, shape, {"model_type": "llama", **teacher_shape, **shape})
+    return plan(shape, ratios, cfg.gqa, cfg.multiple_of)[0]
+
+
+# --- importance --------------------------------------------------------------------------------
+
+
+class Scores:
+    """Per-structure importance: MLP channels, query heads and KV heads of every layer (KV heads
+    score their own k/v weights; a whole group adds its query heads), hidden channels, and the
+    block influence of every layer."""
+
+    def __init__(self, model: torch.nn.Module):
+        n_layers = len(decoder_layers(model))
+        self.mlp: list = [0.0] * n_layers
+        self.head: list = [0.0] * n_layers
+        self.kv: list = [0.0] * n_layers
+        self.hidden = 0.0
+        self.block = [0.0] * n_layers
+
+    def group(self, i: int, group: int) -> torch.Tensor:
+        """Importance of each KV group of layer i: its KV head plus its query heads."""
+        return self.kv[i] + self.head[i].view(-1, group).sum(1)
+
+
+def _weight_scores(model: torch.nn.Module, scores: Scores, value) -> None:
+    """Score structures from a per-weight quantity (|w|^p, or |w * grad| for Taylor)."""
+    cfg = model.config
+    hd = head_dim(cfg)
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp, attn = layer.mlp, layer.self_attn
+        scores.mlp[i] = (
+            value(mlp.gate_proj.weight).sum(1) + value(mlp.up_proj.weight).sum(1) + value(mlp.down_proj.weight).sum(0)
+        )
+        q = value(attn.q_proj.weight).sum(1).view(-1, hd).sum(1) + value(attn.o_proj.weight).sum(0).view(-1, hd).sum(1)
+        kv = value(attn.k_proj.weight).sum(1).view(-1, hd).sum(1) + value(attn.v_proj.weight).sum(1).view(-1, hd).sum(1)
+        scores.head[i], scores.kv[i] = q, kv
+    hidden = value(model.get_input_embeddings().weight).sum(0)
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            hidden = hidden + value(lin.weight).sum(0)
+        for lin in (attn.o_proj, mlp.down_proj):
+            hidden = hidden + value(lin.weight).sum(1)
+    scores.hidden = hidden
+
+
+def _calibration_pass(model, batches, n_batches: int, taylor: bool, activation: bool, scores: Scores) -> None:
+    """Forward (and for Taylor, backward) passes that fill block influence, activation scores
+    and gradients."""
+    layers = decoder_layers(model)
+    hd = head_dim(model.config)
+    hooks, grads_on = [], taylor
+    acc = {"mlp": [0.0] * len(layers), "head": [0.0] * len(layers), "hidden": 0.0, "tokens": 0}
+
+    def block_hook(i):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.detach().float(), y.detach().float(), dim=-1)
+            scores.block[i] += (1 - cos).sum().item()
+            if activation:
+                acc["hidden"] = acc["hidden"] + x.detach().float().abs().sum((0, 1))
+
+        return hook
+
+    def down_hook(i):
+        def hook(module, args):
+            acc["mlp"][i] = acc["mlp"][i] + args[0].detach().float().abs().sum((0, 1))
+
+        return hook
+
+    def o_hook(i):
+        def hook(module, args):
+            x = args[0].detach().float()
+            acc["head"][i] = acc["head"][i] + x.view(*x.shape[:-1], -1, hd).norm(dim=-1).sum((0, 1))
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
+        if activation:
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
+    try:
+        model.zero_grad(set_to_none=True)
+        for b in range(n_batches):
+            ids = batches(b)["input_ids"].to(model.device)
+            acc["tokens"] += ids.numel()
+            with torch.set_grad_enabled(grads_on):
+                out = model(input_ids=ids, labels=ids if grads_on else None)
+            if grads_on:
+                out.loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    n = max(acc["tokens"], 1)
+    scores.block = [s / n for s in scores.block]
+    if activation:
+        scores.mlp = [a / n for a in acc["mlp"]]
+        scores.head = [a / n for a in acc["head"]]
+        scores.kv = [torch.zeros(model.config.num_key_value_heads) for _ in layers]  # activations live on q heads
+        scores.hidden = acc["hidden"] / n
+
+
+def _magnitude(kind: str):
+    """|w| (L1) or w^2 (L2: ranking by the sum of squares is ranking by the norm)."""
+    return (lambda w: w.float().abs()) if kind == "l1" else (lambda w: w.float().pow(2))
+
+
+def _taylor(w: torch.Tensor) -> torch.Tensor:
+    return (w.float() * w.grad.float()).abs() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
+
+
+def importance(model: torch.nn.Module, cfg: Config, batches, n_batches: int, need_blocks: bool) -> Scores:
+    scores = Scores(model)
+    if cfg.method != "magnitude" or need_blocks:
+        _calibration_pass(model, batches, n_batches, cfg.method == "taylor", cfg.method == "activation", scores)
+    with torch.no_grad():
+        if cfg.method != "activation":
+            _weight_scores(model, scores, _magnitude(cfg.norm) if cfg.method == "magnitude" else _taylor)
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+# --- apply -------------------------------------------------------------------------------------
+
+
+def _top(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(score, k).indices.sort().values
+
+
+def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
+    cfg: Config = ctx.config
+    model = model.float()
+    before = count_params(model)
+    shape = {k: getattr(model.config, k) for k in SHAPE_KEYS}
+    like = {**model.config.to_dict(), **shape}
+    ratios = solve_targets(cfg, shape, like)
+    target, notes = plan(shape, ratios, cfg.gqa, cfg.multiple_of)
+    blocks = ctx.train_blocks(ctx.seq_len)
+    batches = Batches(blocks, cfg.calibration.batch_size, ctx.seed)
+    n_batches = math.ceil(cfg.calibration.samples / cfg.calibration.batch_size)
+    drops_layers = target["num_hidden_layers"] < shape["num_hidden_layers"]
+    scores = importance(model, cfg, batches, n_batches, need_blocks=drops_layers)
+
+    if drops_layers:
+        order = sorted(range(shape["num_hidden_layers"]), key=lambda i: scores.block[i], reverse=True)
+        kept = sorted(order[: target["num_hidden_layers"]])
+        notes.append(
+            f"layers kept {kept} (block influence {[round(scores.block[i], 4) for i in kept]}), dropped "
+            f"{sorted(set(range(shape['num_hidden_layers'])) - set(kept))}"
+        )
+        model = keep_layers(model, kept)
+        scores.mlp, scores.head, scores.kv = ([s[i] for i in kept] for s in (scores.mlp, scores.head, scores.kv))
+    # widths before heads: the final hidden size is a multiple of the final head count
+    if target["intermediate_size"] < shape["intermediate_size"]:
+        keep_mlp_channels(model, [_top(s, target["intermediate_size"]) for s in scores.mlp])
+    if target["hidden_size"] < shape["hidden_size"]:
+        keep_hidden(model, _top(scores.hidden, target["hidden_size"]))
+    if target["num_attention_heads"] < shape["num_attention_heads"]:
+        group = shape["num_attention_heads"] // shape["num_key_value_heads"]
+        keep_kv, keep_q = [], []
+        for i, head_score in enumerate(scores.head):
+            if cfg.gqa == "groups":
+                kv = _top(scores.group(i, group), target["num_key_value_heads"])
+                q = torch.cat([torch.arange(g * group, (g + 1) * group) for g in kv.tolist()])
+            else:
+                kv = torch.arange(shape["num_key_value_heads"])
+                per = target["num_attention_heads"] // shape["num_key_value_heads"]
+                q = torch.cat([g * group + _top(head_score[g * group : (g + 1) * group], per) for g in kv.tolist()])
+            keep_kv.append(kv)
+            keep_q.append(q)
+        keep_heads(model, keep_kv, keep_q)
+    ctx.info.update(
+        method=cfg.method,
+        ratios=ratios,
+        rounding=notes,
+        params_before=before,
+        params_after=count_params(model),
+        shape={k: getattr(model.config, k) for k in shape},
+    )
+    return model
