@@ -1,4 +1,4 @@
-"""`compressor run | validate | eval | report | teacher build`."""
+"""`compressor run | validate | eval | report | export | teacher build`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,12 @@ def _report(args) -> None:
     print(rerender(Path(args.dir)))
 
 
+def _export(args) -> None:
+    from .export import export
+
+    print(export(Path(args.run_dir), Path(args.out), args.stage))
+
+
 def _teacher(args) -> None:
     from .builtin import ensure_teacher, teacher_report
 
@@ -107,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="re-render DIR/report.md from DIR/run.json")
     rp.add_argument("dir")
     rp.set_defaults(fn=_report)
+
+    x = sub.add_parser("export", help="a stage's model as a standalone from_pretrained folder with a model card")
+    x.add_argument("run_dir", help="the run's output folder (holds run.json)")
+    x.add_argument("--stage", help="stage name (default: the last)")
+    x.add_argument("--out", required=True)
+    x.set_defaults(fn=_export)
 
     t = sub.add_parser("teacher", help="the built-in teacher")
     tsub = t.add_subparsers(dest="action", required=True)

@@ -82,19 +82,47 @@ def weight_bytes_on_disk(folder: Path | None) -> int | None:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()) or None
 
 
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies: a quantized tensor subclass (torchao) counts its inner integer
+    data and scales, not its logical float shape."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def kernel(model: torch.nn.Module) -> str:
+    """What computes the Linear layers as the artifact loads: the format latency is measured with."""
+    kinds: dict[str, int] = {}
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w, name = m.weight, type(m).__name__
+        if name == "Linear4bit":
+            kind = f"bitsandbytes {w.quant_state.quant_type}"
+        elif name == "Linear8bitLt":
+            kind = "bitsandbytes LLM.int8"
+        elif type(w).__name__ == "IntxUnpackedToInt8Tensor":
+            acts = "int8 dynamic activations" if w.activation_quantization else "dequantized to fp32"
+            kind = f"torchao {str(w.target_dtype).removeprefix('torch.')} weights, {acts}"
+        elif type(w).__name__ not in ("Tensor", "Parameter"):
+            kind = f"torchao {type(w).__name__}"
+        else:
+            kind = f"dense {str(w.dtype).removeprefix('torch.')}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
 def size(model: torch.nn.Module, folder: Path | None) -> dict:
     params = count_params(model)
-    loaded = (
-        model.get_memory_footprint()
-        if hasattr(model, "get_memory_footprint")
-        else sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    )
+    loaded = sum(stored_bytes(t) for t in list(model.parameters()) + list(model.buffers()))
     on_disk = weight_bytes_on_disk(folder) or loaded
     return {
         "params": params,
         "bytes": on_disk,
         "bits_per_param": round(8 * on_disk / params, 3),
         "loaded_bytes": loaded,
+        "kernel": kernel(model),
     }
 
 
@@ -163,10 +191,10 @@ def memory_bandwidth(device_str: str) -> float:
 def bytes_per_decoded_token(model: torch.nn.Module, context: int) -> int:
     """Weights read to decode one token (an untied input embedding reads one row, not all)
     plus the KV cache read at `context` tokens."""
-    total = sum(t.numel() * t.element_size() for t in model.parameters())
+    total = sum(stored_bytes(t) for t in model.parameters())
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and head is not None and emb.weight is not head.weight:
-        total -= emb.weight.numel() * emb.weight.element_size()
+        total -= stored_bytes(emb.weight)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

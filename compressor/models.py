@@ -226,8 +226,11 @@ def fresh_model(like: torch.nn.Module, overrides: dict, seed: int) -> torch.nn.M
 
 
 def count_params(model: torch.nn.Module) -> int:
-    """Parameters; `parameters()` yields a tied embedding once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters; `parameters()` yields a tied embedding once, and a packed 4-bit bitsandbytes
+    weight counts the elements it holds, not its bytes."""
+    return sum(
+        p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters()
+    )
 
 
 # the dimensions stages are checked against; teacher_shape adds model_type, tie_word_embeddings

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from . import distill, prune, recover
+from . import distill, prune, qat, quantize, recover
 
 # kind -> module; a module may set PRODUCES = "quantized" (the model cannot be trained or
 # pruned afterwards) and NEEDS_FLOAT = True (it cannot follow a quantized stage).
-STAGES = {"distill": distill, "prune": prune, "recover": recover}
+STAGES = {"distill": distill, "prune": prune, "recover": recover, "quantize": quantize, "qat": qat}
 
 
 @dataclass

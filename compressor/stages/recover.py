@@ -37,15 +37,18 @@ def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
     return shape
 
 
-def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
-    cfg: Config = ctx.config
-    model = model.float()
+def pick_teacher(model: torch.nn.Module, cfg: Config, ctx) -> tuple[torch.nn.Module | None, Config]:
+    """The model to distill from, and the config to train with (alpha 0 when there is none)."""
     if cfg.teacher == "none":
-        teacher, cfg = None, cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"alpha": 0.0})})
-    elif cfg.teacher == "input":
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    else:
-        teacher = ctx.teacher.model
+        return None, cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"alpha": 0.0})})
+    if cfg.teacher == "input":
+        return copy.deepcopy(model).eval().requires_grad_(False), cfg
+    return ctx.teacher.model, cfg
+
+
+def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
+    model = model.float()
+    teacher, cfg = pick_teacher(model, ctx.config, ctx)
     ctx.info.update(teacher=cfg.teacher, params=count_params(model))
     ctx.info.update(distill_train(model, teacher, cfg, ctx))
     return model

@@ -1,0 +1,132 @@
+"""Integer weight quantization on one grid: symmetric, per output channel or per group.
+
+RTN, GPTQ and QAT all land on the grid torchao's `IntxUnpackedToInt8Tensor` stores (scale =
+max|w| / ((qmax - qmin) / 2), q = clamp(round(w * (1 / scale)))), so a GPTQ or QAT model is
+exported in the same `from_pretrained` format as RTN and measured with the kernel it loads with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def scales(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """[out, in/group] scales of a [out, in] weight (one group per row when `group` is None)."""
+    g = w.shape[1] if group is None else group
+    qmin, qmax = qrange(bits)
+    amax = w.detach().float().reshape(w.shape[0], -1, g).abs().amax(-1)
+    return (amax / ((qmax - qmin) / 2)).clamp(min=torch.finfo(torch.float32).eps)
+
+
+def to_grid(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of `w` [out, k·g] under per-group `scale` [out, k] (still a float tensor)."""
+    qmin, qmax = qrange(bits)
+    step = scale.repeat_interleave(w.shape[1] // scale.shape[1], dim=1)
+    return torch.clamp(torch.round(w * (1.0 / step)), qmin, qmax)
+
+
+def fake_quant(w: torch.Tensor, bits: int, group: int | None) -> torch.Tensor:
+    """w rounded to the grid in the forward pass, identity in the backward (straight-through)."""
+    s = scales(w, bits, group)
+    q = to_grid(w, s, bits) * s.repeat_interleave(w.shape[1] // s.shape[1], dim=1)
+    return w + (q - w).detach()
+
+
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic asymmetric per-token INT8 activations (what torchao's int8-dynamic path computes),
+    straight-through."""
+    lo = x.detach().amin(-1, keepdim=True).clamp(max=0)
+    hi = x.detach().amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).eps)
+    zero = -128 - torch.round(lo / s)
+    q = torch.clamp(torch.round(x.detach() / s) + zero, -128, 127)
+    return x + ((q - zero) * s - x).detach()
+
+
+class FakeQuant(torch.nn.Module):
+    """A parametrization: the Linear trains its float weight but computes with the rounded one."""
+
+    def __init__(self, bits: int, group: int | None):
+        super().__init__()
+        self.bits, self.group = bits, group
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quant(w, self.bits, self.group)
+
+
+def gptq(
+    w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, act_order: bool, damp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022) for one Linear: quantize columns one by one, spreading each
+    column's rounding error over the columns not yet quantized through the inverse Hessian of the
+    layer's inputs. Returns (codes [out, in], scales [out, in/group]); groups keep their natural
+    column order even with act_order, so the result is stored like RTN's."""
+    w = w.detach().float().clone()
+    n_in = w.shape[1]
+    g = n_in if group is None else group
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    # scales come from the weights before any error feedback (static groups): they stay valid
+    # when act_order visits a group's columns out of order
+    s = scales(w, bits, group)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n_in)
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(n_in)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    col_scale = s.repeat_interleave(g, dim=1)[:, order]
+    qmin, qmax = qrange(bits)
+    for i in range(n_in):
+        col, d = w[:, i], hinv[i, i]
+        q = torch.clamp(torch.round(col * (1.0 / col_scale[:, i])), qmin, qmax)
+        codes[:, i] = q
+        err = (col - q * col_scale[:, i]) / d
+        w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
+    codes = codes[:, torch.argsort(order)]
+    return codes, s
+
+
+class Hessians:
+    """Accumulates 2/n · XᵀX of the inputs of chosen Linear modules over calibration batches."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]):
+        self.sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in modules.items()}
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
+            n, seen = x.shape[0], self.counts[name]
+            self.sums[name] *= seen / (seen + n)
+            self.sums[name] += (2 / (seen + n)) * (x.T @ x)
+            self.counts[name] = seen + n
+
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return self.sums
+
+
+def group_divides(features: dict[str, int], group: int | None) -> str | None:
+    """Why `group` cannot quantize Linear layers with these input widths, or None."""
+    if group is None:
+        return None
+    bad = {k: v for k, v in features.items() if v % group}
+    if bad:
+        fits = sorted(d for d in range(8, 1 + math.gcd(*features.values())) if math.gcd(*features.values()) % d == 0)
+        return (
+            f"group_size {group} must divide every quantized layer's input width "
+            f"({', '.join(f'{k} {v}' for k, v in bad.items())}); sizes that fit: {fits or 'none'} or null (per channel)"
+        )
+    return None

@@ -1,0 +1,47 @@
+"""`qat`: quantization-aware distillation. The decoder's Linear weights compute through the
+INT8/INT4 grid in the forward pass (straight-through gradients to the float weights), optionally
+with dynamic INT8 activations, while the model is distilled from the teacher with every knob
+of `distill`. Then the weights are converted to the same torchao format `quantize` produces,
+so export and measurement treat both alike. Training runs in the distill loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import parametrize
+
+from ..models import count_params
+from ..quant import FakeQuant, fake_quant_activations
+from . import recover
+from .distill import distill_train
+from .quantize import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
+
+NEEDS_FLOAT = True
+PRODUCES = "quantized"
+
+
+class Config(recover.Config, Scheme):
+    pass
+
+
+def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
+    check_scheme(cfg, shape, "torchao")
+    return recover.check(cfg, shape, teacher_shape)
+
+
+def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
+    model = model.float()
+    teacher, cfg = recover.pick_teacher(model, ctx.config, ctx)
+    linears = quantized_linears(model, cfg.lm_head)
+    hooks = []
+    for m in linears.values():
+        parametrize.register_parametrization(m, "weight", FakeQuant(cfg.bits, cfg.group_size))
+        if cfg.activations == "int8":
+            hooks.append(m.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0]),)))
+    ctx.info.update(teacher=cfg.teacher, params=count_params(model), fake_quantized=len(linears))
+    ctx.info.update(distill_train(model, teacher, cfg, ctx))
+    for h in hooks:
+        h.remove()
+    for m in linears.values():
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+    return requantize(model, ctx.scratch / "float", torchao_config(cfg), ctx.device, rtn_codes(model, cfg))

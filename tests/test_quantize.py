@@ -1,0 +1,177 @@
+"""Quantization: the shared grid, GPTQ against its formula, every method and QAT from a recipe,
+honest sizes, and exported folders that load with plain transformers."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAST_EVAL, TINY_TEACHER, tiny_llama
+
+from compressor.cli import main
+from compressor.measure import kernel, stored_bytes
+from compressor.models import load_pretrained
+from compressor.pipeline import run
+from compressor.quant import fake_quant, gptq, scales, to_grid
+from compressor.recipe import load_recipe
+from compressor.stages.quantize import quantized_linears
+
+CPU = torch.device("cpu")
+
+
+def test_grid_is_symmetric_per_group_and_fake_quant_is_straight_through():
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    s = scales(w, 4, 64)
+    assert s.shape == (6, 2)
+    torch.testing.assert_close(s, w.detach().reshape(6, 2, 64).abs().amax(-1) / 7.5)
+    q = to_grid(w.detach(), s, 4)
+    assert q.min() >= -8 and q.max() <= 7 and torch.equal(q, q.round())
+    out = fake_quant(w, 4, 64)
+    torch.testing.assert_close(out.detach(), q * s.repeat_interleave(64, dim=1))
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones_like(w))  # straight-through
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    codes, s = gptq(w, torch.eye(64), 4, 32, act_order=False, damp=0.01)
+    torch.testing.assert_close(codes, to_grid(w, scales(w, 4, 32), 4))
+    torch.testing.assert_close(s, scales(w, 4, 32))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_the_layer_output_error(act_order):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated inputs
+    h = 2 * x.T @ x / len(x)
+    codes, s = gptq(w, h, 4, 32, act_order=act_order, damp=0.01)
+    gptq_w = codes * s.repeat_interleave(32, dim=1)
+    rtn_w = fake_quant(w, 4, 32)
+    err = lambda q: ((x @ (w - q).T) ** 2).mean().item()  # noqa: E731
+    assert err(gptq_w) < 0.8 * err(rtn_w)
+
+
+def _recipe(stage: dict) -> dict:
+    return {
+        "name": "q",
+        "seed": 0,
+        "teacher": copy.deepcopy(TINY_TEACHER),
+        "data": {"seq_len": 64},
+        "stages": [stage],
+        "eval": copy.deepcopy(FAST_EVAL),
+    }
+
+
+QAT = {"steps": 6, "batch_size": 4, "lr": 1.0e-3, "loss": {"divergence": "forward_kl", "alpha": 0.5}}
+METHODS = {
+    "rtn-int4-g32": ({"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}, "torchao int4 weights"),
+    "gptq-int4-actorder": (
+        {"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "calibration": {"samples": 8}}},
+        "torchao int4 weights",
+    ),
+    "rtn-int8-dynamic": (
+        {"quantize": {"method": "rtn", "bits": 8, "group_size": None, "activations": "int8"}},
+        "torchao int8 weights, int8 dynamic activations",
+    ),
+    "bnb-nf4": ({"quantize": {"method": "bnb", "bits": 4, "format": "nf4"}}, "bitsandbytes nf4"),
+    "bnb-int8": ({"quantize": {"method": "bnb", "bits": 8, "group_size": None}}, "bitsandbytes LLM.int8"),
+    "qat-int4": ({"qat": {**QAT, "bits": 4, "group_size": 32}}, "torchao int4 weights"),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_from_a_recipe_and_exports_for_plain_transformers(
+    name, tmp_path, write_recipe, tiny_teacher_folder
+):
+    stage, kind = METHODS[name]
+    record = run(load_recipe(write_recipe(_recipe(stage))), tmp_path / "run")
+    teacher, quantized = record["stages"]
+    m = quantized["metrics"]
+    assert m["kernel"].startswith(kind), m["kernel"]
+    assert m["params"] == teacher["metrics"]["params"]
+    assert m["bytes"] < teacher["metrics"]["bytes"] and m["bits_per_param"] < 32
+    assert m["heldout_ppl"] < 1.5 * teacher["metrics"]["heldout_ppl"]
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "## Recipe" in card and quantized["name"] in card
+    assert not list((tmp_path / "export").glob("*.bin")) and list((tmp_path / "export").glob("*.safetensors"))
+    # the exported folder loads in a fresh interpreter that never imports compressor
+    ids = [[5, 9, 33, 2, 17, 80, 4, 4]]
+    code = (
+        "import json, sys, torch; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'export')!r})\n"
+        "assert 'compressor' not in sys.modules\n"
+        f"print(json.dumps(m(torch.tensor({ids})).logits.tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    exported = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    artifact = load_pretrained(quantized["artifact"], CPU, dtype="auto").model
+    with torch.no_grad():
+        torch.testing.assert_close(exported, artifact(torch.tensor(ids)).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits, group, acts", [(4, 32, "none"), (8, None, "int8")])
+def test_qat_converts_to_exactly_what_it_trained_with(bits, group, acts, tmp_path):
+    """The fake-quantized forward QAT trains with and the stored model it converts to agree."""
+    from torch.nn.utils import parametrize
+
+    from compressor.quant import FakeQuant, fake_quant_activations
+    from compressor.stages.quantize import Config, requantize, rtn_codes, torchao_config
+
+    model = tiny_llama(hidden=128, inter=256, layers=2, seed=3)
+    cfg = Config(method="rtn", bits=bits, group_size=group, activations=acts)
+    stored = requantize(copy.deepcopy(model), tmp_path / "f", torchao_config(cfg), CPU, rtn_codes(model, cfg))
+    for m in quantized_linears(model, lm_head=False).values():
+        parametrize.register_parametrization(m, "weight", FakeQuant(bits, group))
+        if acts == "int8":
+            m.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0]),))
+    ids = torch.tensor([[3, 7, 11, 200, 5, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, stored(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sizes_count_integer_storage_not_the_logical_float_shape(tmp_path):
+    from compressor.stages.quantize import Config, requantize, rtn_codes, torchao_config
+
+    model = tiny_llama(hidden=128, inter=256, layers=2)
+    cfg = Config(method="rtn", bits=4, group_size=64)
+    q = requantize(copy.deepcopy(model), tmp_path / "f", torchao_config(cfg), CPU, rtn_codes(model, cfg))
+    w = q.model.layers[0].mlp.up_proj.weight
+    assert stored_bytes(w) == 256 * 128 + 256 * 2 * (4 + 1)  # int8 codes + fp32 scale and int8 zero per group
+    assert "torchao int4 weights, dequantized to fp32 ×14" in kernel(q) and "dense float32 ×1" in kernel(q)
+
+
+@pytest.mark.parametrize(
+    "stages, words",
+    [
+        ([{"quantize": {"method": "rtn", "bits": 4, "group_size": 48}}], "group_size 48 must divide"),
+        ([{"quantize": {"method": "rtn", "bits": 3}}], "bits"),
+        ([{"quantize": {"method": "gptq", "backend": "bitsandbytes"}}], "backend bitsandbytes does not run gptq"),
+        ([{"quantize": {"method": "bnb", "activations": "int8"}}], "bnb quantizes weights only"),
+        ([{"quantize": {"method": "rtn", "lm_head": True}}], "tied to the embeddings"),
+        ([{"quantize": {"method": "gptq", "damp": 1.5}}], "damp"),
+        (
+            [{"quantize": {"method": "rtn"}}, {"prune": {"targets": {"mlp": 0.5}}}],
+            "stages[1].prune: cannot follow stages[0].quantize",
+        ),
+        ([{"quantize": {"method": "rtn"}}, {"qat": {"steps": 2}}], "stages[1].qat: cannot follow"),
+    ],
+)
+def test_bad_quantization_is_refused_at_validation(stages, words, write_recipe, capsys, tiny_teacher_folder):
+    recipe = _recipe(stages[0])
+    recipe["stages"] = stages
+    assert main(["validate", str(write_recipe(recipe))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_export_refuses_an_unknown_stage_and_a_missing_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no run.json" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text(json.dumps({"stages": [{"name": "teacher", "artifact": str(tmp_path)}]}))
+    assert main(["export", str(tmp_path), "--stage", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "no stage 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
