@@ -70,16 +70,16 @@ def gptq(
     w = w.detach().float().clone()
     n_in = w.shape[1]
     g = n_in if group is None else group
-    h = hessian.float().clone()
+    h = hessian.float().to(w.device).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     # scales come from the weights before any error feedback (static groups): they stay valid
     # when act_order visits a group's columns out of order
     s = scales(w, bits, group)
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n_in)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n_in, device=w.device)
     w, h = w[:, order], h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(n_in)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(n_in, device=w.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
     col_scale = s.repeat_interleave(g, dim=1)[:, order]
@@ -98,13 +98,15 @@ class Hessians:
     """Accumulates 2/n · XᵀX of the inputs of chosen Linear modules over calibration batches."""
 
     def __init__(self, modules: dict[str, torch.nn.Linear]):
-        self.sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in modules.items()}
+        self.sums = {
+            name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in modules.items()
+        }
         self.counts = dict.fromkeys(modules, 0)
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1]).cpu()
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             n, seen = x.shape[0], self.counts[name]
             self.sums[name] *= seen / (seen + n)
             self.sums[name] += (2 / (seen + n)) * (x.T @ x)

@@ -175,3 +175,22 @@ def test_export_refuses_an_unknown_stage_and_a_missing_run(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--stage", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "no stage 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "stage",
+    [
+        {"quantize": {"method": "bnb", "bits": 4, "format": "nf4"}},
+        {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "calibration": {"samples": 8}}},
+        {"qat": {**QAT, "bits": 4, "group_size": 32, "precision": "bf16"}},
+    ],
+)
+def test_quantization_on_cuda(stage, tmp_path, write_recipe, tiny_teacher_folder):
+    recipe = _recipe(stage)
+    recipe["device"] = "cuda"
+    record = run(load_recipe(write_recipe(recipe)), tmp_path / "run")
+    teacher, quantized = record["stages"]
+    assert record["device"].startswith("cuda")
+    assert quantized["metrics"]["bytes"] < teacher["metrics"]["bytes"]
+    assert quantized["metrics"]["heldout_ppl"] < 1.5 * teacher["metrics"]["heldout_ppl"]

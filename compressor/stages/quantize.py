@@ -136,8 +136,8 @@ def run_gptq(model: torch.nn.Module, cfg: Config, blocks: torch.Tensor, device) 
             m = mods[name]
             codes, s = gptq(m.weight, h, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp)
             g = codes.shape[1] // s.shape[1]
-            m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight.dtype)
-            out[name] = (codes, s)
+            m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight)
+            out[name] = (codes.cpu(), s.cpu())
         bar.update(1, linears=len(out))
     bar.close()
     return out
