@@ -1,4 +1,4 @@
-"""`compressor run | validate | eval | report | export | teacher build`."""
+"""`compressor run | compare | validate | eval | report | export | teacher build`."""
 
 from __future__ import annotations
 
@@ -22,11 +22,22 @@ def _run(args) -> None:
     print(f"{out / 'report.md'} ({len(record['stages'])} measured, {cached} cached)")
 
 
-def _validate(args) -> None:
-    from .recipe import load_recipe
+def _compare(args) -> None:
+    from .compare import compare, plan
+    from .storage import Store
 
-    recipe = load_recipe(args.recipe)
-    print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
+    variants = plan(args.recipes)
+    out = Path(args.out or Path("runs") / ("compare-" + "-".join(r.name for _, r in variants[:1])))
+    record = compare(variants, out, Store(Path(args.store)) if args.store else None)
+    cached = sum(s["cached"] for s in record["stages"])
+    print(f"{out / 'report.md'} ({len(variants)} orderings, {len(record['stages'])} measured, {cached} cached)")
+
+
+def _validate(args) -> None:
+    from .recipe import load_orderings
+
+    for label, recipe in load_orderings(args.recipe):
+        print(f"{args.recipe}: {label}: ok ({len(recipe.stages)} stages: {', '.join(s.name for s in recipe.stages)})")
 
 
 def _eval(args) -> None:
@@ -88,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default runs/<recipe name>)")
     r.add_argument("--store", help="artifact store (default $COMPRESSOR_HOME/artifacts)")
     r.set_defaults(fn=_run)
+
+    c = sub.add_parser("compare", help="run several orderings (or recipes) as one plan; pick among all")
+    c.add_argument("recipes", nargs="+", help="recipe files; one with `orderings:` runs each ordering")
+    c.add_argument("--out", help="output folder (default runs/compare-<name>)")
+    c.add_argument("--store", help="artifact store (default: $COMPRESSOR_HOME/artifacts)")
+    c.set_defaults(fn=_compare)
 
     v = sub.add_parser("validate", help="check a recipe without running it")
     v.add_argument("recipe")

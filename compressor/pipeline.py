@@ -275,6 +275,7 @@ def run(recipe: Recipe, out: Path, store: Store | None = None) -> dict:
             "machine": machine(session.device),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "stages": records,
+            "pick": recipe.spec.pick.model_dump(exclude_none=True),
         }
         write_json(out / "run.json", record)
         write_report(record, out)

@@ -20,6 +20,7 @@ from . import UserError
 from .data import TextSource
 from .measure import EvalSpec
 from .models import TeacherSpec, teacher_shape
+from .picks import Floor, floor_check
 from .stages import STAGES
 from .tasks import local_task_names, unknown_tasks
 
@@ -48,6 +49,10 @@ class RecipeModel(BaseModel):
     data: DataSpec = DataSpec()
     stages: list[Any] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
+    pick: Floor = Field(Floor(), description="the accuracy floor the shipping picks must meet")
+    orderings: dict[str, list[str]] | None = Field(
+        None, description="compare: name -> stage names from `stages`, run in that order"
+    )
 
 
 @dataclass(frozen=True)
@@ -211,15 +216,57 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
 def load_recipe(path: str | Path, check_tasks: bool = True) -> Recipe:
     """Read and validate a recipe completely; raise UserError with one line on any mistake."""
     path = Path(path)
+    recipe = _validate(path, _read(path), check_tasks)
+    if recipe.spec.orderings:
+        raise UserError(f"{path}: orderings: this recipe compares stage orderings; run it with `compressor compare`")
+    return recipe
+
+
+def load_orderings(path: str | Path, check_tasks: bool = True) -> list[tuple[str, Recipe]]:
+    """(label, recipe) per ordering of a recipe with `orderings:`, each validated as a recipe of
+    its own; a recipe without them is one ordering labelled by its name."""
+    path = Path(path)
     raw = _read(path)
+    if not raw.get("orderings"):
+        return [(str(raw.get("name")), _validate(path, raw, check_tasks))]
+    pool = _validate(path, {**raw, "orderings": None}, check_tasks, chain=False)  # each ordering is a chain
+    by_name = {stage.name: item for stage, item in zip(pool.stages, raw["stages"])}
+    if not isinstance(raw["orderings"], dict):
+        raise _fail(path, "orderings", "must be a mapping: ordering name -> list of stage names")
+    out = []
+    for label, names in raw["orderings"].items():
+        if not isinstance(names, list) or not names:
+            raise _fail(path, f"orderings.{label}", "must be a non-empty list of stage names")
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise _fail(path, f"orderings.{label}", f"unknown stage {unknown[0]!r}; stages: {', '.join(by_name)}")
+        if len(set(names)) != len(names):
+            raise _fail(path, f"orderings.{label}", "names a stage twice")
+        variant = {**raw, "orderings": None, "stages": [{"name": n, **_without_name(by_name[n])} for n in names]}
+        try:
+            out.append((str(label), _validate(path, variant, check_tasks=False)))
+        except UserError as exc:
+            raise UserError(str(exc).replace(f"{path}: ", f"{path}: orderings.{label}: ", 1)) from None
+    return out
+
+
+def _without_name(item: dict) -> dict:
+    return {k: v for k, v in item.items() if k != "name"}
+
+
+def _validate(path: Path, raw: dict, check_tasks: bool, chain: bool = True) -> Recipe:
     base = path.resolve().parent
     try:
         spec = RecipeModel.model_validate(raw, context={"base": base})
     except ValidationError as exc:
         raise _first_error(path, exc) from None
     stages = _parse_stages(path, spec.stages, base)
-    _check_order(path, stages)
-    _check_shapes(path, spec, stages)
+    if chain:
+        _check_order(path, stages)
+        _check_shapes(path, spec, stages)
+    why = floor_check(spec.pick, spec.eval.tasks)
+    if why:
+        raise _fail(path, "pick.metric", why)
     if check_tasks:
         dirs = tuple(Path(d) for d in spec.eval.task_dirs)
         unknown = unknown_tasks(spec.eval.tasks, dirs)

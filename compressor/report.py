@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .picks import Floor, label, summary
+from .plots import write_plots
 from .storage import read_json
 
 
@@ -52,7 +54,7 @@ def table(stages: list[dict]) -> str:
         m = s["metrics"]
         tps = m.get("tokens_per_s")
         cells = [
-            s["name"],
+            label(s),
             s["kind"],
             _fmt(m.get("params")),
             _mib(m.get("bytes")),
@@ -75,7 +77,7 @@ def table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def render(record: dict) -> str:
+def render(record: dict, plots: list[Path] = ()) -> str:
     machine = record.get("machine", {})
     first = record["stages"][0]["metrics"] if record["stages"] else {}
     lines = [
@@ -85,6 +87,9 @@ def render(record: dict) -> str:
         f"{first.get('threads', '?')} thread(s) while timing, seed {record.get('seed')}, {record.get('created')}.",
         "",
         table(record["stages"]),
+        "",
+        *(summary(record["stages"], Floor(**record["pick"])) + [""] if "pick" in record else []),
+        *[f"![{p.stem}]({p.name})" for p in plots],
         "",
         "- **held-out ppl** is token-level perplexity on the held-out text (what papers quote); "
         "lm-eval's `*/word_perplexity` and `*/byte_perplexity` are per word and per byte.",
@@ -100,8 +105,9 @@ def render(record: dict) -> str:
 
 def write_report(record: dict, out: Path) -> Path:
     path = out / "report.md"
+    plots = write_plots(record["stages"], Floor(**record["pick"]), out) if "pick" in record else []
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render(record), encoding="utf-8")
+    tmp.write_text(render(record, plots), encoding="utf-8")
     tmp.replace(path)
     return path
 

@@ -1,0 +1,58 @@
+"""`compressor compare`: several orderings of stages (or several recipes) as one plan.
+
+Every ordering runs through the same store, so stages with the same key (same teacher, data,
+seed and stage settings up to that point) are built once: the shared-prefix cache. The combined
+run.json lists the teacher once and every ordering's stages labelled with the ordering, and the
+report picks among all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import UserError
+from .pipeline import run
+from .progress import say
+from .recipe import Recipe, load_orderings
+from .report import write_report
+from .storage import Store, write_json
+
+
+def plan(paths: list[str]) -> list[tuple[str, Recipe]]:
+    """Every (label, recipe) of the given files, refused as a whole if they cannot be compared."""
+    variants = [v for p in paths for v in load_orderings(p)]
+    labels = [label for label, _ in variants]
+    dup = next((label for label in labels if labels.count(label) > 1), None)
+    if dup is not None:
+        raise UserError(f"{dup!r}: two recipes or orderings with the same name; rename one")
+    first = variants[0][1]
+    for _, recipe in variants[1:]:
+        for field in ("teacher", "data", "eval", "seed"):
+            if getattr(recipe.spec, field) != getattr(first.spec, field):
+                raise UserError(f"{recipe.path}: {field}: differs from {first.path}'s; a comparison shares one {field}")
+    return variants
+
+
+def compare(variants: list[tuple[str, Recipe]], out: Path, store: Store | None = None) -> dict:
+    store = store or Store()
+    start = time.time()
+    records = []
+    for i, (label, recipe) in enumerate(variants):
+        say(f"ordering {i + 1}/{len(variants)}: {label}: {' -> '.join(s.name for s in recipe.stages)}")
+        records.append((label, run(recipe, out / label, store)))
+    first = records[0][1]
+    stages = [first["stages"][0]] + [
+        {**stage, "ordering": label} for label, record in records for stage in record["stages"][1:]
+    ]
+    record = {
+        **{k: v for k, v in first.items() if k not in ("stages", "recipe", "recipe_path")},
+        "recipe": "compare: " + ", ".join(label for label, _ in records),
+        "recipe_paths": sorted({str(r.path) for _, r in variants}),
+        "orderings": {label: [s["name"] for s in rec["stages"][1:]] for label, rec in records},
+        "seconds": round(time.time() - start, 2),
+        "stages": stages,
+    }
+    write_json(out / "run.json", record)
+    write_report(record, out)
+    return record
