@@ -21,6 +21,10 @@ def pareto(points: list[tuple[float, float]], higher_is_better: bool) -> list[in
     return front
 
 
+def _key(stage: dict) -> str:
+    return stage.get("key") or label(stage)
+
+
 def floor_level(teacher: dict, floor: Floor) -> float | None:
     """The metric value at the floor, to draw it."""
     if floor.value is not None:
@@ -43,7 +47,14 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
     marks: dict[str, list[str]] = {}
     for kind in ("memory", "latency", "throughput"):
         if picked[kind]:
-            marks.setdefault(label(picked[kind]), []).append(kind)
+            marks.setdefault(_key(picked[kind]), []).append(kind)
+    # an artifact shared by several orderings (a common prefix) is one point with all its names
+    names: dict[str, list[str]] = {}
+    unique = []
+    for s in stages:
+        if _key(s) not in names:
+            unique.append(s)
+        names.setdefault(_key(s), []).append(label(s))
     written = []
     for x_key, x_label, fname in (
         ("loaded_bytes", "memory once loaded (MiB)", "accuracy_vs_memory.png"),
@@ -51,7 +62,7 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
     ):
         pts = [
             (s, s["metrics"][x_key] / (2**20 if x_key == "loaded_bytes" else 1), metric_value(s["metrics"], metric))
-            for s in stages
+            for s in unique
             if s["metrics"].get(x_key) is not None and metric_value(s["metrics"], metric) is not None
         ]
         if not pts:
@@ -61,7 +72,7 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(orderings)}
         for s, x, y in pts:
             ax.scatter(x, y, color=colors[s.get("ordering") or ""], s=36, zorder=3)
-            ax.annotate(label(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(" = ".join(names[_key(s)]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         front = [pts[i] for i in pareto([(x, y) for _, x, y in pts], high)]
         ax.plot(
             [x for _, x, _ in front],
@@ -76,7 +87,7 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         if floor_y is not None:
             ax.axhline(floor_y, color="grey", lw=1, ls=":", label="accuracy floor")
         for s, x, y in pts:
-            kinds = [k for k in marks.get(label(s), []) if k != "throughput" or x_key == "decode_ms_per_token"]
+            kinds = [k for k in marks.get(_key(s), []) if k != "throughput" or x_key == "decode_ms_per_token"]
             if kinds:
                 ax.scatter(x, y, s=220, facecolors="none", edgecolors="red", lw=1.5, zorder=4)
                 ax.annotate(

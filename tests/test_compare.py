@@ -3,10 +3,10 @@
 import copy
 
 import yaml
-from conftest import FAST_EVAL, REPO, TINY_TEACHER
+from conftest import FAST_EVAL, REPO, TINY_TEACHER, needs_shared_data
 
 from compressor.cli import main
-from compressor.recipe import load_orderings
+from compressor.recipe import load_orderings, load_recipe
 from compressor.storage import read_json
 
 
@@ -71,3 +71,18 @@ def test_the_shipped_orderings_recipe_validates():
         "distill-ptq",
     ]
     assert yaml.safe_load((REPO / "stacks" / "orderings.yaml").read_text())["pick"]["retain"] == 0.8
+
+
+@needs_shared_data
+def test_the_shipped_stories_recipe_validates():
+    assert [s.kind for s in load_recipe(REPO / "stacks" / "stories260k.yaml").stages] == [
+        "distill",
+        "prune",
+        "recover",
+        "quantize",
+    ]
+
+
+def test_the_gpu_template_parses_without_a_hub():
+    recipe = load_recipe(REPO / "stacks" / "gpu-1b.yaml", check_tasks=False)  # hub tasks and model not here
+    assert recipe.spec.device == "cuda" and recipe.stages[-1].config.method == "gptq"
