@@ -1,11 +1,12 @@
 """What the shared-prefix cache saves: the orderings of stacks/orderings.yaml as one comparison
 vs each ordering run on its own in a fresh store, and whether the metrics agree.
 
-    python bench/compare_cache.py [--steps 20] [--limit 50]
+    python bench/compare_cache.py [--steps N] [--limit 50]
 
 Both sides start from the same built teacher (in $COMPRESSOR_HOME) and fresh artifact stores, so
-the difference is the stages the comparison builds once instead of once per ordering. Training
-steps and the eval limit are scaled down (flags) to keep the run short; the ratio is what counts.
+the difference is the stages the comparison builds once instead of once per ordering. The recipe's
+training steps are kept unless --steps scales them down; the eval limit is lowered and latency left
+out (timings differ run to run, every other metric must be identical).
 Writes reports/compare_cache.json ({"compare_s", "independent_s", "ratio", "metrics_identical"}).
 """
 
@@ -24,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("heldout_ppl", "teacher_kl", "top1_agreement", "params", "bytes", "accuracy")
 
 
-def scaled(recipe: dict, steps: int, limit: int) -> dict:
+def scaled(recipe: dict, steps: int | None, limit: int) -> dict:
     for item in recipe["stages"]:
         for kind, cfg in item.items():
-            if kind != "name" and isinstance(cfg, dict) and "steps" in cfg:
+            if steps is not None and kind != "name" and isinstance(cfg, dict) and "steps" in cfg:
                 cfg["steps"] = steps
     recipe["eval"]["limit"] = limit
     recipe["eval"]["latency"] = {"enabled": False}  # timings differ run to run; the rest must not
@@ -37,7 +38,7 @@ def scaled(recipe: dict, steps: int, limit: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", default=str(ROOT / "stacks" / "orderings.yaml"))
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="override every stage's training steps")
     p.add_argument("--limit", type=int, default=50)
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
