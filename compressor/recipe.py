@@ -229,13 +229,11 @@ def load_orderings(path: str | Path, check_tasks: bool = True) -> list[tuple[str
     raw = _read(path)
     if not raw.get("orderings"):
         return [(str(raw.get("name")), _validate(path, raw, check_tasks))]
-    pool = _validate(path, {**raw, "orderings": None}, check_tasks, chain=False)  # each ordering is a chain
+    pool = _validate(path, raw, check_tasks, chain=False)  # the pool; each ordering is checked as a chain
     by_name = {stage.name: item for stage, item in zip(pool.stages, raw["stages"])}
-    if not isinstance(raw["orderings"], dict):
-        raise _fail(path, "orderings", "must be a mapping: ordering name -> list of stage names")
     out = []
-    for label, names in raw["orderings"].items():
-        if not isinstance(names, list) or not names:
+    for label, names in pool.spec.orderings.items():
+        if not names:
             raise _fail(path, f"orderings.{label}", "must be a non-empty list of stage names")
         unknown = [n for n in names if n not in by_name]
         if unknown:
