@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import yaml
+from _reports import save
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("heldout_ppl", "teacher_kl", "top1_agreement", "params", "bytes", "accuracy")
@@ -79,9 +80,7 @@ def main() -> None:
         "steps": args.steps,
         "eval_limit": args.limit,
     }
-    out = ROOT / "reports" / "compare_cache.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save("compare_cache", report)
     print(json.dumps(report, indent=2))
 
 

@@ -12,13 +12,13 @@ Writes reports/distill_lift.json and reports/distill_lift.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from _reports import save
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -224,10 +224,7 @@ def main() -> None:
         ]
         if full:
             lines += ["With all the text (no data budget), same steps:", ""] + _table(full) + [""]
-    out = ROOT / "reports"
-    out.mkdir(exist_ok=True)
-    (out / "distill_lift.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "distill_lift.md").write_text("\n".join(lines) + "\n")
+    save("distill_lift", report, "\n".join(lines))
     print("\n".join(lines))
 
 

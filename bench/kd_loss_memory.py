@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-
-REPORT = Path(__file__).resolve().parents[1] / "reports" / "kd_loss_memory.json"
+from _reports import save
 
 
 def one(variant: str, args, out: Path) -> None:
@@ -116,15 +115,14 @@ def main() -> None:
         "loss_diff": abs(results["naive"]["loss"] - results["chunked"]["loss"]),
         "max_grad_diff": diff,
     }
-    REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    written = save("kd_loss_memory", report)
     gib = 2**30
     print(f"KD loss, batch {args.batch} x seq {args.seq} x vocab {args.vocab} on {report['device']}:")
     print(f"  naive   peak {report['naive_peak_bytes'] / gib:6.2f} GiB  {report['naive_seconds']:6.2f} s")
     print(f"  chunked peak {report['chunked_peak_bytes'] / gib:6.2f} GiB  {report['chunked_seconds']:6.2f} s")
     print(
         f"  memory ratio {report['ratio']:.1f}x, time ratio {report['time_ratio']:.2f}x, "
-        f"max grad diff {diff:.2e} -> {REPORT}"
+        f"max grad diff {diff:.2e} -> {written}"
     )
 
 

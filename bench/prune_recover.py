@@ -15,12 +15,12 @@ the pruned artifact is shared by its recoveries. Writes reports/prune_recover.js
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+from _reports import save
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -165,10 +165,7 @@ def main() -> None:
             lines.append(f"| {label} | {params:,} | {ppl:.2f} | {ppl / t_ppl:.3f} |")
         lines += ["", *[f"- depth: {note}" for note in row["depth"]["rounding"]], ""]
         print("\n".join(lines[-16:]), flush=True)
-    out = ROOT / "reports"
-    out.mkdir(exist_ok=True)
-    (out / "prune_recover.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "prune_recover.md").write_text("\n".join(lines) + "\n")
+    save("prune_recover", report, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from _reports import REPORTS, save
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -204,7 +205,7 @@ def main() -> None:
 
     quiet_libraries()
     torch.set_num_threads(2)
-    path = ROOT / "reports" / "quantize.json"
+    path = REPORTS / "quantize.json"  # a partial rerun (--skip-speed) keeps the other figures
     report = json.loads(path.read_text()) if path.is_file() else {}
     if not args.skip_quality:
         for name in args.teachers.split(","):
@@ -229,9 +230,7 @@ def main() -> None:
             }
     if not args.skip_speed:
         report["speed"] = speed()
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    (ROOT / "reports" / "quantize.md").write_text(markdown(report))
+    save("quantize", report, markdown(report))
     print(markdown(report))
 
 

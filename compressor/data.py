@@ -193,6 +193,16 @@ class Batches:
         return {name: rows[idx] for name, rows in self.rows.items()}
 
 
+class Calibration(BaseModel):
+    """Training blocks fed through the model by a stage that measures before it changes weights
+    (pruning importance, GPTQ Hessians)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(32, ge=1, description="training blocks fed through the model")
+    batch_size: int = Field(4, ge=1)
+
+
 class Sequences(BaseModel):
     """Sequence-level KD data: the teacher continues prompts taken from the training text;
     generated once per (teacher, data, settings, seed) and cached on disk."""

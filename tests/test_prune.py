@@ -108,8 +108,9 @@ def test_plan_rounds_gqa_and_refuses_what_cannot_exist():
     assert out["intermediate_size"] == 256 and out["hidden_size"] == 128
 
 
-def _ctx(model, config, tmp_path, teacher=None):
-    blocks = torch.randint(0, 512, (16, 16), generator=torch.Generator().manual_seed(1))
+def _ctx(config, tmp_path, teacher=None, blocks=None):
+    if blocks is None:
+        blocks = torch.randint(0, 512, (16, 16), generator=torch.Generator().manual_seed(1))
     return StageContext(
         name="prune",
         config=config,
@@ -118,7 +119,7 @@ def _ctx(model, config, tmp_path, teacher=None):
         scratch=tmp_path,
         load_teacher=lambda: teacher,
         train_blocks=lambda n: blocks,
-        seq_len=16,
+        seq_len=blocks.shape[1],
         cache_key="k",
     )
 
@@ -137,7 +138,7 @@ def test_every_importance_prunes_the_dead_channels_first(method, norm, tmp_path)
         targets={"mlp": 0.5}, method=method, norm=norm, calibration={"samples": 4, "batch_size": 2}
     )
     before = _logits(model)
-    pruned = prune_stage.apply(model, None, _ctx(model, cfg, tmp_path))
+    pruned = prune_stage.apply(model, None, _ctx(cfg, tmp_path))
     assert pruned.config.intermediate_size == 64
     torch.testing.assert_close(_logits(pruned), before, rtol=1e-5, atol=1e-5)  # only dead channels went
 
@@ -148,7 +149,7 @@ def test_depth_pruning_drops_the_block_that_changes_its_input_least(tmp_path):
         model.model.layers[1].self_attn.o_proj.weight.zero_()
         model.model.layers[1].mlp.down_proj.weight.zero_()
     cfg = prune_stage.Config(targets={"layers": 0.34}, method="magnitude", calibration={"samples": 4})
-    ctx = _ctx(model, cfg, tmp_path)
+    ctx = _ctx(cfg, tmp_path)
     before = _logits(model)
     pruned = prune_stage.apply(model, None, ctx)
     assert pruned.config.num_hidden_layers == 2 and "dropped [1]" in ctx.info["rounding"][-1]
@@ -159,7 +160,7 @@ def test_target_params_solves_the_auto_fraction(tmp_path):
     model = tiny_llama(seed=6, layers=2, inter=256)
     goal = 90_000
     cfg = prune_stage.Config(targets={"mlp": "auto", "heads": 0.5}, target_params=goal, method="magnitude")
-    ctx = _ctx(model, cfg, tmp_path)
+    ctx = _ctx(cfg, tmp_path)
     pruned = prune_stage.apply(model, None, ctx)
     params = sum(p.numel() for p in pruned.parameters())
     assert params <= goal and params > 0.95 * goal and ctx.info["params_after"] == params
@@ -177,17 +178,7 @@ def test_every_target_on_stories260k_reloads_exactly(tmp_path):
         calibration={"samples": 4, "batch_size": 2},
     )
     blocks = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-    ctx = StageContext(
-        name="p",
-        config=cfg,
-        device=CPU,
-        seed=0,
-        scratch=tmp_path,
-        load_teacher=lambda: teacher,
-        train_blocks=lambda n: blocks,
-        seq_len=32,
-        cache_key="k",
-    )
+    ctx = _ctx(cfg, tmp_path, teacher, blocks)
     pruned = prune_stage.apply(teacher.model, teacher.tokenizer, ctx)
     c = pruned.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.hidden_size) == (

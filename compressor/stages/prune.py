@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import Batches
+from ..data import Batches, Calibration
 from ..models import SHAPE_KEYS, count_params, decoder_layers, keep_layers
 from ..slicing import head_dim, keep_heads, keep_hidden, keep_mlp_channels
 
@@ -52,13 +52,6 @@ class Targets(BaseModel):
 
     def autos(self) -> list[str]:
         return [t for t in TARGETS if getattr(self, t) == "auto"]
-
-
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    samples: int = Field(32, ge=1, description="training blocks used to score importance")
-    batch_size: int = Field(4, ge=1)
 
 
 class Config(BaseModel):

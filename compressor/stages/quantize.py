@@ -22,9 +22,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..data import Calibration
 from ..models import decoder_layers
 from ..progress import Bar
-from ..quant import Hessians, gptq, group_divides, to_grid
+from ..quant import Hessians, gptq, group_divides, scales, to_grid
 
 PRODUCES = "quantized"
 BACKENDS = {"rtn": ("torchao",), "gptq": ("torchao",), "bnb": ("bitsandbytes",)}
@@ -41,20 +42,13 @@ class Scheme(BaseModel):
     lm_head: bool = Field(False, description="quantize the output projection too (untied heads only)")
 
 
-class Calibration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    samples: int = Field(64, ge=1, description="training blocks fed through the model")
-    batch_size: int = Field(8, ge=1)
-
-
 class Config(Scheme):
     method: Literal["rtn", "gptq", "bnb"]
     backend: Literal["torchao", "bitsandbytes"] | None = Field(None, description="default: the method's own")
     format: Literal["nf4", "fp4"] = Field("nf4", description="bnb 4-bit data type")
     act_order: bool = Field(False, description="gptq: quantize columns by decreasing Hessian diagonal")
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening, fraction of the mean Hessian diagonal")
-    calibration: Calibration = Calibration()
+    calibration: Calibration = Calibration(samples=64, batch_size=8)
 
     @model_validator(mode="after")
     def _runs(self) -> "Config":
@@ -70,9 +64,8 @@ class Config(Scheme):
 
 def check_scheme(cfg: Scheme, shape: dict, backend: str) -> None:
     """What a backend cannot run here, against the model's dimensions."""
-    package = {"torchao": "torchao", "bitsandbytes": "bitsandbytes"}[backend]
-    if importlib.util.find_spec(package) is None:
-        raise ValueError(f"backend {backend} needs the `{package}` package, not installed here (pip install {package})")
+    if importlib.util.find_spec(backend) is None:  # backends are named after their packages
+        raise ValueError(f"backend {backend} needs the `{backend}` package, not installed here (pip install {backend})")
     widths = {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"]}
     widths["attention output"] = shape["num_attention_heads"] * shape.get(
         "head_dim", shape["hidden_size"] // shape["num_attention_heads"]
@@ -223,8 +216,6 @@ def requantize(model: torch.nn.Module, folder, quantization_config, device, code
 
 def rtn_codes(model: torch.nn.Module, cfg: Scheme) -> dict:
     """Round-to-nearest codes and scales on the shared grid (what torchao itself computes)."""
-    from ..quant import scales
-
     out = {}
     for name, m in quantized_linears(model, cfg.lm_head).items():
         s = scales(m.weight, cfg.bits, cfg.group_size)
@@ -237,7 +228,6 @@ def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
     model = model.float()
     folder = ctx.scratch / "float"
     if cfg.method == "bnb":
-        ctx.info.update(kernel=f"bitsandbytes {'LLM.int8' if cfg.bits == 8 else cfg.format}")
         # saved before any forward pass: a bnb 4-bit model saved after one reloads wrong on CPU
         return requantize(model, folder, bnb_config(cfg), ctx.device)
     if cfg.method == "gptq":
