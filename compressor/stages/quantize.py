@@ -48,7 +48,7 @@ class Config(Scheme):
     format: Literal["nf4", "fp4"] = Field("nf4", description="bnb 4-bit data type")
     act_order: bool = Field(False, description="gptq: quantize columns by decreasing Hessian diagonal")
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening, fraction of the mean Hessian diagonal")
-    calibration: Calibration = Calibration(samples=64, batch_size=8)
+    calibration: Calibration = Calibration(samples=64)
 
     @model_validator(mode="after")
     def _runs(self) -> "Config":
