@@ -46,18 +46,26 @@ def _eval(args) -> None:
     from .data import TextSource
     from .measure import EvalSpec
     from .pipeline import evaluate_model
-    from .tasks import local_task_names, unknown_tasks
+    from .tasks import problem
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else EvalSpec().tasks
-    dirs = tuple(Path(d) for d in args.task_dir)
-    unknown = unknown_tasks(tasks, dirs)
-    if unknown:
-        raise UserError(f"--tasks: unknown task {unknown[0]!r}; ours: {', '.join(sorted(local_task_names(dirs)))}")
-    try:
-        spec = EvalSpec(tasks=tasks, task_dirs=[str(d) for d in dirs], limit=args.limit)
-        heldout = TextSource.model_validate(args.data)
-    except ValidationError as exc:
-        raise UserError(f"--data: {exc.errors(include_url=False)[0]['msg'].removeprefix('Value error, ')}") from None
+
+    def option(flag: str, make):
+        try:
+            return make()
+        except ValidationError as exc:
+            raise UserError(
+                f"{flag}: {exc.errors(include_url=False)[0]['msg'].removeprefix('Value error, ')}"
+            ) from None
+
+    spec = option(
+        "--tasks/--task-dir/--data-dir",
+        lambda: EvalSpec(tasks=tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=args.limit),
+    )
+    heldout = option("--data", lambda: TextSource.model_validate(args.data))
+    why = problem(spec.tasks, tuple(Path(d) for d in spec.task_dirs), spec.data_dir)
+    if why:
+        raise UserError(f"--tasks: {why}")
     out = Path(args.out)
     evaluate_model(args.model, spec, out, heldout, args.seq_len, args.seed, args.device, args.teacher)
     print(out / "report.md")
@@ -116,6 +124,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--tasks", help="comma-separated lm-eval task names (default stdlib_ppl,stdlib_mc)")
     e.add_argument("--task-dir", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
+    e.add_argument("--data-dir", help="folder of the published benchmark files (default: ../shared/data)")
     e.add_argument("--limit", type=int, help="items per task")
     e.add_argument(
         "--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from .evaldata import user_file
 from .models import count_params
 from .storage import recipe_path
 from .tasks import evaluate
@@ -53,13 +54,32 @@ class EvalSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = ["stdlib_ppl", "stdlib_mc"]
+    tasks: list[str] = Field(
+        ["stdlib_ppl", "stdlib_mc"],
+        description="lm-eval task names: ours (compressor/evals), stock ones, or mc:FILE.json / ppl:FILE.txt",
+    )
     task_dirs: list[str] = Field([], description="folders of your own lm-eval task YAMLs")
+    data_dir: str | None = Field(None, description="folder of the published benchmark files (default: ../shared/data)")
     limit: int | None = Field(None, ge=1, description="items per task (None: all)")
     batch_size: int = Field(8, ge=1)
     max_length: int | None = Field(None, ge=16)
     latency: LatencySpec = LatencySpec()
     fidelity: FidelitySpec = FidelitySpec()
+
+    @field_validator("tasks", mode="after")
+    @classmethod
+    def _user_files(cls, tasks: list[str], info: ValidationInfo) -> list[str]:
+        return [f"{u[0]}:{recipe_path(str(u[1]), info)}" if (u := user_file(t)) else t for t in tasks]
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _data_folder(cls, folder: str | None, info: ValidationInfo) -> str | None:
+        if folder is None:
+            return None
+        folder = recipe_path(folder, info)
+        if not Path(folder).is_dir():
+            raise ValueError(f"folder not found: {folder}")
+        return folder
 
     @field_validator("task_dirs", mode="after")
     @classmethod
@@ -284,7 +304,6 @@ def measure(
     heldout: torch.Tensor,
     teacher: torch.nn.Module | None,
     seed: int,
-    task_dirs: tuple[Path, ...] = (),
 ) -> dict:
     """Every figure for one model, in the output contract's shape."""
     model.eval()
@@ -295,14 +314,5 @@ def measure(
             latency(model, heldout.flatten(), spec.latency, tokenizer.pad_token_id or tokenizer.eos_token_id)
         )
     torch.manual_seed(seed)
-    metrics["accuracy"] = evaluate(
-        model,
-        tokenizer,
-        spec.tasks,
-        task_dirs=task_dirs,
-        limit=spec.limit,
-        batch_size=spec.batch_size,
-        max_length=spec.max_length,
-        seed=seed,
-    )
+    metrics["accuracy"] = evaluate(model, tokenizer, spec, seed)
     return metrics

@@ -11,6 +11,7 @@ settings and machine.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import time
 from functools import cached_property
@@ -63,7 +64,14 @@ def machine(device: torch.device) -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"device": str(device), "cpu": cpu, "cores": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+    return {
+        "device": str(device),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+    }
 
 
 class Session:
@@ -162,7 +170,6 @@ class Session:
             self.blocks("heldout", self.spec.data.seq_len),
             None if is_teacher else self.teacher.model,
             self.spec.seed,
-            tuple(Path(d) for d in self.spec.eval.task_dirs),
         )
         if is_teacher:
             metrics.update(teacher_kl=0.0, top1_agreement=1.0)
@@ -308,16 +315,7 @@ def evaluate_model(
         teacher = load(teacher_ref).model if teacher_ref else None
         blocks = pack(load_documents(heldout), loaded.tokenizer, seq_len)
         start = time.time()
-        metrics = measure(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.folder,
-            spec,
-            blocks,
-            teacher,
-            seed,
-            tuple(Path(d) for d in spec.task_dirs),
-        )
+        metrics = measure(loaded.model, loaded.tokenizer, loaded.folder, spec, blocks, teacher, seed)
         record = {
             "recipe": None,
             "seed": seed,

@@ -22,7 +22,7 @@ from .measure import EvalSpec
 from .models import TeacherSpec, teacher_shape
 from .picks import Floor, floor_check
 from .stages import STAGES
-from .tasks import local_task_names, unknown_tasks
+from .tasks import problem
 
 
 class DataSpec(BaseModel):
@@ -266,9 +266,7 @@ def _validate(path: Path, raw: dict, check_tasks: bool, chain: bool = True) -> R
     if why:
         raise _fail(path, "pick.metric", why)
     if check_tasks:
-        dirs = tuple(Path(d) for d in spec.eval.task_dirs)
-        unknown = unknown_tasks(spec.eval.tasks, dirs)
-        if unknown:
-            ours = ", ".join(sorted(local_task_names(dirs)))
-            raise _fail(path, "eval.tasks", f"unknown task {unknown[0]!r}; ours: {ours}, or any lm-eval task name")
+        why = problem(spec.eval.tasks, tuple(Path(d) for d in spec.eval.task_dirs), spec.eval.data_dir)
+        if why:
+            raise _fail(path, "eval.tasks", why)
     return Recipe(path, spec, stages)

@@ -10,9 +10,9 @@ cache, a user's name files beside their YAML. Before evaluating we copy each tas
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +22,7 @@ import yaml
 
 from . import UserError
 from .data import stdlib_documents
+from .evaldata import SHARED, USER_KINDS, converted, data_dir, user_file, user_task_name
 from .storage import atomic_dir, digest, home
 
 PACKAGED_DIR = Path(__file__).parent / "evals"
@@ -133,7 +134,21 @@ def task_names(folder: Path) -> dict[str, Path]:
     return names
 
 
-def _absolute_data_files(doc: dict, data_root: Path) -> dict:
+def _data_files(doc: dict) -> list[str]:
+    files = (doc.get("dataset_kwargs") or {}).get("data_files") or {}
+    values = files.values() if isinstance(files, dict) else [files]
+    return [v for value in values for v in (value if isinstance(value, list) else [value])]
+
+
+def _resolved(doc: dict, resolve: Callable[[str], str]) -> dict:
+    """The doc with relative data files resolved and `include: lm_eval/...` pointing at the
+    installed lm-eval's stock task file."""
+    doc = dict(doc)
+    include = doc.get("include")
+    if isinstance(include, str) and include.startswith("lm_eval/"):
+        import lm_eval
+
+        doc["include"] = str(Path(lm_eval.__file__).parent.parent / include)
     files = (doc.get("dataset_kwargs") or {}).get("data_files")
     if files is None:
         return doc
@@ -141,45 +156,65 @@ def _absolute_data_files(doc: dict, data_root: Path) -> dict:
     def fix(value):
         if isinstance(value, list):
             return [fix(v) for v in value]
-        return value if Path(value).is_absolute() else str((data_root / value).resolve())
+        return value if Path(value).is_absolute() else resolve(value)
 
     fixed = {k: fix(v) for k, v in files.items()} if isinstance(files, dict) else fix(files)
     return dict(doc, dataset_kwargs=dict(doc["dataset_kwargs"], data_files=fixed))
 
 
-def materialize(task_dirs: tuple[Path, ...] = ()) -> Path:
-    """A cache folder holding our task folders with every data path made absolute."""
-    # packaged YAMLs name generated files; a user's YAML names files beside itself
-    sources = [(PACKAGED_DIR, generated_data_dir())] + [(Path(d), None) for d in task_dirs]
-    stamp = digest(
-        [
-            [
-                str(src),
-                str(root),
-                {
-                    str(p.relative_to(src)): p.read_text(encoding="utf-8")
-                    for p in sorted(src.rglob("*"))
-                    if p.suffix in (".yaml", ".py")
-                },
-            ]
-            for src, root in sources
-        ]
-    )
-    out = home() / "tasks" / stamp
-    if out.is_dir():
-        return out
-    with atomic_dir(out) as tmp:
-        for i, (src, data_root) in enumerate(sources):
-            for path in sorted(src.rglob("*")):
-                if path.suffix not in (".yaml", ".py"):
-                    continue
-                target = tmp / str(i) / path.relative_to(src)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if path.suffix == ".py":
-                    shutil.copyfile(path, target)
-                    continue
-                doc = _absolute_data_files(_read_yaml(path), data_root or path.parent)
-                target.write_text(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True), encoding="utf-8")
+def _packaged_file(name: str, data: Path | None) -> str:
+    """Where a packaged task's data file lies: generated, or converted from the shared data
+    folder (a path that does not exist when the source is missing: `problem` names it first)."""
+    if name in GENERATED:
+        return str(generated_data_dir() / name)
+    source = SHARED[name]
+    path = (data or Path("<no data folder>")) / source.path
+    return str(converted(path, source.convert)) if path.is_file() else str(path)
+
+
+def _user_task(spec: str) -> dict:
+    """The task a user's `mc:FILE.json` / `ppl:FILE.txt` defines: the stock ARC prompt and
+    scoring, or our rolling-perplexity task, over the file converted into the cache."""
+    kind, path = user_file(spec)
+    data = str(converted(path, USER_KINDS[kind]))
+    if kind == "mc":
+        base = {"include": "lm_eval/tasks/arc/arc_easy.yaml", "tag": [], "dataset_path": "json", "dataset_name": None}
+        base.update(training_split=None, validation_split=None, test_split="test")
+    else:
+        base = _read_yaml(PACKAGED_DIR / "tinystories_local.yaml")
+    return _resolved(dict(base, task=user_task_name(spec), dataset_kwargs={"data_files": {"test": data}}), str)
+
+
+def _task_files(task_dirs: tuple[Path, ...], data: Path | None, user_specs: list[str]) -> dict[str, str]:
+    """Every file of the materialized task folder, by relative path."""
+    files = {}
+    sources = [(PACKAGED_DIR, lambda name: _packaged_file(name, data))] + [(Path(d), None) for d in task_dirs]
+    for i, (src, resolve) in enumerate(sources):
+        for path in sorted(src.rglob("*")):
+            target = f"{i}/{path.relative_to(src)}"
+            if path.suffix == ".py":
+                files[target] = path.read_text(encoding="utf-8")
+            elif path.suffix == ".yaml":
+                here = resolve or (lambda name, folder=path.parent: str((folder / name).resolve()))
+                files[target] = _dump(_resolved(_read_yaml(path), here))
+    for spec in user_specs:
+        files[f"user/{user_task_name(spec)}.yaml"] = _dump(_user_task(spec))
+    return files
+
+
+def _dump(doc: dict) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def materialize(task_dirs: tuple[Path, ...] = (), data: Path | None = None, user_specs: list[str] = ()) -> Path:
+    """A cache folder holding our task folders with every path made absolute."""
+    files = _task_files(task_dirs, data, list(user_specs))
+    out = home() / "tasks" / digest(files)
+    if not out.is_dir():
+        with atomic_dir(out) as tmp:
+            for name, text in files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_text(text, encoding="utf-8")
     return out
 
 
@@ -197,44 +232,74 @@ def _task_manager(include: str | None, with_stock: bool):
     return TaskManager(include_path=include, include_defaults=with_stock, verbosity="ERROR")
 
 
-def unknown_tasks(names: list[str], task_dirs: tuple[Path, ...] = ()) -> list[str]:
-    """Names that neither our folders nor lm-eval's stock index define (the stock index is
-    only built, slowly, when a name is not ours)."""
-    missing = [n for n in names if n not in local_task_names(task_dirs)]
-    if not missing:
-        return []
-    stock = _task_manager(None, True).all_tasks
-    return [n for n in missing if n not in stock]
+def problem(names: list[str], task_dirs: tuple[Path, ...] = (), data: str | None = None) -> str | None:
+    """Why these tasks cannot run, in one line (None: they can). Checked before any work: an
+    unknown name (the stock index is only built, slowly, when a name is not ours), a user file
+    that does not parse, a benchmark whose published file is not in the data folder."""
+    ours = local_task_names(task_dirs)
+    for spec in names:
+        if user_file(spec):
+            kind, path = user_file(spec)
+            if not path.is_file():
+                return f"{spec}: file not found"
+            try:
+                converted(path, USER_KINDS[kind])
+            except UserError as exc:
+                return str(exc)
+    plain = [n for n in names if not user_file(n)]
+    missing = [n for n in plain if n not in ours]
+    if missing:
+        stock = _task_manager(None, True).all_tasks
+        unknown = [n for n in missing if n not in stock]
+        if unknown:
+            return (
+                f"unknown task {unknown[0]!r}; ours: {', '.join(sorted(ours))}, mc:FILE.json, ppl:FILE.txt, "
+                "or any lm-eval task name"
+            )
+    folder = data_dir(data)
+    packaged = task_names(PACKAGED_DIR)
+    for name in plain:
+        for file in _data_files(_read_yaml(packaged[name])) if name in packaged else []:
+            if file in SHARED and not (folder and (folder / SHARED[file].path).is_file()):
+                where = f"under {folder}" if folder else "(no data folder found)"
+                return (
+                    f"task {name!r} reads {SHARED[file].path} {where}: set eval.data_dir or $COMPRESSOR_DATA "
+                    "to the folder of the published files (see ../shared/data/README.md)"
+                )
+    return None
 
 
 def _offline_unless_needed(names: list[str], task_dirs: tuple[Path, ...]) -> None:
     """Our tasks read local files: keep `datasets` from reaching for the hub."""
-    if set(names) <= local_task_names(task_dirs):
+    if all(user_file(n) or n in local_task_names(task_dirs) for n in names):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def evaluate(
-    model,
-    tokenizer,
-    names: list[str],
-    *,
-    task_dirs: tuple[Path, ...] = (),
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
-    """lm-eval `simple_evaluate` on an in-memory model; returns {"task/metric": value}."""
-    if not names:
+def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) -> float:
+    """exp(mean negative log-likelihood per token) from lm-eval's rolling log-likelihoods:
+    each sample's text is scored whole, every token of it once (lm-eval's disjoint windows)."""
+    nll = sum(-float(s["filtered_resps"][0]) for s in samples)
+    tokens = sum(len(encode(s["arguments"][0][0])) for s in samples)
+    return math.exp(nll / tokens)
+
+
+def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
+    """lm-eval `simple_evaluate` on an in-memory model, for an EvalSpec's tasks, task folders,
+    data folder, limit, batch size and length; returns {"task/metric": value}. Rolling
+    (perplexity) tasks also get `token_perplexity`."""
+    if not spec.tasks:
         return {}
-    _offline_unless_needed(names, task_dirs)
+    dirs = tuple(Path(d) for d in spec.task_dirs)
+    _offline_unless_needed(spec.tasks, dirs)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    include = str(materialize(task_dirs))
-    manager = _task_manager(include, not set(names) <= local_task_names(task_dirs))
-    max_length = max_length or getattr(model.config, "max_position_embeddings", 2048)
+    users = [n for n in spec.tasks if user_file(n)]
+    names = [user_task_name(n) if user_file(n) else n for n in spec.tasks]
+    include = str(materialize(dirs, data_dir(spec.data_dir), users))
+    manager = _task_manager(include, not all(n in local_task_names(dirs) for n in spec.tasks if not user_file(n)))
+    max_length = spec.max_length or getattr(model.config, "max_position_embeddings", 2048)
 
     class Quiet(HFLM):
         """lm-eval's per-document bars redraw in place on a terminal but flood a log file."""
@@ -245,7 +310,14 @@ def evaluate(
             return super().loglikelihood(requests, disable_tqdm or self.quiet)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
+            """lm-eval puts the prefix token (BOS) before each document, and a tokenizer that
+            adds BOS itself puts a second one after it, which is then scored as text
+            (lm-eval issue #3333): score each document's own tokens after a single BOS."""
+            self.add_bos_token, saved = False, self.add_bos_token
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
+            finally:
+                self.add_bos_token = saved
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):  # rolling forces False
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or self.quiet, **kwargs)
@@ -254,16 +326,20 @@ def evaluate(
             return super().generate_until(requests, disable_tqdm or self.quiet)
 
     lm = Quiet(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=str(model.device)
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=spec.batch_size,
+        max_length=max_length,
+        device=str(model.device),
     )
     try:
         out = lm_eval.simple_evaluate(
             model=lm,
-            tasks=list(names),
+            tasks=names,
             task_manager=manager,
-            limit=limit,
+            limit=spec.limit,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=True,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -272,10 +348,15 @@ def evaluate(
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise UserError(f"lm-eval failed on tasks {names}: {type(exc).__name__}: {exc}", code=1) from None
     metrics = {}
-    for task, values in (out or {}).get("results", {}).items():
+    for task, values in out["results"].items():
         for key, value in values.items():
             metric, _, filt = key.partition(",")
             if "stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)):
                 continue
             metrics[f"{task}/{metric if filt in ('', 'none') else metric + '_' + filt}"] = float(value)
+    for task, samples in out["samples"].items():
+        if out["configs"][task].get("output_type") == "loglikelihood_rolling" and samples:
+            metrics[f"{task}/token_perplexity"] = token_perplexity(
+                samples, lambda text: lm.tok_encode(text, add_special_tokens=False)
+            )
     return metrics

@@ -9,8 +9,11 @@ import torch
 from conftest import SHARED_DATA, needs_shared_data
 
 from compressor import UserError
+from compressor.evaldata import text_documents
 from compressor.llama2c import build_tokenizer, read_header
+from compressor.measure import EvalSpec, fidelity
 from compressor.models import TeacherSpec, load_teacher
+from compressor.tasks import evaluate
 
 STORIES = SHARED_DATA / "stories260K"
 
@@ -152,6 +155,45 @@ def test_tinystories_score_and_fluent_greedy_text(stories, paragraphs):
     out = stories.model.generate(torch.tensor([[1]]), max_new_tokens=40, do_sample=False)
     text = stories.tokenizer.decode(out[0], skip_special_tokens=True)
     assert text.startswith("Once upon a time, there was a little"), text
+
+
+def ref_rolling_nll(ids, window=512):
+    """Negative log-likelihood of ids[1:] (ids[0] is <s>) in disjoint windows of the model's
+    512 positions, each window a fresh sequence: lm-eval's rolling windows."""
+    nll, n = 0.0, len(ids) - 1
+    for start in range(0, n, window):
+        end = min(start + window, n)
+        first = max(0, end - window)
+        logits = ref_logits(STORIES / "stories260K.bin", ids[first:end])
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        nll -= sum(logp[j - first, ids[j + 1]] for j in range(start, end))
+    return nll, n
+
+
+@needs_shared_data
+def test_tinystories_perplexity_agrees_with_numpy_through_lm_eval_and_our_measure(stories):
+    """The first documents of `tinystories_local`, scored three ways: numpy (run.c's forward
+    pass and tokenizer, above), lm-eval through our task, and our own measurement's perplexity."""
+    text = (SHARED_DATA / "tinystories" / "tinystories_val.txt").read_text(encoding="utf-8")
+    docs = [d["text"] for d in text_documents(text)][:3]
+    vocab, scores = ref_vocab(STORIES / "tok512.bin")
+    encoded = [ref_encode(doc, vocab, scores) for doc in docs]
+    scored = [ref_rolling_nll(ids) for ids in encoded]
+    assert all(n > 512 for _, n in scored)  # more than one window each
+    want = np.exp(sum(nll for nll, _ in scored) / sum(n for _, n in scored))
+
+    spec = EvalSpec(tasks=["tinystories_local"], limit=3, data_dir=str(SHARED_DATA), batch_size=4)
+    got = evaluate(stories.model, stories.tokenizer, spec)["tinystories_local/token_perplexity"]
+    assert abs(got / want - 1) < 1e-3, (got, want)
+
+    blocks = torch.tensor([ids[:512] for ids in encoded])
+    ours = fidelity(stories.model, None, blocks, batch_size=3)["heldout_ppl"]
+    nll = [ref_rolling_nll(ids[:512])[0] for ids in encoded]
+    assert abs(ours / np.exp(sum(nll) / (3 * 511)) - 1) < 1e-3
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

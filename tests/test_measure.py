@@ -1,16 +1,13 @@
 """Measurement: sizes, latency fields, fidelity, and lm-eval scoring of our tasks checked by
 hand against the model's own log-likelihoods."""
 
-import json
 import math
 
-import pytest
 import torch
 from conftest import save_with_tokenizer, tiny_llama
 
 from compressor.measure import LatencySpec, bytes_per_decoded_token, fidelity, latency, size
-from compressor.models import load_pretrained
-from compressor.tasks import evaluate, generated_data_dir, local_task_names, materialize, stdlib_mc_rows
+from compressor.tasks import generated_data_dir, stdlib_mc_rows
 
 
 def test_size_counts_tied_weights_once_and_reads_the_disk(tmp_path):
@@ -71,49 +68,3 @@ def test_stdlib_mc_data_is_deterministic_minimal_pairs():
             assert sorted(choice.split()) == sorted(true.split())
     assert len({r["label"] for r in rows}) == 4
     assert (generated_data_dir() / "stdlib_mc.jsonl").is_file()
-
-
-@pytest.fixture(scope="module")
-def scored_model(tmp_path_factory):
-    folder = save_with_tokenizer(tiny_llama(seed=3), tmp_path_factory.mktemp("m"))
-    return load_pretrained(str(folder), torch.device("cpu"))
-
-
-def _loglik(model, tokenizer, context: str, continuation: str) -> float:
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
-    cont = tokenizer(continuation, add_special_tokens=False).input_ids
-    ids = torch.tensor([ctx + cont])
-    with torch.no_grad():
-        logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
-
-
-def test_a_user_task_folder_with_relative_data_scores_like_a_hand_computation(tmp_path, scored_model):
-    """The documented no-Python step: a YAML beside a JSONL file; acc checked by hand."""
-    (tmp_path / "mine.jsonl").write_text(
-        "\n".join(
-            json.dumps(r)
-            for r in [
-                {"q": "t1 t2", "choices": ["t3", "t4 t5"], "label": 0},
-                {"q": "t6", "choices": ["t7", "t8", "t9"], "label": 2},
-                {"q": "t10 t11 t12", "choices": ["t13", "t14"], "label": 1},
-            ]
-        )
-        + "\n"
-    )
-    (tmp_path / "mine.yaml").write_text(
-        "task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mine.jsonl\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: choices\n"
-        "doc_to_target: label\nmetric_list:\n  - metric: acc\n"
-    )
-    assert "my_mc" in local_task_names((tmp_path,))
-    got = evaluate(scored_model.model, scored_model.tokenizer, ["my_mc"], task_dirs=(tmp_path,), batch_size=2)
-    rows = [json.loads(line) for line in (tmp_path / "mine.jsonl").read_text().splitlines()]
-    correct = 0
-    for row in rows:
-        scores = [_loglik(scored_model.model, scored_model.tokenizer, row["q"], " " + c) for c in row["choices"]]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == row["label"])
-    assert got["my_mc/acc"] == pytest.approx(correct / len(rows))
-    materialized = materialize((tmp_path,))
-    text = next(materialized.rglob("mine.yaml")).read_text()
-    assert str(tmp_path / "mine.jsonl") in text  # the relative path was made absolute

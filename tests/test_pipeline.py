@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import REPO, distill_recipe
 
 from compressor import UserError
@@ -52,8 +53,10 @@ def test_run_json_follows_the_output_contract(first_run):
     _, out, record = first_run
     on_disk = json.loads((out / "run.json").read_text())
     assert on_disk == json.loads(json.dumps(record))
-    for key in ("recipe", "seed", "versions", "device", "stages"):
+    for key in ("recipe", "seed", "versions", "device", "machine", "stages"):
         assert key in on_disk
+    assert {"torch", "transformers", "lm_eval", "accelerate", "torchao", "python"} <= set(on_disk["versions"])
+    assert on_disk["machine"]["threads"] == torch.get_num_threads() and on_disk["machine"]["cores"] >= 1
     assert [s["kind"] for s in on_disk["stages"]] == ["teacher", "distill"]
     for stage in on_disk["stages"]:
         for key in ("name", "kind", "key", "cached", "seconds", "metrics"):
@@ -67,6 +70,14 @@ def test_run_json_follows_the_output_contract(first_run):
     assert student["info"]["student_layers"] == 1
     assert abs(teacher["metrics"]["bits_per_param"] - 32) < 0.5  # fp32 safetensors
     assert "| distill |" in (out / "report.md").read_text()
+
+
+def test_same_recipe_and_seed_in_a_fresh_store_gives_identical_figures(first_run, tmp_path):
+    """Reproducibility: nothing shared with the first run but the recipe and its seed."""
+    path, _, record = first_run
+    again = run(load_recipe(path), tmp_path / "again", Store(tmp_path / "fresh-store"))
+    assert not any(s["cached"] for s in again["stages"][1:])
+    assert _figures(again) == _figures(record)
 
 
 def test_rerun_is_all_cached_with_identical_figures(first_run):
