@@ -60,7 +60,13 @@ def _eval(args) -> None:
 
     spec = option(
         "--tasks/--task-dir/--data-dir",
-        lambda: EvalSpec(tasks=tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=args.limit),
+        lambda: EvalSpec(
+            tasks=tasks,
+            task_dirs=args.task_dir,
+            data_dir=args.data_dir,
+            limit=args.limit,
+            speculative={"enabled": args.speculative},
+        ),
     )
     heldout = option("--data", lambda: TextSource.model_validate(args.data))
     why = problem(spec.tasks, tuple(Path(d) for d in spec.task_dirs), spec.data_dir)
@@ -131,6 +137,11 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--teacher", help="a model to measure KL and top-1 agreement against")
+    e.add_argument(
+        "--speculative",
+        action="store_true",
+        help="with --teacher: measure the model as its draft (acceptance, speed-up)",
+    )
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)

@@ -7,6 +7,7 @@ latency   prefill ms for P prompt tokens, decode ms/token at batch 1, tokens/s a
 accuracy  lm-evaluation-harness tasks, plus our own token-level held-out perplexity
 fidelity  mean KL(teacher || model) per token and top-1 agreement with the teacher on held-out
           text (what a draft model's acceptance rate in speculative decoding depends on)
+speculative  optional: the model as a draft for the teacher, measured acceptance and speed-up
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .evaldata import user_file
 from .models import count_params
+from .speculative import SpeculativeSpec, speculative
 from .storage import recipe_path
 from .tasks import evaluate
 
@@ -65,6 +67,7 @@ class EvalSpec(BaseModel):
     max_length: int | None = Field(None, ge=16)
     latency: LatencySpec = LatencySpec()
     fidelity: FidelitySpec = FidelitySpec()
+    speculative: SpeculativeSpec = SpeculativeSpec()
 
     @field_validator("tasks", mode="after")
     @classmethod
@@ -313,6 +316,9 @@ def measure(
         metrics.update(
             latency(model, heldout.flatten(), spec.latency, tokenizer.pad_token_id or tokenizer.eos_token_id)
         )
+    if spec.speculative.enabled and teacher is not None:
+        pad = tokenizer.pad_token_id or tokenizer.eos_token_id
+        metrics["speculative"] = speculative(model, teacher, heldout, spec.speculative, pad)
     torch.manual_seed(seed)
     metrics["accuracy"] = evaluate(model, tokenizer, spec, seed)
     return metrics

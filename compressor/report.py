@@ -29,6 +29,7 @@ def _mib(n) -> str:
 
 def table(stages: list[dict]) -> str:
     tasks = sorted({k for s in stages for k in s["metrics"].get("accuracy", {})})
+    drafts = any(s["metrics"].get("speculative") for s in stages)
     head = [
         "stage",
         "kind",
@@ -45,6 +46,7 @@ def table(stages: list[dict]) -> str:
         "held-out ppl",
         "KL to teacher",
         "top-1 agree",
+        *(["draft acceptance", "draft speed-up"] if drafts else []),
         *tasks,
         "seconds",
         "cached",
@@ -69,6 +71,7 @@ def table(stages: list[dict]) -> str:
             _fmt(m.get("heldout_ppl")),
             _fmt(m.get("teacher_kl")),
             _fmt(m.get("top1_agreement")),
+            *([_fmt((m.get("speculative") or {}).get(k)) for k in ("acceptance_rate", "speedup")] if drafts else []),
             *[_fmt(m.get("accuracy", {}).get(t)) for t in tasks],
             _fmt(s.get("build_seconds") or s.get("seconds")),
             _fmt(s.get("cached")),
