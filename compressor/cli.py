@@ -69,6 +69,8 @@ def _eval(args) -> None:
         ),
     )
     heldout = option("--data", lambda: TextSource.model_validate(args.data))
+    if args.speculative and not args.teacher:
+        raise UserError("--speculative: needs --teacher (the target the model drafts for)")
     why = problem(spec.tasks, tuple(Path(d) for d in spec.task_dirs), spec.data_dir)
     if why:
         raise UserError(f"--tasks: {why}")

@@ -28,7 +28,7 @@ def plan(paths: list[str]) -> list[tuple[str, Recipe]]:
         raise UserError(f"{dup!r}: two recipes or orderings with the same name; rename one")
     first = variants[0][1]
     for _, recipe in variants[1:]:
-        for field in ("teacher", "data", "eval", "seed"):
+        for field in ("teacher", "base", "data", "eval", "seed"):
             if getattr(recipe.spec, field) != getattr(first.spec, field):
                 raise UserError(f"{recipe.path}: {field}: differs from {first.path}'s; a comparison shares one {field}")
     return variants

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class TeacherSpec(BaseModel):
-    """`source` is builtin:<name>, hf:<hub id or folder> or llama2c:<model.bin>."""
+    """`source` is builtin:<name>, hf:<hub id or folder>, llama2c:<model.bin>, or
+    openai:<base_url>#<model> (a black-box teacher: text only, see remote.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -35,6 +37,11 @@ class TeacherSpec(BaseModel):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     build: BuiltinBuild | None = Field(None, description="built-in teacher settings (builtin: only)")
+    api_key_env: str | None = Field(None, description="openai: the environment variable holding the API key")
+    concurrency: int = Field(4, ge=1, le=256, description="openai: requests in flight at once")
+    max_retries: int = Field(5, ge=0, le=20, description="openai: retries of a 429/5xx/timeout/malformed answer")
+    backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay, doubled on each retry")
+    timeout_s: float = Field(120.0, gt=0, description="openai: per request")
 
     @model_validator(mode="before")
     @classmethod
@@ -55,10 +62,19 @@ class TeacherSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "TeacherSpec":
         kind, _, rest = self.source.partition(":")
-        if kind not in ("builtin", "hf", "llama2c") or not rest:
+        if kind not in ("builtin", "hf", "llama2c", "openai") or not rest:
             raise ValueError(
-                f"must be builtin:<name>, hf:<hub id or folder> or llama2c:<model.bin>, got {self.source!r}"
+                "must be builtin:<name>, hf:<hub id or folder>, llama2c:<model.bin> or openai:<base_url>#<model>, "
+                f"got {self.source!r}"
             )
+        if kind == "openai":
+            url, _, model = rest.partition("#")
+            if not url.startswith(("http://", "https://")) or not model:
+                raise ValueError(f"openai: expected openai:http(s)://host[:port]/v1#<model>, got {self.source!r}")
+            if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+                raise ValueError(f"api_key_env: environment variable {self.api_key_env} is not set")
+        elif self.api_key_env is not None:
+            raise ValueError("api_key_env: only applies to openai: teachers")
         if kind == "builtin" and rest not in BUILTIN_TEACHERS:
             raise ValueError(f"unknown built-in teacher {rest!r}; built-in teachers: {', '.join(BUILTIN_TEACHERS)}")
         if self.build is not None and kind != "builtin":
@@ -94,6 +110,8 @@ class TeacherSpec(BaseModel):
             return f"builtin:{teacher_folder(self.target, self.build or BuiltinBuild()).name}"
         if self.kind == "llama2c":
             return f"llama2c:{sha256_file(Path(self.target))[:16]}:{sha256_file(Path(self.llama2c_tokenizer()))[:16]}"
+        if self.kind == "openai":
+            return self.source
         if Path(self.target).is_dir():
             return f"hf-folder:{digest(file_hashes(Path(self.target)))}"
         return f"hf:{self.target}@{self.revision or 'main'}"
@@ -104,6 +122,8 @@ class TeacherSpec(BaseModel):
             return teacher_folder(self.target, self.build or BuiltinBuild())
         if self.kind == "llama2c":
             return home() / "teachers" / self.identity().replace(":", "-")
+        if self.kind == "openai":
+            return None
         return Path(self.target) if Path(self.target).is_dir() else None
 
 
@@ -163,6 +183,8 @@ def llama2c_folder(spec: TeacherSpec) -> Path:
 
 
 def load_teacher(spec: TeacherSpec, device: torch.device) -> Loaded:
+    if spec.kind == "openai":
+        raise UserError(f"{spec.source}: a black-box teacher has no weights to load or measure here")
     dtype = resolve_dtype(spec.dtype, device)
     if spec.kind == "builtin":
         return load_pretrained(str(ensure_teacher(spec.target, spec.build)), device, dtype)

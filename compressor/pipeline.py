@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import FORMAT_VERSION, __version__
+from .answers import Endpoint
 from .data import TextSource, load_documents, pack, split_heldout
 from .measure import EvalSpec, measure
 from .models import Loaded, load_pretrained, load_teacher, resolve_device
@@ -40,6 +41,8 @@ VERSIONED = (
     "bitsandbytes",
     "gptqmodel",
     "torchao",
+    "peft",
+    "aiohttp",
 )
 
 
@@ -83,12 +86,25 @@ class Session:
         self._blocks: dict[tuple, torch.Tensor] = {}
 
     @cached_property
-    def teacher(self) -> Loaded:
-        return load_teacher(self.spec.teacher, self.device)
+    def remote(self) -> Endpoint | None:
+        """The black-box teacher, when the recipe's is an openai: endpoint."""
+        return Endpoint(self.spec.teacher) if self.spec.teacher.kind == "openai" else None
+
+    @cached_property
+    def teacher(self) -> Loaded | Endpoint:
+        return self.remote or load_teacher(self.spec.teacher, self.device)
+
+    @cached_property
+    def start(self) -> Loaded:
+        """What the first stage starts from: the recipe's `base`, else the teacher."""
+        return load_teacher(self.spec.base, self.device) if self.spec.base is not None else self.teacher
 
     @cached_property
     def teacher_key(self) -> str:
-        return digest({"teacher": self.spec.teacher.identity(), "format": FORMAT_VERSION})
+        key = {"teacher": self.spec.teacher.identity(), "format": FORMAT_VERSION}
+        if self.spec.base is not None:
+            key["base"] = self.spec.base.identity()
+        return digest(key)
 
     @cached_property
     def train_source(self) -> TextSource:
@@ -133,7 +149,7 @@ class Session:
             source = data.heldout.identity() if split == "heldout" and data.heldout else self.train_source.identity()
             blocks = pack(
                 lambda: self._documents[0 if split == "train" else 1],
-                self.teacher.tokenizer,
+                self.start.tokenizer,
                 seq_len,
                 cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}",
             )
@@ -161,20 +177,25 @@ class Session:
         if path.is_file():
             return read_json(path), True
         loaded: Loaded = load()
-        say(f"measuring {'the teacher' if is_teacher else key} ...")
+        say(f"measuring {self.reference_name if is_teacher else key} ...")
         metrics = measure(
             loaded.model,
             loaded.tokenizer,
             loaded.folder,
             self.spec.eval,
             self.blocks("heldout", self.spec.data.seq_len),
-            None if is_teacher else self.teacher.model,
+            None if is_teacher or self.remote else self.teacher.model,
             self.spec.seed,
         )
-        if is_teacher:
+        if is_teacher and not self.remote:
             metrics.update(teacher_kl=0.0, top1_agreement=1.0)
         write_json(path, metrics)
         return metrics, False
+
+    @property
+    def reference_name(self) -> str:
+        """Row 0: the teacher, or with a black-box teacher (not measurable here) the base model."""
+        return "base" if self.remote else "teacher"
 
     def load_artifact(self, key: str) -> Loaded:
         return load_pretrained(str(self.store.path(key)), self.device, dtype="auto")
@@ -185,7 +206,7 @@ class Session:
         source = (
             self.load_artifact(input_key)
             if input_key
-            else Loaded(copy.deepcopy(self.teacher.model), self.teacher.tokenizer, None)
+            else Loaded(copy.deepcopy(self.start.model), self.start.tokenizer, None)
         )
         ctx = StageContext(
             name=f"{stage.name} ({stage.index + 1}/{len(self.recipe.stages)})",
@@ -230,21 +251,24 @@ def run(recipe: Recipe, out: Path, store: Store | None = None) -> dict:
         session = Session(recipe, store)
         keys = session.stage_keys()
         finished = [store.get(k) is not None for k in keys]
+        if session.remote is not None and not all(finished):
+            session.remote.check()
         say(
             f"recipe {recipe.name}: {len(keys)} stage(s); "
             + ", ".join(f"{s.name} {'cached' if done else 'to run'}" for s, done in zip(recipe.stages, finished))
         )
         start = time.time()
-        metrics, cached = session.measurement(session.teacher_key, lambda: session.teacher, is_teacher=True)
+        reference = recipe.spec.base if session.remote else recipe.spec.teacher
+        metrics, cached = session.measurement(session.teacher_key, lambda: session.start, is_teacher=True)
         records = [
             {
-                "name": "teacher",
-                "kind": "teacher",
+                "name": session.reference_name,
+                "kind": session.reference_name,
                 "key": session.teacher_key,
                 "cached": cached,
                 "seconds": round(time.time() - start, 2),
-                "source": recipe.spec.teacher.source,
-                "artifact": str(recipe.spec.teacher.folder() or recipe.spec.teacher.target),
+                "source": reference.source,
+                "artifact": str(reference.folder() or reference.target),
                 "metrics": metrics,
             }
         ]

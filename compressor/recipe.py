@@ -46,6 +46,9 @@ class RecipeModel(BaseModel):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     teacher: TeacherSpec
+    base: TeacherSpec | None = Field(
+        None, description="the local model the first stage starts from (default: the teacher; required with openai:)"
+    )
     data: DataSpec = DataSpec()
     stages: list[Any] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
@@ -202,10 +205,37 @@ def _check_order(path: Path, stages: tuple[Stage, ...]) -> None:
             quantized = stage
 
 
+def _check_black_box(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
+    """An openai: teacher gives text, not logits: a local base model to start from, and only
+    stages that learn from text."""
+    if spec.base is not None and spec.base.kind == "openai":
+        raise _fail(path, "base", "must be a local model (builtin:, hf:, llama2c:), not openai:")
+    if spec.teacher.kind != "openai":
+        return
+    if spec.base is None:
+        raise _fail(path, "base", "required with an openai: teacher: the local model the student starts from")
+    for stage in stages:
+        hook = getattr(stage.module, "white_box_fields", None)
+        field = hook(stage.config) if hook else None
+        if field:
+            raise _fail(
+                path,
+                f"stages[{stage.index}].{stage.kind}.{field}",
+                "needs the teacher's logits or weights; an openai: teacher answers in text only"
+                + (" (set sequences or cot)" if field == "sequences" else ""),
+            )
+
+
 def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
-    teacher = shape = teacher_shape(spec.teacher)
+    teacher = teacher_shape(spec.teacher) if spec.teacher.kind != "openai" else None
+    shape = teacher_shape(spec.base) if spec.base is not None else teacher
+    if teacher and shape and spec.base is not None and teacher["vocab_size"] != shape["vocab_size"]:
+        raise _fail(
+            path, "base", f"vocabulary of {shape['vocab_size']} differs from the teacher's {teacher['vocab_size']}"
+        )
+    teacher = teacher or shape
     if shape is None:
-        return  # a hub teacher: checked when loaded
+        return  # a hub model: checked when loaded
     for stage in stages:
         try:
             shape = stage.module.check(stage.config, shape, teacher)
@@ -259,6 +289,7 @@ def _validate(path: Path, raw: dict, check_tasks: bool, chain: bool = True) -> R
     except ValidationError as exc:
         raise _first_error(path, exc) from None
     stages = _parse_stages(path, spec.stages, base)
+    _check_black_box(path, spec, stages)
     if chain:
         _check_order(path, stages)
         _check_shapes(path, spec, stages)

@@ -80,6 +80,21 @@ def table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def data_notes(stages: list[dict]) -> list[str]:
+    """What the teacher's text answers gave each stage that trained on them."""
+    notes = []
+    for s in stages:
+        info = s.get("info") or {}
+        if "cot_kept" in info:
+            notes.append(
+                f"- **{label(s)}**: chain of thought kept {info['cot_kept']} of {info['cot_generated']} "
+                f"rationales (right final answer; {info['cot_problems_solved']} of {info['cot_problems']} problems)."
+            )
+        elif "teacher_answers" in info:
+            notes.append(f"- **{label(s)}**: trained on {info['teacher_answers']} answers of the black-box teacher.")
+    return notes + [""] if notes else []
+
+
 def render(record: dict, plots: list[Path] = ()) -> str:
     machine = record.get("machine", {})
     first = record["stages"][0]["metrics"] if record["stages"] else {}
@@ -91,10 +106,11 @@ def render(record: dict, plots: list[Path] = ()) -> str:
         "",
         table(record["stages"]),
         "",
+        *data_notes(record["stages"]),
         *(summary(record["stages"], Floor(**record["pick"])) + [""] if "pick" in record else []),
         *[f"![{p.stem}]({p.name})" for p in plots],
         "",
-        "- **held-out ppl** is token-level perplexity on the held-out text (what papers quote); "
+        "- **held-out ppl** and `*/token_perplexity` are per model token (what papers quote); "
         "lm-eval's `*/word_perplexity` and `*/byte_perplexity` are per word and per byte.",
         "- **decode ms/tok** is at batch 1; **roofline** is the bytes read per decoded token divided by "
         f"the measured memory bandwidth ({_fmt(first.get('bandwidth_gb_s'))} GB/s), the physical floor.",

@@ -9,6 +9,7 @@ cache, a user's name files beside their YAML. Before evaluating we copy each tas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -284,6 +285,23 @@ def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) ->
     return math.exp(nll / tokens)
 
 
+@contextlib.contextmanager
+def _quiet_bars():
+    """lm-eval's per-document bars redraw in place on a terminal but flood a log file."""
+    if sys.stderr.isatty():
+        yield
+        return
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
 def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
     """lm-eval `simple_evaluate` on an in-memory model, for an EvalSpec's tasks, task folders,
     data folder, limit, batch size and length; returns {"task/metric": value}. Rolling
@@ -301,31 +319,18 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
     manager = _task_manager(include, not all(n in local_task_names(dirs) for n in spec.tasks if not user_file(n)))
     max_length = spec.max_length or getattr(model.config, "max_position_embeddings", 2048)
 
-    class Quiet(HFLM):
-        """lm-eval's per-document bars redraw in place on a terminal but flood a log file."""
-
-        quiet = not sys.stderr.isatty()
-
-        def loglikelihood(self, requests, disable_tqdm=False):
-            return super().loglikelihood(requests, disable_tqdm or self.quiet)
-
+    class Scorer(HFLM):
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             """lm-eval puts the prefix token (BOS) before each document, and a tokenizer that
             adds BOS itself puts a second one after it, which is then scored as text
             (lm-eval issue #3333): score each document's own tokens after a single BOS."""
             self.add_bos_token, saved = False, self.add_bos_token
             try:
-                return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
+                return super().loglikelihood_rolling(requests, disable_tqdm)
             finally:
                 self.add_bos_token = saved
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):  # rolling forces False
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or self.quiet, **kwargs)
-
-        def generate_until(self, requests, disable_tqdm=False):
-            return super().generate_until(requests, disable_tqdm or self.quiet)
-
-    lm = Quiet(
+    lm = Scorer(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=spec.batch_size,
@@ -333,18 +338,19 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
         device=str(model.device),
     )
     try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=spec.limit,
-            bootstrap_iters=0,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _quiet_bars():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                limit=spec.limit,
+                bootstrap_iters=0,
+                log_samples=True,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise UserError(f"lm-eval failed on tasks {names}: {type(exc).__name__}: {exc}", code=1) from None
     metrics = {}

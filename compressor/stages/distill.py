@@ -6,9 +6,14 @@ Three knobs, all recipe fields (`Knobs`, shared with every stage that trains aga
   differ), and whole teacher-generated sequences (`sequences`);
 - HOW the gap is measured: `loss` (forward/reverse KL, JSD(beta), TVD; temperature with T^2;
   alpha mix with CE; teacher top-k), computed chunk-wise over tokens;
-- WHERE the data comes from: the fixed text, the teacher's generations (`sequences`), or the
+- WHERE the data comes from: the fixed text, the teacher's generations (`sequences`), the
   student's own samples with probability `on_policy.fraction` per batch (GKD's lambda), scored
-  by the teacher. Reverse KL with fraction 1 is the MiniLLM setting.
+  by the teacher (reverse KL with fraction 1 is the MiniLLM setting), or filtered
+  chain-of-thought rationales (`cot`).
+
+A black-box teacher (`openai:`) answers in text only: its distill stage trains on its answers to
+prompts from the data (`sequences`) or on its kept rationales (`cot`) by cross-entropy, and may
+train LoRA adapters (`lora`) instead of every weight, merged into the saved model.
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .. import UserError
+from ..answers import Endpoint, Local, Request
+from ..cot import CoT, keep
 from ..data import Batches, Sequences, continue_prompts, teacher_sequences
 from ..losses import LossConfig, hidden_loss, kd_loss, shift_labels
 from ..models import count_params, evenly_spaced, fresh_model, keep_layers
+from ..progress import say
+from ..storage import digest, home
 from ..train import Batch, LossFn, TrainConfig, train
 
 NEEDS_FLOAT = True
@@ -88,8 +98,37 @@ class StudentSpec(BaseModel):
         return self
 
 
+class Lora(BaseModel):
+    """Train low-rank adapters on these projections only (peft), merged into the weights at the end."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
 class Config(Knobs):
     student: StudentSpec = StudentSpec()
+    cot: CoT | None = Field(None, description="train on the teacher's rationales that reach the reference answer")
+    lora: Lora | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Config":
+        if self.cot is not None and self.sequences is not None:
+            raise ValueError("give one of sequences, cot: both are the stage's training data")
+        return self
+
+
+def white_box_fields(cfg: Config) -> str | None:
+    """The first setting that needs the teacher's logits or weights (None: text is enough)."""
+    if cfg.sequences is None and cfg.cot is None:
+        return "sequences"
+    for name in ("hidden", "on_policy"):
+        if getattr(cfg, name) is not None:
+            return name
+    return "student.from" if cfg.student.init == "teacher" else None
 
 
 def student_shape(spec: StudentSpec, shape: dict, teacher_shape: dict) -> dict:
@@ -213,14 +252,18 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
     return step
 
 
-def distill_train(student: torch.nn.Module, teacher: torch.nn.Module | None, cfg: Knobs, ctx) -> dict:
-    """Train `student` in place with the knobs of `cfg`; return the training summary."""
-    blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
-    if cfg.sequences is not None:
-        rows = teacher_sequences(teacher, blocks, cfg.sequences, ctx.seed, ctx.cache_key)
-        ctx.info["teacher_sequences"] = len(rows["input_ids"])
-    else:
-        rows = blocks
+def distill_train(
+    student: torch.nn.Module, teacher: torch.nn.Module | None, cfg: Knobs, ctx, rows: dict | None = None
+) -> dict:
+    """Train `student` in place with the knobs of `cfg` (on `rows` when given); return the
+    training summary."""
+    if rows is None:
+        blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
+        if cfg.sequences is not None:
+            rows = teacher_sequences(teacher, blocks, cfg.sequences, ctx.seed, ctx.cache_key)
+            ctx.info["teacher_sequences"] = len(rows["input_ids"])
+        else:
+            rows = blocks
     proj = projections(cfg, student, teacher, ctx.seed)
     return train(
         student,
@@ -235,14 +278,95 @@ def distill_train(student: torch.nn.Module, teacher: torch.nn.Module | None, cfg
     )
 
 
+def answer_rows(tokenizer, pairs: list[tuple[str, str]], seq_len: int) -> dict[str, torch.Tensor]:
+    """prompt + answer + EOS per row, labels on the answer (and EOS) only, right-padded."""
+    eos = tokenizer.eos_token_id
+    rows, labels = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
+        ids = (p + a)[:seq_len]
+        rows.append(ids)
+        labels.append(([-100] * len(p) + a)[1 : seq_len + 1] + [-100])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    return {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([(lab + [-100] * width)[:width] for lab in labels]),
+    }
+
+
+def text_rows(cfg: Config, teacher, tokenizer, ctx) -> dict[str, torch.Tensor]:
+    """Training rows from the teacher's text answers: to prompts cut from the data
+    (`sequences`), or its rationales that reach the reference answer (`cot`)."""
+    seq_len = cfg.seq_len or ctx.seq_len
+    if cfg.cot is not None:
+        settings = cfg.cot
+        problems = settings.load(ctx.seed)
+        prompts = [settings.template.format(question=p["question"]) for p in problems]
+        samples, max_tokens = settings.samples, settings.new_tokens
+        temperature, top_p = settings.temperature, settings.top_p
+    else:
+        settings = cfg.sequences
+        blocks = ctx.train_blocks(seq_len)
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(ctx.seed))
+        prompts = [
+            tokenizer.decode(blocks[i, : settings.prompt_tokens], skip_special_tokens=True)
+            for i in order[: settings.prompts].tolist()
+        ]
+        samples, max_tokens, top_p = 1, settings.new_tokens, settings.top_p
+        temperature = 0.0 if settings.method == "greedy" else settings.temperature
+    requests = [Request(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(samples)]
+    cache = home() / "answers" / f"{digest([ctx.cache_key, settings.model_dump(mode='json'), prompts, ctx.seed])}.jsonl"
+    answers = teacher.answers(requests, cache, max_tokens, temperature, top_p, ctx.seed)
+    if cfg.cot is None:
+        pairs = [(prompt, answers[(i, 0)]) for i, prompt in enumerate(prompts)]
+        ctx.info["teacher_answers"] = len(pairs)
+    else:
+        pairs = []
+        solved = 0
+        for i, (prompt, problem) in enumerate(zip(prompts, problems)):
+            kept = keep([answers[(i, j)] for j in range(samples)], problem["answer"], cfg.cot)
+            pairs += [(prompt, rationale) for rationale in kept]
+            solved += bool(kept)
+        ctx.info.update(
+            cot_problems=len(prompts), cot_generated=len(requests), cot_kept=len(pairs), cot_problems_solved=solved
+        )
+        say(f"chain of thought: kept {len(pairs)} of {len(requests)} rationales ({solved}/{len(prompts)} problems)")
+        if not pairs:
+            raise UserError(
+                f"cot: none of the {len(requests)} rationales reached the reference answer "
+                "(check answer_regex against the teacher's answers, or raise samples)",
+                code=1,
+            )
+    return answer_rows(tokenizer, pairs, seq_len)
+
+
+def with_lora(model: torch.nn.Module, cfg: Lora) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.targets)
+    )
+
+
 def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
     cfg: Config = ctx.config
-    teacher = ctx.teacher.model
-    student = build_student(model, teacher, cfg.student, ctx.seed).float()
+    remote = isinstance(ctx.teacher, Endpoint)
+    teacher = None if remote else ctx.teacher.model
+    student = build_student(model, teacher if teacher is not None else model, cfg.student, ctx.seed).float()
     ctx.info.update(
         input_params=count_params(model),
         student_params=count_params(student),
         student_layers=student.config.num_hidden_layers,
     )
-    ctx.info.update(distill_train(student, teacher, cfg, ctx))
-    return student
+    rows = None
+    if remote or cfg.cot is not None:
+        source = ctx.teacher if remote else Local(teacher, ctx.teacher.tokenizer)
+        rows = text_rows(cfg, source, tokenizer, ctx)
+    train_cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"alpha": 0.0})}) if remote else cfg
+    trained = with_lora(student, cfg.lora) if cfg.lora is not None else student
+    if cfg.lora is not None:
+        ctx.info["lora_trainable_params"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    ctx.info.update(distill_train(trained, teacher, train_cfg, ctx, rows))
+    return trained.merge_and_unload() if cfg.lora is not None else student

@@ -24,6 +24,9 @@ class Config(recover.Config, Scheme):
     pass
 
 
+white_box_fields = recover.white_box_fields
+
+
 def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
     check_scheme(cfg, shape, "torchao")
     return recover.check(cfg, shape, teacher_shape)

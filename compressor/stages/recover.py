@@ -32,6 +32,11 @@ class Config(Knobs):
         return self
 
 
+def white_box_fields(cfg: Config) -> str | None:
+    """The setting that needs the teacher's logits (an openai: teacher has none)."""
+    return "teacher" if cfg.teacher == "original" else None
+
+
 def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
     check_knobs(cfg, shape, shape if cfg.teacher == "input" else teacher_shape)
     return shape
