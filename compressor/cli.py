@@ -65,6 +65,7 @@ def _eval(args) -> None:
             task_dirs=args.task_dir,
             data_dir=args.data_dir,
             limit=args.limit,
+            max_length=args.max_length,
             speculative={"enabled": args.speculative},
         ),
     )
@@ -134,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--task-dir", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
     e.add_argument("--data-dir", help="folder of the published benchmark files (default: ../shared/data)")
     e.add_argument("--limit", type=int, help="items per task")
+    e.add_argument("--max-length", type=int, help="scoring context in tokens (default: the model's)")
     e.add_argument(
         "--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts"
     )

@@ -287,7 +287,7 @@ def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) ->
 
 @contextlib.contextmanager
 def _quiet_bars():
-    """lm-eval's per-document bars redraw in place on a terminal but flood a log file."""
+    """lm-eval's other bars (building requests, tokenizing) likewise, where they take the default."""
     if sys.stderr.isatty():
         yield
         return
@@ -320,15 +320,33 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
     max_length = spec.max_length or getattr(model.config, "max_position_embeddings", 2048)
 
     class Scorer(HFLM):
+        quiet = not sys.stderr.isatty()  # per-document bars flood a log file
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return super().loglikelihood(requests, disable_tqdm or self.quiet)
+
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             """lm-eval puts the prefix token (BOS) before each document, and a tokenizer that
             adds BOS itself puts a second one after it, which is then scored as text
             (lm-eval issue #3333): score each document's own tokens after a single BOS."""
             self.add_bos_token, saved = False, self.add_bos_token
             try:
-                return super().loglikelihood_rolling(requests, disable_tqdm)
+                return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
             finally:
                 self.add_bos_token = saved
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):  # rolling forces False
+            longest = max((len(cont) for _, _, cont in requests), default=0)
+            if longest > self.max_length:
+                raise UserError(
+                    f"an answer of {longest} tokens is longer than the scoring context of {self.max_length} "
+                    "(eval.max_length, default the model's max_position_embeddings): raise it (rotary models "
+                    "extrapolate, less accurately) or leave the task out"
+                )
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or self.quiet, **kwargs)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm or self.quiet)
 
     lm = Scorer(
         pretrained=model,
