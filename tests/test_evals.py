@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from compressor import UserError
 from compressor.evaldata import hellaswag_rows, parse_item, text_documents, user_task_name, wikitext_pages
 from compressor.measure import EvalSpec
 from compressor.models import load_pretrained
@@ -254,6 +255,15 @@ def test_a_users_task_folder_reads_data_beside_its_yaml(tiny, tmp_path):
         correct += max(range(len(lls)), key=lls.__getitem__) == row["label"]
     assert got["my_mc/acc"] == pytest.approx(correct / len(rows))
     assert str(tmp_path / "mine.jsonl") in next(materialize((tmp_path,)).rglob("mine.yaml")).read_text()
+
+
+def test_an_answer_longer_than_the_scoring_context_is_a_clear_error(tiny, tmp_path):
+    model, tok = tiny
+    long_choice = " ".join(["a very long answer"] * 20)
+    (tmp_path / "long.json").write_text(json.dumps([mc_item("Why?", [long_choice, "no"], 0)]))
+    spec = EvalSpec(tasks=[f"mc:{tmp_path / 'long.json'}"], max_length=16)
+    with pytest.raises(UserError, match="longer than the scoring context of 16 .*eval.max_length"):
+        evaluate(model, tok, spec)
 
 
 def test_missing_data_and_broken_user_files_are_one_line_errors(tmp_path):
