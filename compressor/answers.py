@@ -1,6 +1,6 @@
 """Text answers to text prompts from a teacher, cached line by line: a local model (`Local`) or a
 black-box teacher behind an OpenAI-compatible `chat/completions` endpoint (`Endpoint`). Both have
-`answers(requests, cache, max_tokens, temperature, top_p, seed)`.
+`answers(requests, cache, max_tokens, temperature, top_p, seed)` (class `Teacher`: the cache).
 
 An endpoint gives no logits, only text, so it feeds sequence-level distillation: prompts go
 out concurrently (at most `concurrency` in flight), failures that may pass (429, 5xx, timeouts,
@@ -31,47 +31,64 @@ class Request:
     prompt: str
 
 
-class Local:
+class Teacher:
+    """The cache every answering teacher shares; a subclass only fetches what is missing,
+    handing each answer to `emit` as it arrives."""
+
+    def answers(
+        self, requests: list[Request], cache: Path, max_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> dict[tuple[int, int], str]:
+        """{(index, sample): text} for every request, from the cache or the teacher."""
+        done = read_cache(cache)
+        todo = [r for r in requests if (r.index, r.sample) not in done]
+        if todo:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache, "a", encoding="utf-8") as f, Bar("teacher answers", len(requests), unit="answer") as bar:
+                bar.update(len(requests) - len(todo))
+
+                def emit(req: Request, text: str) -> None:
+                    f.write(json.dumps({"index": req.index, "sample": req.sample, "text": text}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before the next answer is awaited
+                    done[(req.index, req.sample)] = text
+                    bar.update(1)
+
+                self.fetch(todo, emit, max_tokens, temperature, top_p, seed)
+        return {(r.index, r.sample): done[(r.index, r.sample)] for r in requests}
+
+    def fetch(self, todo: list[Request], emit, max_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+        raise NotImplementedError
+
+
+class Local(Teacher):
     """A local teacher answering by continuing each prompt (sampling when temperature > 0)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def answers(
-        self, requests: list[Request], cache: Path, max_tokens: int, temperature: float, top_p: float, seed: int
-    ) -> dict[tuple[int, int], str]:
+    def fetch(self, todo, emit, max_tokens, temperature, top_p, seed) -> None:
         import torch
 
-        done = read_cache(cache)
         groups: dict[int, list[Request]] = {}
-        for r in requests:
-            if (r.index, r.sample) not in done:
-                groups.setdefault(r.index, []).append(r)
-        eos = self.tokenizer.eos_token_id
+        for r in todo:
+            groups.setdefault(r.index, []).append(r)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(cache, "a", encoding="utf-8") as f, Bar("teacher answers", len(requests), unit="answer") as bar:
-            bar.update(len(requests) - sum(len(g) for g in groups.values()))
-            for index, group in groups.items():
-                torch.manual_seed(seed + 7919 * index)
-                ids = self.tokenizer(group[0].prompt, return_tensors="pt").input_ids.to(self.model.device)
-                with torch.no_grad():
-                    out = self.model.generate(
-                        ids.repeat(len(group), 1),
-                        attention_mask=torch.ones_like(ids).repeat(len(group), 1),
-                        max_new_tokens=max_tokens,
-                        pad_token_id=eos,
-                        **(sampling if temperature > 0 else {"do_sample": False}),
-                    )
-                for req, row in zip(group, out[:, ids.shape[1] :]):
-                    text = self.tokenizer.decode(row, skip_special_tokens=True)
-                    _append(f, req, text)
-                    done[(req.index, req.sample)] = text
-                bar.update(len(group))
-        return {(r.index, r.sample): done[(r.index, r.sample)] for r in requests}
+        for index, group in groups.items():
+            torch.manual_seed(seed + 7919 * index)
+            ids = self.tokenizer(group[0].prompt, return_tensors="pt").input_ids.to(self.model.device)
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids.repeat(len(group), 1),
+                    attention_mask=torch.ones_like(ids).repeat(len(group), 1),
+                    max_new_tokens=max_tokens,
+                    pad_token_id=self.tokenizer.eos_token_id,
+                    **(sampling if temperature > 0 else {"do_sample": False}),
+                )
+            for req, row in zip(group, out[:, ids.shape[1] :]):
+                emit(req, self.tokenizer.decode(row, skip_special_tokens=True))
 
 
-class Endpoint:
+class Endpoint(Teacher):
     """`openai:<base_url>#<model>` with its client settings (a models.TeacherSpec)."""
 
     def __init__(self, spec):
@@ -138,22 +155,14 @@ class Endpoint:
             "seed": seed,
         }
 
-    def answers(
-        self, requests: list[Request], cache: Path, max_tokens: int, temperature: float, top_p: float, seed: int
-    ) -> dict[tuple[int, int], str]:
-        """{(index, sample): text} for every request, from the cache or the endpoint."""
-        done = read_cache(cache)
-        todo = [r for r in requests if (r.index, r.sample) not in done]
-        if todo:
-            asyncio.run(self._fetch(todo, cache, done, max_tokens, temperature, top_p, seed, len(requests)))
-        return {(r.index, r.sample): done[(r.index, r.sample)] for r in requests}
+    def fetch(self, todo, emit, max_tokens, temperature, top_p, seed) -> None:
+        asyncio.run(self._fetch(todo, emit, max_tokens, temperature, top_p, seed))
 
-    async def _fetch(self, todo, cache, done, max_tokens, temperature, top_p, seed, total) -> None:
+    async def _fetch(self, todo, emit, max_tokens, temperature, top_p, seed) -> None:
         import aiohttp
 
         gate = asyncio.Semaphore(self.spec.concurrency)
         headers = self._headers()
-        cache.parent.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession(timeout=self._timeout()) as session:
 
             async def one(req: Request) -> tuple[Request, str]:
@@ -163,13 +172,8 @@ class Endpoint:
 
             tasks = [asyncio.ensure_future(one(r)) for r in todo]
             try:
-                with open(cache, "a", encoding="utf-8") as f, Bar("teacher answers", total, unit="answer") as bar:
-                    bar.update(total - len(todo))
-                    for next_done in asyncio.as_completed(tasks):
-                        req, text = await next_done
-                        _append(f, req, text)
-                        done[(req.index, req.sample)] = text
-                        bar.update(1)
+                for next_done in asyncio.as_completed(tasks):
+                    emit(*await next_done)
             finally:
                 for t in tasks:
                     t.cancel()
@@ -199,13 +203,6 @@ class Endpoint:
             "the answers so far are cached, rerun to go on",
             code=1,
         )
-
-
-def _append(f, req: Request, text: str) -> None:
-    """One answer, on disk before the next is awaited."""
-    f.write(json.dumps({"index": req.index, "sample": req.sample, "text": text}) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def read_cache(path: Path) -> dict[tuple[int, int], str]:

@@ -257,6 +257,14 @@ def continue_prompts(model, prompts: torch.Tensor, new_tokens: int, generate_kwa
     return {"input_ids": out, "labels": labels}
 
 
+def sample_prompts(blocks: torch.Tensor, cfg: Sequences, seed: int) -> torch.Tensor:
+    """`cfg.prompts` random blocks (by seed), cut to their first `cfg.prompt_tokens` tokens."""
+    if cfg.prompt_tokens > blocks.shape[1]:
+        raise UserError(f"sequences.prompt_tokens {cfg.prompt_tokens} exceeds the data's seq_len {blocks.shape[1]}")
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return blocks[order[: cfg.prompts], : cfg.prompt_tokens]
+
+
 def teacher_sequences(teacher, blocks: torch.Tensor, cfg: Sequences, seed: int, cache_key: str) -> dict:
     """The teacher's continuations of `cfg.prompts` prompts (cached on disk)."""
     from .progress import Bar
@@ -264,10 +272,7 @@ def teacher_sequences(teacher, blocks: torch.Tensor, cfg: Sequences, seed: int, 
     path = home() / "generations" / f"{digest([cache_key, cfg.model_dump(), seed])}.safetensors"
     if path.is_file():
         return load_file(path)
-    if cfg.prompt_tokens > blocks.shape[1]:
-        raise UserError(f"sequences.prompt_tokens {cfg.prompt_tokens} exceeds the data's seq_len {blocks.shape[1]}")
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
-    prompts = blocks[order[: cfg.prompts], : cfg.prompt_tokens]
+    prompts = sample_prompts(blocks, cfg, seed)
     parts: list[dict] = []
     with Bar("teacher generations", len(prompts), unit="sequence") as bar:
         for i in range(0, len(prompts), cfg.batch_size):

@@ -312,12 +312,10 @@ def measure(
     model.eval()
     metrics = size(model, folder)
     metrics.update(fidelity(model, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size))
+    pad = tokenizer.pad_token_id or tokenizer.eos_token_id
     if spec.latency.enabled:
-        metrics.update(
-            latency(model, heldout.flatten(), spec.latency, tokenizer.pad_token_id or tokenizer.eos_token_id)
-        )
+        metrics.update(latency(model, heldout.flatten(), spec.latency, pad))
     if spec.speculative.enabled and teacher is not None:
-        pad = tokenizer.pad_token_id or tokenizer.eos_token_id
         metrics["speculative"] = speculative(model, teacher, heldout, spec.speculative, pad)
     torch.manual_seed(seed)
     metrics["accuracy"] = evaluate(model, tokenizer, spec, seed)

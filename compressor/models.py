@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class TeacherSpec(BaseModel):
     """`source` is builtin:<name>, hf:<hub id or folder>, llama2c:<model.bin>, or
-    openai:<base_url>#<model> (a black-box teacher: text only, see remote.py)."""
+    openai:<base_url>#<model> (a black-box teacher: text only, see answers.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -197,6 +197,13 @@ class Session:
         """Row 0: the teacher, or with a black-box teacher (not measurable here) the base model."""
         return "base" if self.remote else "teacher"
 
+    @property
+    def reference_spec(self):
+        return self.spec.base if self.remote else self.spec.teacher
+
+    def reference_model(self) -> Loaded:
+        return self.start if self.remote else self.teacher
+
     def load_artifact(self, key: str) -> Loaded:
         return load_pretrained(str(self.store.path(key)), self.device, dtype="auto")
 
@@ -258,8 +265,8 @@ def run(recipe: Recipe, out: Path, store: Store | None = None) -> dict:
             + ", ".join(f"{s.name} {'cached' if done else 'to run'}" for s, done in zip(recipe.stages, finished))
         )
         start = time.time()
-        reference = recipe.spec.base if session.remote else recipe.spec.teacher
-        metrics, cached = session.measurement(session.teacher_key, lambda: session.start, is_teacher=True)
+        metrics, cached = session.measurement(session.teacher_key, session.reference_model, is_teacher=True)
+        reference = session.reference_spec
         records = [
             {
                 "name": session.reference_name,

@@ -77,11 +77,16 @@ class Bar:
 
 def quiet_libraries() -> None:
     """Our progress is the one to watch: mute library chatter (transformers' shard bars,
-    datasets' split bars, lm-eval's warnings)."""
+    datasets' split bars, lm-eval's warnings). Into a log file (not a terminal), tqdm bars of
+    any library (lm-eval's per-document ones) would print a line per redraw: off. tqdm reads
+    TQDM_DISABLE when first imported, which is why this runs before anything imports it."""
     import logging
     import os
+    import sys
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("lm-eval", "lm_eval", "transformers", "datasets", "accelerate", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging

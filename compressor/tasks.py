@@ -9,7 +9,6 @@ cache, a user's name files beside their YAML. Before evaluating we copy each tas
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -174,15 +173,11 @@ def _packaged_file(name: str, data: Path | None) -> str:
 
 
 def _user_task(spec: str) -> dict:
-    """The task a user's `mc:FILE.json` / `ppl:FILE.txt` defines: the stock ARC prompt and
-    scoring, or our rolling-perplexity task, over the file converted into the cache."""
+    """The task a user's `mc:FILE.json` / `ppl:FILE.txt` defines: our arc_easy_local (the stock
+    ARC prompt and scoring) or tinystories_local, over the file converted into the cache."""
     kind, path = user_file(spec)
     data = str(converted(path, USER_KINDS[kind]))
-    if kind == "mc":
-        base = {"include": "lm_eval/tasks/arc/arc_easy.yaml", "tag": [], "dataset_path": "json", "dataset_name": None}
-        base.update(training_split=None, validation_split=None, test_split="test")
-    else:
-        base = _read_yaml(PACKAGED_DIR / "tinystories_local.yaml")
+    base = _read_yaml(PACKAGED_DIR / ("arc_easy_local.yaml" if kind == "mc" else "tinystories_local.yaml"))
     return _resolved(dict(base, task=user_task_name(spec), dataset_kwargs={"data_files": {"test": data}}), str)
 
 
@@ -285,23 +280,6 @@ def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) ->
     return math.exp(nll / tokens)
 
 
-@contextlib.contextmanager
-def _quiet_bars():
-    """lm-eval's other bars (building requests, tokenizing) likewise, where they take the default."""
-    if sys.stderr.isatty():
-        yield
-        return
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = saved
-
-
 def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
     """lm-eval `simple_evaluate` on an in-memory model, for an EvalSpec's tasks, task folders,
     data folder, limit, batch size and length; returns {"task/metric": value}. Rolling
@@ -320,10 +298,15 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
     max_length = spec.max_length or getattr(model.config, "max_position_embeddings", 2048)
 
     class Scorer(HFLM):
-        quiet = not sys.stderr.isatty()  # per-document bars flood a log file
+        # lm-eval passes disable=False to its per-request bars, which overrides TQDM_DISABLE
+        # (progress.quiet_libraries): into a log file they would print a line per redraw
+        quiet = not sys.stderr.isatty()
 
         def loglikelihood(self, requests, disable_tqdm=False):
             return super().loglikelihood(requests, disable_tqdm or self.quiet)
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return super().generate_until(requests, disable_tqdm or self.quiet)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             """lm-eval puts the prefix token (BOS) before each document, and a tokenizer that
@@ -345,9 +328,6 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
                 )
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or self.quiet, **kwargs)
 
-        def generate_until(self, requests, disable_tqdm=False):
-            return super().generate_until(requests, disable_tqdm or self.quiet)
-
     lm = Scorer(
         pretrained=model,
         tokenizer=tokenizer,
@@ -356,19 +336,18 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
         device=str(model.device),
     )
     try:
-        with _quiet_bars():
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=names,
-                task_manager=manager,
-                limit=spec.limit,
-                bootstrap_iters=0,
-                log_samples=True,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            task_manager=manager,
+            limit=spec.limit,
+            bootstrap_iters=0,
+            log_samples=True,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise UserError(f"lm-eval failed on tasks {names}: {type(exc).__name__}: {exc}", code=1) from None
     metrics = {}

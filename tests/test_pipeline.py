@@ -14,6 +14,7 @@ from conftest import REPO, distill_recipe
 
 from compressor import UserError
 from compressor.cli import main
+from compressor.models import count_params
 from compressor.pipeline import run
 from compressor.recipe import load_recipe
 from compressor.storage import Store, locked
@@ -107,6 +108,21 @@ def test_a_second_run_into_the_same_folder_is_refused(first_run):
     with locked(out / ".lock", "test holder"):
         with pytest.raises(UserError, match="in use by pid"):
             run(load_recipe(path), out)
+
+
+def test_a_base_model_starts_the_chain_while_the_teacher_stays_row_0(tmp_path, write_recipe, tiny_teacher_folder):
+    from compressor.models import keep_layers, load_pretrained
+
+    teacher = load_pretrained(str(tiny_teacher_folder), torch.device("cpu"))
+    keep_layers(teacher.model, [0]).save_pretrained(tmp_path / "base")
+    teacher.tokenizer.save_pretrained(tmp_path / "base")
+    recipe = distill_recipe("based", steps=2, base=f"hf:{tmp_path / 'base'}")
+    recipe["stages"][0]["distill"]["student"] = {}
+    record = run(load_recipe(write_recipe(recipe)), tmp_path / "out", Store(tmp_path / "store"))
+    row0, student = record["stages"]
+    assert row0["name"] == "teacher" and row0["source"] == "builtin:tiny-stdlib"
+    assert row0["metrics"]["params"] == count_params(teacher.model) and row0["metrics"]["teacher_kl"] == 0
+    assert student["info"]["input_params"] == student["metrics"]["params"] < row0["metrics"]["params"]
 
 
 def test_two_recipes_with_a_common_prefix_share_the_artifact(first_run, tmp_path, write_recipe):

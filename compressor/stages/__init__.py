@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from . import distill, prune, qat, quantize, recover
 
 # kind -> module; a module may set PRODUCES = "quantized" (the model cannot be trained or
-# pruned afterwards) and NEEDS_FLOAT = True (it cannot follow a quantized stage).
+# pruned afterwards), NEEDS_FLOAT = True (it cannot follow a quantized stage) and define
+# white_box_fields(cfg) -> the setting that needs the teacher's logits (refused with openai:).
 STAGES = {"distill": distill, "prune": prune, "recover": recover, "quantize": quantize, "qat": qat}
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .. import UserError
 from ..answers import Endpoint, Local, Request
 from ..cot import CoT, keep
-from ..data import Batches, Sequences, continue_prompts, teacher_sequences
+from ..data import Batches, Sequences, continue_prompts, sample_prompts, teacher_sequences
 from ..losses import LossConfig, hidden_loss, kd_loss, shift_labels
 from ..models import count_params, evenly_spaced, fresh_model, keep_layers
 from ..progress import say
@@ -125,6 +125,8 @@ def white_box_fields(cfg: Config) -> str | None:
     """The first setting that needs the teacher's logits or weights (None: text is enough)."""
     if cfg.sequences is None and cfg.cot is None:
         return "sequences"
+    if cfg.sequences is not None and cfg.sequences.method == "beam":
+        return "sequences.method"
     for name in ("hidden", "on_policy"):
         if getattr(cfg, name) is not None:
             return name
@@ -287,12 +289,12 @@ def answer_rows(tokenizer, pairs: list[tuple[str, str]], seq_len: int) -> dict[s
         a = tokenizer(answer, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
         ids = (p + a)[:seq_len]
         rows.append(ids)
-        labels.append(([-100] * len(p) + a)[1 : seq_len + 1] + [-100])
+        labels.append(([-100] * len(p) + a + [-100])[1 : len(ids) + 1])  # next-token targets
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     return {
         "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([(lab + [-100] * width)[:width] for lab in labels]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
     }
 
 
@@ -308,12 +310,9 @@ def text_rows(cfg: Config, teacher, tokenizer, ctx) -> dict[str, torch.Tensor]:
         temperature, top_p = settings.temperature, settings.top_p
     else:
         settings = cfg.sequences
-        blocks = ctx.train_blocks(seq_len)
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(ctx.seed))
-        prompts = [
-            tokenizer.decode(blocks[i, : settings.prompt_tokens], skip_special_tokens=True)
-            for i in order[: settings.prompts].tolist()
-        ]
+        prompts = tokenizer.batch_decode(
+            sample_prompts(ctx.train_blocks(seq_len), settings, ctx.seed), skip_special_tokens=True
+        )
         samples, max_tokens, top_p = 1, settings.new_tokens, settings.top_p
         temperature = 0.0 if settings.method == "greedy" else settings.temperature
     requests = [Request(i, j, prompt) for i, prompt in enumerate(prompts) for j in range(samples)]
