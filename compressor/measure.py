@@ -123,6 +123,9 @@ def kernel(model: torch.nn.Module) -> str:
         w, name = m.weight, type(m).__name__
         if name == "Linear4bit":
             kind = f"bitsandbytes {w.quant_state.quant_type}"
+            if w.device.type == "cpu" and getattr(m, "support_avx512bf16_for_cpu", False):
+                # repacked on the first forward without autograd, then computed in bf16
+                kind += " (CPU AVX512-BF16 kernel, bf16 compute)"
         elif name == "Linear8bitLt":
             kind = "bitsandbytes LLM.int8"
         elif type(w).__name__ == "IntxUnpackedToInt8Tensor":
