@@ -25,8 +25,8 @@ from _reports import save
 def one(variant: str, args, out: Path) -> None:
     from safetensors.torch import save_file
 
+    from compressor.latency import PeakRSS
     from compressor.losses import LossConfig, kd_loss, kd_loss_naive, shift_labels
-    from compressor.measure import PeakRSS
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import UserError
 from .progress import Bar
+from .seeds import answer_seed
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Local(Teacher):
             groups.setdefault(r.index, []).append(r)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         for index, group in groups.items():
-            torch.manual_seed(seed + 7919 * index)
+            torch.manual_seed(answer_seed(seed, index))
             ids = self.tokenizer(group[0].prompt, return_tensors="pt").input_ids.to(self.model.device)
             with torch.no_grad():
                 out = self.model.generate(
@@ -166,7 +167,7 @@ class Endpoint(Teacher):
         async with aiohttp.ClientSession(timeout=self._timeout()) as session:
 
             async def one(req: Request) -> tuple[Request, str]:
-                request_seed = seed + 7919 * req.index + req.sample
+                request_seed = answer_seed(seed, req.index, req.sample)
                 payload = self._payload(req.prompt, max_tokens, temperature, top_p, request_seed)
                 return req, await self._post(session, gate, payload, headers)
 

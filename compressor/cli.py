@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import UserError
-from .progress import quiet_libraries
+from .progress import interrupted, quiet_libraries
 
 
 def _run(args) -> None:
@@ -18,8 +18,7 @@ def _run(args) -> None:
     recipe = load_recipe(args.recipe)
     out = Path(args.out or Path("runs") / recipe.name)
     record = run(recipe, out, Store(Path(args.store)) if args.store else None)
-    cached = sum(s["cached"] for s in record["stages"])
-    print(f"{out / 'report.md'} ({len(record['stages'])} measured, {cached} cached)")
+    _done(record, out, f"{len(record['stages'])} rows")
 
 
 def _compare(args) -> None:
@@ -29,8 +28,19 @@ def _compare(args) -> None:
     variants = plan(args.recipes)
     out = Path(args.out or Path("runs") / ("compare-" + "-".join(r.name for _, r in variants[:1])))
     record = compare(variants, out, Store(Path(args.store)) if args.store else None)
-    cached = sum(s["cached"] for s in record["stages"])
-    print(f"{out / 'report.md'} ({len(variants)} orderings, {len(record['stages'])} measured, {cached} cached)")
+    _done(record, out, f"{len(variants)} orderings, {len(record['stages'])} rows")
+
+
+def _done(record: dict, out: Path, what: str) -> None:
+    """The picks, then where the report is: what a person looks for at the end of a run."""
+    from .picks import Floor, summary
+
+    built = sum(not s["cached"] for s in record["stages"][1:])
+    if "pick" in record:
+        for line in summary(record["stages"], Floor(**record["pick"])):
+            if line:
+                print(line.replace("**", ""))
+    print(f"{out / 'report.md'} ({what}: {built} built, {len(record['stages']) - 1 - built} cached)")
 
 
 def _validate(args) -> None:
@@ -89,13 +99,13 @@ def _report(args) -> None:
 
 
 def _export(args) -> None:
-    from .export import export
+    from .exporters import export
 
-    print(export(Path(args.run_dir), Path(args.out), args.stage))
+    print(export(Path(args.run_dir), Path(args.out), args.stage, args.format))
 
 
 def _teacher(args) -> None:
-    from .builtin import ensure_teacher, teacher_report
+    from .teachers.builtin import ensure_teacher, teacher_report
 
     folder = ensure_teacher(args.name)
     report = teacher_report(folder)
@@ -105,68 +115,157 @@ def _teacher(args) -> None:
     )
 
 
+EXAMPLES = {
+    "run": "example: compressor run stacks/quickstart.yaml --out runs/quickstart",
+    "compare": "example: compressor compare stacks/orderings.yaml --out runs/orderings",
+    "validate": "example: compressor validate stacks/quickstart.yaml",
+    "eval": "example: compressor eval hf:./my-model --tasks arc_easy_local,piqa_local --limit 200 --out runs/eval",
+    "report": "example: compressor report runs/quickstart",
+    "export": "example: compressor export runs/quickstart --stage recover --format hf --out exported/recover",
+    "teacher build": "example: compressor teacher build",
+}
+
+
+def _sub(sub, name: str, summary: str, description: str, fn=None, example: str | None = None):
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=EXAMPLES.get(example or name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if fn is not None:
+        p.set_defaults(fn=fn)
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(
-        prog="compressor", description="Stack distillation, pruning and quantization; measure every stage."
+        prog="compressor",
+        description="Stack distillation, pruning and quantization; measure every stage.",
+        epilog="example: compressor run stacks/quickstart.yaml   (then: compressor <command> --help)",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"compressor {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
-    r = sub.add_parser("run", help="run (or resume) a recipe")
-    r.add_argument("recipe")
-    r.add_argument("--out", help="output folder (default runs/<recipe name>)")
-    r.add_argument("--store", help="artifact store (default $COMPRESSOR_HOME/artifacts)")
-    r.set_defaults(fn=_run)
+    r = _sub(
+        sub,
+        "run",
+        "run (or resume) a recipe",
+        "Run a recipe's stages in order, measure the teacher and every stage the same way, and write\n"
+        "OUT/run.json and OUT/report.md with the picks. Finished stages are cached: a rerun, or a\n"
+        "recipe that starts with the same stages, reuses them; an interrupted stage resumes.",
+        _run,
+    )
+    r.add_argument("recipe", help="a recipe YAML (see stacks/): teacher, data, stages, eval, pick")
+    _outputs(r, "runs/<recipe name>")
 
-    c = sub.add_parser("compare", help="run several orderings (or recipes) as one plan; pick among all")
+    c = _sub(
+        sub,
+        "compare",
+        "run several orderings (or recipes) as one plan; pick among all",
+        "Run every ordering of a recipe with `orderings:` (or several recipes that share teacher, data,\n"
+        "eval and seed) through one store, so shared first stages are built once; time every model\n"
+        "together; write OUT/<ordering>/ per ordering and OUT/report.md over all of them.",
+        _compare,
+    )
     c.add_argument("recipes", nargs="+", help="recipe files; one with `orderings:` runs each ordering")
-    c.add_argument("--out", help="output folder (default runs/compare-<name>)")
-    c.add_argument("--store", help="artifact store (default: $COMPRESSOR_HOME/artifacts)")
-    c.set_defaults(fn=_compare)
+    _outputs(c, "runs/compare-<name>")
 
-    v = sub.add_parser("validate", help="check a recipe without running it")
-    v.add_argument("recipe")
-    v.set_defaults(fn=_validate)
-
-    e = sub.add_parser(
-        "eval", help="measure one model: builtin:NAME, hf:ID|FOLDER, llama2c:FILE, or an artifact folder"
+    v = _sub(
+        sub,
+        "validate",
+        "check a recipe without running it",
+        "Check a recipe completely (keys, types,\n"
+        "files, stage order, stage settings against the teacher's dimensions, eval tasks) and run nothing.",
+        _validate,
     )
-    e.add_argument("model")
-    e.add_argument("--tasks", help="comma-separated lm-eval task names (default stdlib_ppl,stdlib_mc)")
+    v.add_argument("recipe", help="a recipe YAML")
+
+    e = _sub(
+        sub,
+        "eval",
+        "measure one model like a stage",
+        "Measure one model the way every stage is measured (size, speed, accuracy, and fidelity with\n"
+        "--teacher) and write OUT/run.json and OUT/report.md.",
+        _eval,
+    )
+    e.add_argument(
+        "model", help="builtin:NAME, hf:ID or hf:FOLDER, llama2c:FILE.bin, or a folder written by run/export"
+    )
+    e.add_argument_group("required").add_argument("--out", required=True, help="output folder")
+    e.add_argument(
+        "--tasks",
+        help="comma-separated: our tasks, any lm-eval task, mc:FILE.json, ppl:FILE.txt "
+        "(default: stdlib_ppl,stdlib_mc)",
+    )
     e.add_argument("--task-dir", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
-    e.add_argument("--data-dir", help="folder of the published benchmark files (default: ../shared/data)")
-    e.add_argument("--limit", type=int, help="items per task")
+    e.add_argument(
+        "--data-dir",
+        help="folder of the published benchmark files (default: $COMPRESSOR_DATA, else ../shared/data)",
+    )
+    e.add_argument("--limit", type=int, help="items per task (default: all)")
     e.add_argument("--max-length", type=int, help="scoring context in tokens (default: the model's)")
     e.add_argument(
         "--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts"
     )
-    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per held-out block (default: 256)")
     e.add_argument("--teacher", help="a model to measure KL and top-1 agreement against")
     e.add_argument(
         "--speculative",
         action="store_true",
         help="with --teacher: measure the model as its draft (acceptance, speed-up)",
     )
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", required=True)
-    e.set_defaults(fn=_eval)
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    e.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling and of the timing (default: 0)")
 
-    rp = sub.add_parser("report", help="re-render DIR/report.md from DIR/run.json")
-    rp.add_argument("dir")
-    rp.set_defaults(fn=_report)
+    rp = _sub(
+        sub,
+        "report",
+        "re-render DIR/report.md from DIR/run.json",
+        "Re-render DIR/report.md and its plots from DIR/run.json alone.",
+        _report,
+    )
+    rp.add_argument("dir", help="a run's output folder (holds run.json)")
 
-    x = sub.add_parser("export", help="a stage's model as a standalone from_pretrained folder with a model card")
+    x = _sub(
+        sub,
+        "export",
+        "a stage's model as a folder another program loads",
+        "Write one stage of a finished run as a standalone folder in a format another program loads,\n"
+        "with a model card (README.md) naming the packages it needs. Formats: " + ", ".join(_formats()) + ".",
+        _export,
+    )
     x.add_argument("run_dir", help="the run's output folder (holds run.json)")
+    x.add_argument_group("required").add_argument("--out", required=True, help="output folder, outside the run folder")
     x.add_argument("--stage", help="stage name (default: the last)")
-    x.add_argument("--out", required=True)
-    x.set_defaults(fn=_export)
+    x.add_argument("--format", default="hf", choices=_formats(), help="what to write (default: hf)")
 
-    t = sub.add_parser("teacher", help="the built-in teacher")
-    tsub = t.add_subparsers(dest="action", required=True)
-    tb = tsub.add_parser("build", help="build (or find cached) the built-in teacher")
-    tb.add_argument("--name", default="tiny-stdlib")
-    tb.set_defaults(fn=_teacher)
+    t = _sub(sub, "teacher", "the built-in teacher", "Build the built-in teacher ahead of a run.")
+    tsub = t.add_subparsers(dest="action", required=True, metavar="action")
+    tb = _sub(
+        tsub,
+        "build",
+        "build (or find cached) the built-in teacher",
+        "Train the built-in teacher once (~3 min on 2 cores) and cache it in $COMPRESSOR_HOME.",
+        _teacher,
+        example="teacher build",
+    )
+    tb.add_argument("--name", default="tiny-stdlib", help="which built-in teacher (default: tiny-stdlib)")
     return p
+
+
+def _outputs(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--out", help=f"output folder (default: {default_out})")
+    p.add_argument("--store", help="artifact store (default: $COMPRESSOR_HOME/artifacts)")
+
+
+def _formats() -> list[str]:
+    from .exporters import EXPORTERS
+
+    return list(EXPORTERS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        print(interrupted(), file=sys.stderr)
         return 130
     return 0
 

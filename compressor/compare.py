@@ -1,22 +1,25 @@
 """`compressor compare`: several orderings of stages (or several recipes) as one plan.
 
 Every ordering runs through the same store, so stages with the same key (same teacher, data,
-seed and stage settings up to that point) are built once: the shared-prefix cache. The combined
-run.json lists the teacher once and every ordering's stages labelled with the ordering, and the
-report picks among all of them.
+seed and stage settings up to that point) are built once: the shared-prefix cache. Every
+distinct model of every ordering is then timed together, in interleaved rounds, so their
+latencies compare. The combined run.json lists the teacher once and every ordering's stages
+labelled with the ordering, and the report picks among all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from . import UserError
-from .pipeline import run
+from .pipeline import Session, attach_latency, build_and_measure, finish
 from .progress import say
 from .recipe import Recipe, load_orderings
+from .record import RunRecord, make_record
 from .report import write_report
-from .storage import Store, write_json
+from .storage import Store, locked, write_json
 
 
 def plan(paths: list[str]) -> list[tuple[str, Recipe]]:
@@ -34,25 +37,39 @@ def plan(paths: list[str]) -> list[tuple[str, Recipe]]:
     return variants
 
 
-def compare(variants: list[tuple[str, Recipe]], out: Path, store: Store | None = None) -> dict:
+def compare(variants: list[tuple[str, Recipe]], out: Path, store: Store | None = None) -> RunRecord:
+    """Build and measure every ordering through one store, time every distinct model together,
+    then write each ordering's run into out/<ordering>/ and the comparison into out/."""
     store = store or Store()
     start = time.time()
-    records = []
-    for i, (label, recipe) in enumerate(variants):
-        say(f"ordering {i + 1}/{len(variants)}: {label}: {' -> '.join(s.name for s in recipe.stages)}")
-        records.append((label, run(recipe, out / label, store)))
-    first = records[0][1]
-    stages = [first["stages"][0]] + [
-        {**stage, "ordering": label} for label, record in records for stage in record["stages"][1:]
-    ]
-    record = {
-        **{k: v for k, v in first.items() if k not in ("stages", "recipe", "recipe_path")},
-        "recipe": "compare: " + ", ".join(label for label, _ in records),
-        "recipe_paths": sorted({str(r.path) for _, r in variants}),
-        "orderings": {label: [s["name"] for s in rec["stages"][1:]] for label, rec in records},
-        "seconds": round(time.time() - start, 2),
-        "stages": stages,
-    }
-    write_json(out / "run.json", record)
-    write_report(record, out)
-    return record
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        held.enter_context(locked(out / ".lock", f"output folder {out}", wait=False))
+        runs = []
+        for i, (label, recipe) in enumerate(variants):
+            (out / label).mkdir(parents=True, exist_ok=True)
+            held.enter_context(locked(out / label / ".lock", f"output folder {out / label}", wait=False))
+            say(f"ordering {i + 1}/{len(variants)}: {label}: {' -> '.join(s.name for s in recipe.stages)}")
+            session = Session(recipe, store)
+            runs.append((label, session, build_and_measure(session)))
+        timing = attach_latency([(session, rows) for _, session, rows in runs])
+        records = [(label, finish(session, rows, timing, out / label)) for label, session, rows in runs]
+        first = records[0][1]
+        stages = [first["stages"][0]] + [
+            {**stage, "ordering": label} for label, record in records for stage in record["stages"][1:]
+        ]
+        extra = {k: first[k] for k in ("pick", "notes") if k in first}
+        record = make_record(
+            "compare: " + ", ".join(label for label, _ in records),
+            first["seed"],
+            runs[0][1].device,
+            stages,
+            timing,
+            recipe_paths=sorted({str(r.path) for _, r in variants}),
+            orderings={label: [s["name"] for s in rec["stages"][1:]] for label, rec in records},
+            seconds=round(time.time() - start, 2),
+            **extra,
+        )
+        write_json(out / "run.json", record)
+        write_report(record, out)
+        return record

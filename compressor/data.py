@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validat
 from safetensors.torch import load_file, save_file
 
 from . import UserError
+from .seeds import epoch_seed, step_seed
 from .storage import digest, home, recipe_path, sha256_file
 
 BUILTIN_SOURCES = ("builtin:stdlib-text", "builtin:stdlib-heldout")
@@ -127,6 +128,18 @@ def load_documents(src: TextSource) -> list[str]:
         raise UserError(f"data {path}: every row needs a {src.field!r} string field") from None
 
 
+def documents(data) -> tuple[list[str], list[str]]:
+    """Training and held-out documents of a recipe's `data`: `heldout` when it names a source,
+    the stdlib's held-out files for the built-in text, else the last `heldout_fraction` of the
+    training documents."""
+    train_docs = load_documents(data.train)
+    if data.heldout is not None:
+        return train_docs, load_documents(data.heldout)
+    if data.train.source == "builtin:stdlib-text":
+        return train_docs, load_documents(TextSource(source="builtin:stdlib-heldout"))
+    return split_heldout(train_docs, data.heldout_fraction)
+
+
 def split_heldout(docs: list[str], fraction: float = 0.05) -> tuple[list[str], list[str]]:
     """Hold out the last `fraction` of documents (at least one) when no held-out set is named."""
     n = max(1, int(len(docs) * fraction))
@@ -183,7 +196,7 @@ class Batches:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
@@ -265,18 +278,19 @@ def sample_prompts(blocks: torch.Tensor, cfg: Sequences, seed: int) -> torch.Ten
     return blocks[order[: cfg.prompts], : cfg.prompt_tokens]
 
 
-def teacher_sequences(teacher, blocks: torch.Tensor, cfg: Sequences, seed: int, cache_key: str) -> dict:
-    """The teacher's continuations of `cfg.prompts` prompts (cached on disk)."""
+def teacher_sequences(teacher, blocks: torch.Tensor, cfg: Sequences, seed: int, cache: Path, cache_key: str) -> dict:
+    """The teacher's continuations of `cfg.prompts` prompts, cached in the folder `cache` under a
+    name made of (teacher and data `cache_key`, settings, seed)."""
     from .progress import Bar
 
-    path = home() / "generations" / f"{digest([cache_key, cfg.model_dump(), seed])}.safetensors"
+    path = cache / f"{digest([cache_key, cfg.model_dump(), seed])}.safetensors"
     if path.is_file():
         return load_file(path)
     prompts = sample_prompts(blocks, cfg, seed)
     parts: list[dict] = []
     with Bar("teacher generations", len(prompts), unit="sequence") as bar:
         for i in range(0, len(prompts), cfg.batch_size):
-            torch.manual_seed(seed * 7919 + i)
+            torch.manual_seed(step_seed(seed, i))
             batch = prompts[i : i + cfg.batch_size].to(teacher.device)
             parts.append(continue_prompts(teacher, batch, cfg.new_tokens, cfg.generate_kwargs()))
             bar.update(len(batch))

@@ -1,9 +1,11 @@
-"""Published benchmark files turned into the rows lm-eval's stock tasks read.
+"""Every data file our tasks read, made offline: the published benchmark files turned into the
+rows lm-eval's stock tasks read, the stdlib tasks' generated rows, and a user's own files.
 
 Our benchmark tasks `include:` the installed stock task (its prompt, scoring and `!function`
 helpers) and only swap the hub dataset for a local JSON file with the hub's field names. This
 module finds the data folder, converts each published file into that JSON once (cached by the
-source's content), and turns a user's own file (`mc:FILE.json`, `ppl:FILE.txt`) into a task.
+source's content), generates the stdlib tasks' rows, and converts a user's own file
+(`mc:FILE.json`, `ppl:FILE.txt`). It knows nothing of lm-eval: `tasks.py` sits above it.
 
 The multiple-choice files come in a prompt format, `{instruction, input, output, answer}`:
 
@@ -21,12 +23,15 @@ from __future__ import annotations
 import bz2
 import json
 import os
+import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import UserError
+from .data import stdlib_documents
 from .storage import atomic_dir, home, sha256_file
 
 # Bump when a conversion changes: it is part of every converted file's cache key.
@@ -217,6 +222,97 @@ def converted(source: Path, convert: Callable[[Path], list[dict]]) -> Path:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
+
+
+# --- data our own tasks generate, offline and deterministically ------------------------------
+
+
+def stdlib_ppl_rows() -> list[dict]:
+    """The first ~4 KB (whole lines) of every held-out stdlib file."""
+    rows = []
+    for doc in stdlib_documents("heldout"):
+        text = doc[:4000]
+        rows.append({"text": text[: text.rfind("\n") + 1] or text})
+    return rows
+
+
+def stdlib_mc_rows(n_items: int = 400, context_lines: int = 6) -> list[dict]:
+    """Which line really comes next? The true line against three shufflings of its own words
+    (same tokens, same length, broken syntax): a minimal-pair test of what the model knows of
+    Python, which a 3M-parameter model passes well above chance and compression erodes."""
+    rng = random.Random(1234)
+    files = [doc.splitlines() for doc in stdlib_documents("heldout")]
+    candidates = [
+        (fi, li)
+        for fi, lines in enumerate(files)
+        for li in range(context_lines, len(lines))
+        if len(set(lines[li].split())) >= 3
+    ]
+    rows = []
+    for fi, li in rng.sample(candidates, min(n_items, len(candidates))):
+        line = files[fi][li]
+        indent, words = line[: len(line) - len(line.lstrip())], line.split()
+        shuffled: set[str] = set()
+        for _ in range(100):
+            rng.shuffle(words)
+            candidate = indent + " ".join(words)
+            if candidate != indent + " ".join(line.split()):
+                shuffled.add(candidate)
+            if len(shuffled) == 3:
+                break
+        if len(shuffled) < 3:
+            continue
+        label = rng.randrange(4)
+        choices = sorted(shuffled)
+        choices.insert(label, line)
+        context = "\n".join(files[fi][li - context_lines : li]) + "\n"
+        rows.append({"context": context, "choices": choices, "label": label})
+    return rows
+
+
+GENERATED: dict[str, Callable[[], list[dict]]] = {
+    "stdlib_ppl.jsonl": stdlib_ppl_rows,
+    "stdlib_mc.jsonl": stdlib_mc_rows,
+}
+
+
+def generated_data_dir() -> Path:
+    """Data of the packaged tasks, one folder per Python version (the stdlib differs)."""
+    folder = home() / "evals" / f"data-py{sys.version_info[0]}.{sys.version_info[1]}-v2"
+    if not all((folder / name).is_file() for name in GENERATED):
+        with atomic_dir(folder) as tmp:
+            for name, make in GENERATED.items():
+                with open(tmp / name, "w", encoding="utf-8") as f:
+                    for row in make():
+                        f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def packaged_file(name: str, data: Path | None) -> str:
+    """Where a packaged task's data file lies: generated, or converted from the published file in
+    the data folder (a path that does not exist when that file is missing: `missing_data` says so)."""
+    if name in GENERATED:
+        return str(generated_data_dir() / name)
+    source = SHARED[name]
+    path = (data or Path("<no data folder>")) / source.path
+    return str(converted(path, source.convert)) if path.is_file() else str(path)
+
+
+def missing_data(name: str, data: Path | None) -> str | None:
+    """Why a packaged data file cannot be made (its published file is not in the data folder)."""
+    if name not in SHARED or (data and (data / SHARED[name].path).is_file()):
+        return None
+    where = f"under {data}" if data else "(no data folder found)"
+    return (
+        f"reads {SHARED[name].path} {where}: set eval.data_dir or $COMPRESSOR_DATA "
+        "to the folder of the published files (see ../shared/data/README.md)"
+    )
+
+
+def user_data(spec: str) -> Path:
+    """A user's `mc:FILE.json` / `ppl:FILE.txt` converted into the cache."""
+    kind, path = user_file(spec)
+    return converted(path, USER_KINDS[kind])
 
 
 # --- a user's own files ------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""Accuracy vs bytes and accuracy vs decode latency for every measured model, with the Pareto
-frontier drawn and the picks marked: the frontier at a glance."""
+"""Accuracy vs memory and accuracy vs decode latency for every measured model, with the Pareto
+frontier drawn and the picks marked: the frontier at a glance.
+
+Points are numbered and named in a key beside the axes (names printed at the points overlap
+as soon as two models sit close); decode latency is drawn with its range over the timing rounds.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .picks import Floor, choose, label, lower_is_better, metric_value
+from .picks import Floor, choose, higher_is_better, label, metric_value
 
 
 def pareto(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
@@ -25,14 +29,20 @@ def _key(stage: dict) -> str:
     return stage.get("key") or label(stage)
 
 
-def floor_level(teacher: dict, floor: Floor) -> float | None:
+def floor_level(teacher: dict, floor: Floor, higher: bool) -> float | None:
     """The metric value at the floor, to draw it."""
     if floor.value is not None:
         return floor.value
     ref = metric_value(teacher, floor.metric)
     if ref is None:
         return None
-    return ref / floor.retain if lower_is_better(floor.metric) else ref * floor.retain
+    return ref * floor.retain if higher else ref / floor.retain
+
+
+AXES = (
+    ("loaded_bytes", "memory once loaded (MiB)", "accuracy_vs_memory.png", 2**20),
+    ("decode_ms_per_token", "decode ms/token at batch 1 (min over rounds; bar: range)", "accuracy_vs_latency.png", 1),
+)
 
 
 def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
@@ -42,7 +52,7 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     metric = floor.metric
-    high = not lower_is_better(metric)
+    high = higher_is_better(stages, metric)
     picked = choose(stages, floor)
     marks: dict[str, list[str]] = {}
     for kind in ("memory", "latency", "throughput"):
@@ -55,62 +65,83 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         if _key(s) not in names:
             unique.append(s)
         names.setdefault(_key(s), []).append(label(s))
+    number = {_key(s): i + 1 for i, s in enumerate(unique)}
     written = []
-    for x_key, x_label, fname in (
-        ("loaded_bytes", "memory once loaded (MiB)", "accuracy_vs_memory.png"),
-        ("decode_ms_per_token", "decode ms/token at batch 1", "accuracy_vs_latency.png"),
-    ):
+    for x_key, x_label, fname, scale in AXES:
         pts = [
-            (s, s["metrics"][x_key] / (2**20 if x_key == "loaded_bytes" else 1), metric_value(s["metrics"], metric))
+            (s, s["metrics"][x_key] / scale, metric_value(s["metrics"], metric))
             for s in unique
             if s["metrics"].get(x_key) is not None and metric_value(s["metrics"], metric) is not None
         ]
         if not pts:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
         orderings = sorted({s.get("ordering") or "" for s, _, _ in pts})
         colors = {o: plt.cm.tab10(i % 10) for i, o in enumerate(orderings)}
-        for s, x, y in pts:
-            ax.scatter(x, y, color=colors[s.get("ordering") or ""], s=36, zorder=3)
-            ax.annotate(" = ".join(names[_key(s)]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         front = [pts[i] for i in pareto([(x, y) for _, x, y in pts], high)]
-        ax.plot(
+        ax.step(
             [x for _, x, _ in front],
             [y for _, _, y in front],
-            "--",
-            color="black",
-            lw=1,
-            drawstyle="steps-post",
-            label="Pareto frontier",
+            where="post",
+            color="tab:orange",
+            lw=2.5,
+            alpha=0.8,
+            zorder=2,
+            label="Pareto frontier (nothing cheaper is as accurate)",
         )
-        floor_y = floor_level(stages[0]["metrics"], floor)
+        for s, x, y in pts:
+            color = colors[s.get("ordering") or ""]
+            if x_key == "decode_ms_per_token" and s["metrics"].get("decode_ms_range"):
+                lo, hi = s["metrics"]["decode_ms_range"]
+                ax.plot([lo, hi], [y, y], color=color, lw=1, alpha=0.6, zorder=2)
+            ax.scatter(x, y, color=color, s=40, zorder=3)
+            ax.annotate(str(number[_key(s)]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, zorder=5)
+        floor_y = floor_level(stages[0]["metrics"], floor, high)
         if floor_y is not None:
             ax.axhline(floor_y, color="grey", lw=1, ls=":", label="accuracy floor")
+        shown_pick = False
         for s, x, y in pts:
             kinds = [k for k in marks.get(_key(s), []) if k != "throughput" or x_key == "decode_ms_per_token"]
             if kinds:
-                ax.scatter(x, y, s=220, facecolors="none", edgecolors="red", lw=1.5, zorder=4)
-                ax.annotate(
-                    " + ".join(kinds) + " pick",
-                    (x, y),
-                    textcoords="offset points",
-                    xytext=(4, -12),
-                    color="red",
-                    fontsize=8,
+                ax.scatter(
+                    x,
+                    y,
+                    s=260,
+                    facecolors="none",
+                    edgecolors="red",
+                    lw=1.5,
+                    zorder=4,
+                    label=None if shown_pick else "pick (ringed; which in the key)",
                 )
+                shown_pick = True
         for o in orderings:
             if o:
                 ax.scatter([], [], color=colors[o], label=o)
+        key_lines = []
+        for s, _, _ in pts:
+            kinds = [k for k in marks.get(_key(s), []) if k != "throughput" or x_key == "decode_ms_per_token"]
+            pick = f"  ← {' + '.join(kinds)} pick" if kinds else ""
+            key_lines.append(f"{number[_key(s)]}: {' = '.join(names[_key(s)])}{pick}")
+        ax.text(
+            1.02,
+            1.0,
+            "\n".join(key_lines),
+            transform=ax.transAxes,
+            va="top",
+            ha="left",
+            fontsize=7,
+            family="monospace",
+        )
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{metric} ({'higher' if high else 'lower'} is better)")
         if not high:
             ax.invert_yaxis()
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         path = out / fname
         tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight")
         plt.close(fig)
         tmp.replace(path)
         written.append(path)

@@ -6,8 +6,10 @@ On a terminal this is a live rich bar; in a log file (CI, nohup) it prints a pla
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -93,3 +95,37 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+# --- where a run is, for the line Ctrl-C prints ---------------------------------------------------
+
+_where: dict = {}
+
+
+@contextlib.contextmanager
+def stage_progress(stage: str, recipe) -> Iterator[None]:
+    """Marks the stage being built or measured; left set when the block is interrupted."""
+    _where.clear()
+    _where.update(stage=stage, recipe=str(recipe))
+    yield
+    _where.clear()
+
+
+def checkpointed(step: int, total: int) -> None:
+    """The running stage saved a resumable checkpoint after `step` of `total` steps."""
+    _where.update(checkpoint=step, total=total)
+
+
+def interrupted() -> str:
+    """One line: what was interrupted, and where the same command will go on from."""
+    if not _where:
+        return "interrupted: nothing half-written is kept; rerun the same command to go on"
+    resume = (
+        f"from its checkpoint at step {_where['checkpoint']}/{_where['total']}"
+        if "checkpoint" in _where
+        else "from its start"
+    )
+    return (
+        f"interrupted in stage {_where['stage']!r}: finished stages are kept; rerun the same command "
+        f"to resume it {resume}"
+    )

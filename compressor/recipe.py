@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import UserError
 from .data import TextSource
 from .measure import EvalSpec
-from .models import TeacherSpec, teacher_shape
 from .picks import Floor, floor_check
-from .stages import STAGES
+from .stages import STAGES, StageKind
 from .tasks import problem
+from .teachers import TeacherSpec
 
 
 class DataSpec(BaseModel):
@@ -66,7 +66,7 @@ class Stage:
     config: BaseModel
 
     @property
-    def module(self):
+    def impl(self) -> StageKind:
         return STAGES[self.kind]
 
     def params(self) -> dict:
@@ -187,14 +187,14 @@ def _parse_stages(path: Path, raw_stages: list, base: Path) -> tuple[Stage, ...]
 def _check_order(path: Path, stages: tuple[Stage, ...]) -> None:
     quantized = None
     for stage in stages:
-        if quantized is not None and getattr(stage.module, "NEEDS_FLOAT", False):
+        if quantized is not None and stage.impl.needs_float:
             raise _fail(
                 path,
                 f"stages[{stage.index}].{stage.kind}",
                 f"cannot follow stages[{quantized.index}].{quantized.kind}: it needs a float model, "
                 f"and the weights are quantized by then; move it before the quantization",
             )
-        if getattr(stage.module, "PRODUCES", "float") == "quantized":
+        if stage.impl.produces == "quantized":
             if quantized is not None:
                 raise _fail(
                     path,
@@ -206,29 +206,30 @@ def _check_order(path: Path, stages: tuple[Stage, ...]) -> None:
 
 
 def _check_black_box(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
-    """An openai: teacher gives text, not logits: a local base model to start from, and only
-    stages that learn from text."""
-    if spec.base is not None and spec.base.kind == "openai":
-        raise _fail(path, "base", "must be a local model (builtin:, hf:, llama2c:), not openai:")
-    if spec.teacher.kind != "openai":
+    """A text-only teacher (openai:) gives answers, not logits: a local base model to start from,
+    and only stages that learn from text."""
+    if spec.base is not None and not spec.base.has_logits:
+        raise _fail(path, "base", f"must be a local model, not {spec.base.kind}:")
+    if spec.teacher.has_logits:
         return
     if spec.base is None:
-        raise _fail(path, "base", "required with an openai: teacher: the local model the student starts from")
+        raise _fail(
+            path, "base", f"required with an {spec.teacher.kind}: teacher: the local model the student starts from"
+        )
     for stage in stages:
-        hook = getattr(stage.module, "white_box_fields", None)
-        field = hook(stage.config) if hook else None
+        field = stage.impl.white_box_fields(stage.config)
         if field:
             raise _fail(
                 path,
                 f"stages[{stage.index}].{stage.kind}.{field}",
-                "needs the teacher's logits or weights; an openai: teacher answers in text only"
+                f"needs the teacher's logits or weights; an {spec.teacher.kind}: teacher answers in text only"
                 + (" (set sequences or cot)" if field == "sequences" else ""),
             )
 
 
 def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
-    teacher = teacher_shape(spec.teacher) if spec.teacher.kind != "openai" else None
-    shape = teacher_shape(spec.base) if spec.base is not None else teacher
+    teacher = spec.teacher.shape() if spec.teacher.has_logits else None
+    shape = spec.base.shape() if spec.base is not None else teacher
     if teacher and shape and spec.base is not None and teacher["vocab_size"] != shape["vocab_size"]:
         raise _fail(
             path, "base", f"vocabulary of {shape['vocab_size']} differs from the teacher's {teacher['vocab_size']}"
@@ -238,7 +239,7 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
         return  # a hub model: checked when loaded
     for stage in stages:
         try:
-            shape = stage.module.check(stage.config, shape, teacher)
+            shape = stage.impl.check(stage.config, shape, teacher)
         except ValueError as exc:
             raise _fail(path, f"stages[{stage.index}].{stage.kind}", str(exc)) from None
 

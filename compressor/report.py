@@ -1,4 +1,9 @@
-"""report.md from run.json alone, so `compressor report DIR` can re-render it any time."""
+"""report.md from run.json alone, so `compressor report DIR` can re-render it any time.
+
+Four tables (size, speed, accuracy, fidelity) instead of one wide one, each followed by what
+its numbers need to be read right; then what each stage did (pruning's rounding, training),
+the picks and the plots.
+"""
 
 from __future__ import annotations
 
@@ -27,64 +32,97 @@ def _mib(n) -> str:
     return "–" if n is None else f"{n / 2**20:.2f}"
 
 
-def table(stages: list[dict]) -> str:
-    tasks = sorted({k for s in stages for k in s["metrics"].get("accuracy", {})})
-    drafts = any(s["metrics"].get("speculative") for s in stages)
-    head = [
-        "stage",
-        "kind",
-        "params",
-        "MiB on disk",
-        "bits/param",
-        "MiB loaded",
-        "kernel",
-        "prefill ms",
-        "decode ms/tok",
-        "roofline ms/tok",
-        "tok/s @B",
-        "peak MiB",
-        "held-out ppl",
-        "KL to teacher",
-        "top-1 agree",
-        *(["draft acceptance", "draft speed-up"] if drafts else []),
-        *tasks,
-        "seconds",
-        "cached",
-    ]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _range(value, bounds) -> str:
+    """A timing with the range of its rounds: `5.67 (5.51–6.12)`."""
+    if value is None:
+        return "–"
+    return f"{_fmt(value)} ({_fmt(bounds[0])}–{_fmt(bounds[1])})" if bounds else _fmt(value)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def size_table(stages: list[dict]) -> str:
+    rows = []
+    for s in stages:
+        m = s["metrics"]
+        rows.append(
+            [
+                label(s),
+                s["kind"],
+                _fmt(m.get("params")),
+                _mib(m.get("bytes")),
+                _fmt(m.get("bits_per_param")),
+                _mib(m.get("loaded_bytes")),
+                m.get("kernel", "–"),
+                _fmt(s.get("build_seconds")),
+                _fmt(s.get("measure_seconds")),
+                _fmt(s.get("cached")),
+            ]
+        )
+    head = ["stage", "kind", "params", "MiB on disk", "bits/param", "MiB loaded", "kernel"]
+    return _table(head + ["build s", "measure s", "cached"], rows)
+
+
+def speed_table(stages: list[dict]) -> str:
+    rows = []
     for s in stages:
         m = s["metrics"]
         tps = m.get("tokens_per_s")
-        cells = [
-            label(s),
-            s["kind"],
-            _fmt(m.get("params")),
-            _mib(m.get("bytes")),
-            _fmt(m.get("bits_per_param")),
-            _mib(m.get("loaded_bytes")),
-            m.get("kernel", "–"),
-            _fmt(m.get("prefill_ms")),
-            _fmt(m.get("decode_ms_per_token")),
-            _fmt(m.get("roofline_ms_per_token")),
-            f"{_fmt(tps)} @{m.get('tokens_per_s_batch')}" if tps is not None else "–",
-            _mib(m.get("peak_mem_bytes")),
-            _fmt(m.get("heldout_ppl")),
-            _fmt(m.get("teacher_kl")),
-            _fmt(m.get("top1_agreement")),
-            *([_fmt((m.get("speculative") or {}).get(k)) for k in ("acceptance_rate", "speedup")] if drafts else []),
-            *[_fmt(m.get("accuracy", {}).get(t)) for t in tasks],
-            _fmt(s.get("build_seconds") or s.get("seconds")),
-            _fmt(s.get("cached")),
-        ]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        samples = m.get("tokens_per_s_samples") or []
+        rows.append(
+            [
+                label(s),
+                _range(m.get("prefill_ms"), m.get("prefill_ms_range")),
+                _range(m.get("decode_ms_per_token"), m.get("decode_ms_range")),
+                _fmt(m.get("roofline_ms_per_token")),
+                (f"{_fmt(tps)} ({_fmt(min(samples))}–{_fmt(max(samples))})" if samples else _fmt(tps))
+                + (f" @{m.get('tokens_per_s_batch')}" if tps is not None else ""),
+                _mib(m.get("peak_mem_bytes")),
+            ]
+        )
+    head = ["stage", "prefill ms", "decode ms/tok", "roofline ms/tok", "tok/s @B", "peak MiB"]
+    return _table(head, rows)
 
 
-def data_notes(stages: list[dict]) -> list[str]:
-    """What the teacher's text answers gave each stage that trained on them."""
+def accuracy_table(stages: list[dict]) -> str:
+    tasks = sorted({k for s in stages for k in s["metrics"].get("accuracy", {})})
+    rows = [
+        [label(s), _fmt(s["metrics"].get("heldout_ppl"))]
+        + [_fmt(s["metrics"].get("accuracy", {}).get(t)) for t in tasks]
+        for s in stages
+    ]
+    return _table(["stage", "held-out ppl", *tasks], rows)
+
+
+def fidelity_table(stages: list[dict]) -> str:
+    drafts = any(s["metrics"].get("speculative") for s in stages)
+    rows = []
+    for s in stages:
+        m = s["metrics"]
+        spec = m.get("speculative") or {}
+        row = [label(s), _fmt(m.get("teacher_kl")), _fmt(m.get("top1_agreement"))]
+        if drafts:
+            row += [_fmt(spec.get(k)) for k in ("acceptance_rate", "tokens_per_teacher_pass", "speedup")]
+        rows.append(row)
+    head = ["stage", "KL to teacher", "top-1 agree"]
+    return _table(head + (["draft acceptance", "tokens / teacher pass", "draft speed-up"] if drafts else []), rows)
+
+
+def table(stages: list[dict]) -> str:
+    """Every table, for places that show one block (the exported model card)."""
+    return "\n\n".join(f(stages) for f in (size_table, speed_table, accuracy_table, fidelity_table))
+
+
+def stage_notes(stages: list[dict]) -> list[str]:
+    """What each stage did that its numbers do not show: pruning's rounding, training, answers."""
     notes = []
     for s in stages:
         info = s.get("info") or {}
+        if info.get("rounding"):
+            notes.append(f"- **{label(s)}** (prune, {info.get('method')}): " + "; ".join(info["rounding"]) + ".")
         if "cot_kept" in info:
             notes.append(
                 f"- **{label(s)}**: chain of thought kept {info['cot_kept']} of {info['cot_generated']} "
@@ -92,33 +130,128 @@ def data_notes(stages: list[dict]) -> list[str]:
             )
         elif "teacher_answers" in info:
             notes.append(f"- **{label(s)}**: trained on {info['teacher_answers']} answers of the black-box teacher.")
-    return notes + [""] if notes else []
+        if "steps" in info and "final_loss" in info:
+            notes.append(
+                f"- **{label(s)}** ({s['kind']}): {info['steps']} steps, final loss {_fmt(info['final_loss'])}, "
+                f"{_fmt(info.get('train_seconds'))} s of training."
+            )
+    return notes
+
+
+def size_notes(stages: list[dict]) -> list[str]:
+    lines = [
+        "- **bits/param** is bytes on disk × 8 ÷ parameters, everything included: embeddings and the "
+        "output head stay in float unless a stage quantizes them, and the torchao format stores each INT4 "
+        "code in a byte of its own, so an INT4 stage shows far more than 4 bits/param here "
+        "(its Linear weights alone: ~8.6 bits with a scale per 64 weights)."
+    ]
+    int4 = [s for s in stages if "int4" in (s["metrics"].get("kernel") or "")]
+    if int4:
+        s = int4[0]
+        lines.append(
+            f"  Here: {label(s)} is {_fmt(s['metrics'].get('bits_per_param'))} bits/param with "
+            f"{s['metrics'].get('kernel')}."
+        )
+    return lines
+
+
+def speed_notes(record: dict) -> list[str]:
+    stages = record["stages"]
+    first = stages[0]["metrics"] if stages else {}
+    timing = record.get("timing") or {}
+    lines = []
+    if timing:
+        lines.append(
+            f"- Every model was timed in {timing.get('rounds')} interleaved rounds ({timing.get('order')}); each "
+            f"figure is the {timing.get('estimator', 'minimum')} with the range of the rounds in brackets. "
+            f"{timing.get('threads')} thread(s) on {timing.get('cores')} cores; load average "
+            f"{timing.get('load_average_before', ['?'])[0]} before, {timing.get('load_average_after', ['?'])[0]} "
+            "after. A pick claims a win only when it was faster in every round by more than the spread."
+        )
+    lines += [
+        "- **decode ms/tok** is at batch 1; **roofline** is the bytes read per decoded token divided by the "
+        f"measured memory bandwidth ({_fmt(first.get('bandwidth_gb_s'))} GB/s), the physical floor.",
+        "- **peak MiB**: " + (first.get("peak_mem_kind") or "peak memory during generation") + ".",
+    ]
+    return lines
+
+
+def accuracy_notes(record: dict) -> list[str]:
+    first = record["stages"][0]["metrics"] if record["stages"] else {}
+    return [
+        f"- **held-out ppl** is token perplexity on {_fmt(first.get('heldout_tokens'))} tokens of the recipe's "
+        "held-out text (the first eval.fidelity.samples blocks): the same definition everywhere in this "
+        "report, and the one papers quote. `*/token_perplexity` is the same quantity over a task's documents; "
+        "lm-eval's `*/word_perplexity` and `*/byte_perplexity` are per word and per byte. (The built-in "
+        "teacher's build log scores 256 held-out blocks, a different sample: a different number.)",
+    ]
+
+
+def fidelity_notes(stages: list[dict]) -> list[str]:
+    lines = [
+        "- **KL to teacher** is the mean KL(teacher ‖ model) per token on the held-out text; **top-1 agree** "
+        "is how often both predict the same next token, what a draft's acceptance depends on."
+    ]
+    drafts = [s for s in stages if (s["metrics"].get("speculative") or {}).get("speedup") is not None]
+    if drafts:
+        slow = [s for s in drafts if s["metrics"]["speculative"]["speedup"] < 1]
+        lines.append(
+            "- **draft speed-up** is the teacher's own generation time over assisted generation with the model "
+            "drafting. Speculative decoding pays off when a teacher pass costs much more than a draft pass "
+            "and the teacher is memory-bound; "
+            + (
+                f"here {', '.join(label(s) for s in slow)} slow it down: the teacher is small and its "
+                "passes cost little more than the draft's, so checking drafts adds work instead of saving it."
+                if slow
+                else "here every draft speeds the teacher up."
+            )
+        )
+    return lines
 
 
 def render(record: dict, plots: list[Path] = ()) -> str:
     machine = record.get("machine", {})
-    first = record["stages"][0]["metrics"] if record["stages"] else {}
+    stages = record["stages"]
     lines = [
         f"# {record.get('recipe') or 'evaluation'}",
         "",
-        f"Device {record.get('device')} ({machine.get('gpu') or machine.get('cpu')}), "
-        f"{first.get('threads', '?')} thread(s) while timing, seed {record.get('seed')}, {record.get('created')}.",
+        f"Device {record.get('device')} ({machine.get('gpu') or machine.get('cpu')}), seed {record.get('seed')}, "
+        f"{record.get('created')}.",
         "",
-        table(record["stages"]),
+        *[f"> {note}" for note in record.get("notes", [])],
+        *([""] if record.get("notes") else []),
+        "## Size",
         "",
-        *data_notes(record["stages"]),
-        *(summary(record["stages"], Floor(**record["pick"])) + [""] if "pick" in record else []),
-        *[f"![{p.stem}]({p.name})" for p in plots],
+        size_table(stages),
         "",
-        "- **held-out ppl** and `*/token_perplexity` are per model token (what papers quote); "
-        "lm-eval's `*/word_perplexity` and `*/byte_perplexity` are per word and per byte.",
-        "- **decode ms/tok** is at batch 1; **roofline** is the bytes read per decoded token divided by "
-        f"the measured memory bandwidth ({_fmt(first.get('bandwidth_gb_s'))} GB/s), the physical floor.",
-        "- **peak MiB** is "
-        + (first.get("peak_mem_kind") or "peak memory")
-        + " during generation at the largest batch.",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()),
+        *size_notes(stages),
+        "",
+        "## Speed",
+        "",
+        speed_table(stages),
+        "",
+        *speed_notes(record),
+        "",
+        "## Accuracy",
+        "",
+        accuracy_table(stages),
+        "",
+        *accuracy_notes(record),
+        "",
+        "## Fidelity to the teacher",
+        "",
+        fidelity_table(stages),
+        "",
+        *fidelity_notes(stages),
+        "",
     ]
+    notes = stage_notes(stages)
+    if notes:
+        lines += ["## What each stage did", "", *notes, ""]
+    if "pick" in record:
+        lines += ["## Which model to ship", "", *summary(stages, Floor(**record["pick"])), ""]
+    lines += [*[f"![{p.stem}]({p.name})" for p in plots], ""]
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()))
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import decoder_layers
+from .models import decoder_layers, head_dim
 
 
 def _linear(old: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> nn.Linear:
@@ -30,10 +30,6 @@ def _linear(old: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.T
         b = old.bias.data if out_idx is None else old.bias.data.index_select(0, out_idx.to(w.device))
         new.bias.data.copy_(b)
     return new
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _rows(heads: torch.Tensor, size: int) -> torch.Tensor:
@@ -74,9 +70,9 @@ def keep_heads(model: nn.Module, keep_kv: list[torch.Tensor], keep_q: list[torch
     for layer, kv, q in zip(decoder_layers(model), keep_kv, keep_q):
         kv = kv.sort().values
         ordered = torch.cat([torch.sort(q[(q // group) == g]).values for g in kv])
-        assert len(ordered) == n_q and all(((q // group) == g).sum() == n_q // n_kv for g in kv), (
-            "each kept KV group keeps the same number of its own query heads"
-        )
+        assert len(ordered) == n_q and all(
+            ((q // group) == g).sum() == n_q // n_kv for g in kv
+        ), "each kept KV group keeps the same number of its own query heads"
         attn = layer.self_attn
         attn.q_proj = _linear(attn.q_proj, out_idx=_rows(ordered, hd))
         attn.k_proj = _linear(attn.k_proj, out_idx=_rows(kv, hd))

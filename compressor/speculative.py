@@ -11,10 +11,11 @@ Top-1 agreement, measured beside it on held-out text, is the per-token predictio
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from .latency import timed
 
 
 class SpeculativeSpec(BaseModel):
@@ -70,13 +71,7 @@ def _fixed_drafts(draft: torch.nn.Module, k: int):
 
 
 def _timed_generate(model, ids, gen: dict) -> tuple[torch.Tensor, float]:
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize(ids.device)
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize(ids.device)
-    return out, time.perf_counter() - start
+    return timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **gen), ids.device)
 
 
 @torch.no_grad()

@@ -1,18 +1,17 @@
 """Accuracy through lm-evaluation-harness, with tasks as data.
 
-Our tasks are YAML files (in `compressor/evals/` and in any folder a recipe names) whose
-`dataset_kwargs.data_files` may be relative: packaged ones name files we generate into the
-cache, a user's name files beside their YAML. Before evaluating we copy each task folder
-(YAML and `!function` helpers) into the cache with those paths made absolute, and hand it to
-`TaskManager(include_path=...)`. Stock lm-eval task names pass through unchanged.
+`evaluate` goes one way: resolve the names (ours, a user's `mc:`/`ppl:` file, stock lm-eval)
+-> materialize one cache folder holding our task YAMLs (`evals/`, installed as
+`compressor.evals`, and any folder a recipe names) with every data path made absolute -> run
+lm-eval on the in-memory model. Data files are made below this module by `evaldata`
+(converted published files, generated stdlib rows, a user's files): packaged YAMLs name them by
+file name, a user's YAMLs name files beside them. Stock lm-eval task names pass through.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +19,11 @@ from typing import Callable
 
 import yaml
 
-from . import UserError
-from .data import stdlib_documents
-from .evaldata import SHARED, USER_KINDS, converted, data_dir, user_file, user_task_name
+from . import UserError, evals
+from .evaldata import data_dir, missing_data, packaged_file, user_data, user_file, user_task_name
 from .storage import atomic_dir, digest, home
 
-PACKAGED_DIR = Path(__file__).parent / "evals"
+PACKAGED_DIR = Path(evals.__file__).parent  # the top-level evals/ folder, installed as compressor.evals
 
 
 # --- YAML that keeps lm-eval's `!function` tags as they are --------------------------------
@@ -54,70 +52,6 @@ def _read_yaml(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
         doc = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     return doc if isinstance(doc, dict) else {}
-
-
-# --- data for the packaged tasks, generated offline and deterministically -------------------
-
-
-def stdlib_ppl_rows() -> list[dict]:
-    """The first ~4 KB (whole lines) of every held-out stdlib file."""
-    rows = []
-    for doc in stdlib_documents("heldout"):
-        text = doc[:4000]
-        rows.append({"text": text[: text.rfind("\n") + 1] or text})
-    return rows
-
-
-def stdlib_mc_rows(n_items: int = 400, context_lines: int = 6) -> list[dict]:
-    """Which line really comes next? The true line against three shufflings of its own words
-    (same tokens, same length, broken syntax): a minimal-pair test of what the model knows of
-    Python, which a 3M-parameter model passes well above chance and compression erodes."""
-    rng = random.Random(1234)
-    files = [doc.splitlines() for doc in stdlib_documents("heldout")]
-    candidates = [
-        (fi, li)
-        for fi, lines in enumerate(files)
-        for li in range(context_lines, len(lines))
-        if len(set(lines[li].split())) >= 3
-    ]
-    rows = []
-    for fi, li in rng.sample(candidates, min(n_items, len(candidates))):
-        line = files[fi][li]
-        indent, words = line[: len(line) - len(line.lstrip())], line.split()
-        shuffled: set[str] = set()
-        for _ in range(100):
-            rng.shuffle(words)
-            candidate = indent + " ".join(words)
-            if candidate != indent + " ".join(line.split()):
-                shuffled.add(candidate)
-            if len(shuffled) == 3:
-                break
-        if len(shuffled) < 3:
-            continue
-        label = rng.randrange(4)
-        choices = sorted(shuffled)
-        choices.insert(label, line)
-        context = "\n".join(files[fi][li - context_lines : li]) + "\n"
-        rows.append({"context": context, "choices": choices, "label": label})
-    return rows
-
-
-GENERATED: dict[str, Callable[[], list[dict]]] = {
-    "stdlib_ppl.jsonl": stdlib_ppl_rows,
-    "stdlib_mc.jsonl": stdlib_mc_rows,
-}
-
-
-def generated_data_dir() -> Path:
-    """Data of the packaged tasks, one folder per Python version (the stdlib differs)."""
-    folder = home() / "evals" / f"data-py{sys.version_info[0]}.{sys.version_info[1]}-v2"
-    if not all((folder / name).is_file() for name in GENERATED):
-        with atomic_dir(folder) as tmp:
-            for name, make in GENERATED.items():
-                with open(tmp / name, "w", encoding="utf-8") as f:
-                    for row in make():
-                        f.write(json.dumps(row) + "\n")
-    return folder
 
 
 # --- task folders -----------------------------------------------------------------------------
@@ -162,21 +96,11 @@ def _resolved(doc: dict, resolve: Callable[[str], str]) -> dict:
     return dict(doc, dataset_kwargs=dict(doc["dataset_kwargs"], data_files=fixed))
 
 
-def _packaged_file(name: str, data: Path | None) -> str:
-    """Where a packaged task's data file lies: generated, or converted from the shared data
-    folder (a path that does not exist when the source is missing: `problem` names it first)."""
-    if name in GENERATED:
-        return str(generated_data_dir() / name)
-    source = SHARED[name]
-    path = (data or Path("<no data folder>")) / source.path
-    return str(converted(path, source.convert)) if path.is_file() else str(path)
-
-
 def _user_task(spec: str) -> dict:
     """The task a user's `mc:FILE.json` / `ppl:FILE.txt` defines: our arc_easy_local (the stock
     ARC prompt and scoring) or tinystories_local, over the file converted into the cache."""
-    kind, path = user_file(spec)
-    data = str(converted(path, USER_KINDS[kind]))
+    kind, _ = user_file(spec)
+    data = str(user_data(spec))
     base = _read_yaml(PACKAGED_DIR / ("arc_easy_local.yaml" if kind == "mc" else "tinystories_local.yaml"))
     return _resolved(dict(base, task=user_task_name(spec), dataset_kwargs={"data_files": {"test": data}}), str)
 
@@ -184,9 +108,11 @@ def _user_task(spec: str) -> dict:
 def _task_files(task_dirs: tuple[Path, ...], data: Path | None, user_specs: list[str]) -> dict[str, str]:
     """Every file of the materialized task folder, by relative path."""
     files = {}
-    sources = [(PACKAGED_DIR, lambda name: _packaged_file(name, data))] + [(Path(d), None) for d in task_dirs]
+    sources = [(PACKAGED_DIR, lambda name: packaged_file(name, data))] + [(Path(d), None) for d in task_dirs]
     for i, (src, resolve) in enumerate(sources):
         for path in sorted(src.rglob("*")):
+            if path.name == "__init__.py" and src == PACKAGED_DIR:
+                continue
             target = f"{i}/{path.relative_to(src)}"
             if path.suffix == ".py":
                 files[target] = path.read_text(encoding="utf-8")
@@ -235,11 +161,10 @@ def problem(names: list[str], task_dirs: tuple[Path, ...] = (), data: str | None
     ours = local_task_names(task_dirs)
     for spec in names:
         if user_file(spec):
-            kind, path = user_file(spec)
-            if not path.is_file():
+            if not user_file(spec)[1].is_file():
                 return f"{spec}: file not found"
             try:
-                converted(path, USER_KINDS[kind])
+                user_data(spec)
             except UserError as exc:
                 return str(exc)
     plain = [n for n in names if not user_file(n)]
@@ -256,12 +181,9 @@ def problem(names: list[str], task_dirs: tuple[Path, ...] = (), data: str | None
     packaged = task_names(PACKAGED_DIR)
     for name in plain:
         for file in _data_files(_read_yaml(packaged[name])) if name in packaged else []:
-            if file in SHARED and not (folder and (folder / SHARED[file].path).is_file()):
-                where = f"under {folder}" if folder else "(no data folder found)"
-                return (
-                    f"task {name!r} reads {SHARED[file].path} {where}: set eval.data_dir or $COMPRESSOR_DATA "
-                    "to the folder of the published files (see ../shared/data/README.md)"
-                )
+            why = missing_data(file, folder)
+            if why:
+                return f"task {name!r} {why}"
     return None
 
 
@@ -280,12 +202,13 @@ def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) ->
     return math.exp(nll / tokens)
 
 
-def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
+def evaluate(model, tokenizer, spec, seed: int = 0) -> tuple[dict[str, float], dict[str, bool]]:
     """lm-eval `simple_evaluate` on an in-memory model, for an EvalSpec's tasks, task folders,
-    data folder, limit, batch size and length; returns {"task/metric": value}. Rolling
-    (perplexity) tasks also get `token_perplexity`."""
+    data folder, limit, batch size and length; returns ({"task/metric": value}, {"task/metric":
+    higher is better}) with lm-eval's own direction of each metric. Rolling (perplexity) tasks
+    also get `token_perplexity` (lower is better)."""
     if not spec.tasks:
-        return {}
+        return {}, {}
     dirs = tuple(Path(d) for d in spec.task_dirs)
     _offline_unless_needed(spec.tasks, dirs)
     import lm_eval
@@ -350,16 +273,21 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> dict[str, float]:
         )
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise UserError(f"lm-eval failed on tasks {names}: {type(exc).__name__}: {exc}", code=1) from None
-    metrics = {}
+    metrics, higher = {}, {}
     for task, values in out["results"].items():
+        declared = out.get("higher_is_better", {}).get(task, {})
         for key, value in values.items():
             metric, _, filt = key.partition(",")
             if "stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)):
                 continue
-            metrics[f"{task}/{metric if filt in ('', 'none') else metric + '_' + filt}"] = float(value)
+            name = f"{task}/{metric if filt in ('', 'none') else metric + '_' + filt}"
+            metrics[name] = float(value)
+            if metric in declared:
+                higher[name] = bool(declared[metric])
     for task, samples in out["samples"].items():
         if out["configs"][task].get("output_type") == "loglikelihood_rolling" and samples:
             metrics[f"{task}/token_perplexity"] = token_perplexity(
                 samples, lambda text: lm.tok_encode(text, add_special_tokens=False)
             )
-    return metrics
+            higher[f"{task}/token_perplexity"] = False
+    return metrics, higher

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_model, save_model
 
 from . import UserError
-from .progress import Bar, say
+from .progress import Bar, checkpointed, say
+from .seeds import step_seed
 from .storage import atomic_dir, read_json, write_json
 
 
@@ -132,6 +133,7 @@ def train(
     ckpt = checkpoint_dir / "checkpoint" if checkpoint_dir else None
     if ckpt is not None and (ckpt / "progress.json").is_file():
         start_step = _load_checkpoint(ckpt, raw_model, optimizer, scheduler, extra_module)
+        checkpointed(start_step, cfg.steps)
         say(f"{description}: resuming from the checkpoint at step {start_step}/{cfg.steps}")
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -145,7 +147,7 @@ def train(
             for micro in range(cfg.grad_accum):
                 micro_batch = batches(step * cfg.grad_accum + micro)
                 batch = {k: v[rank::world].to(accelerator.device) for k, v in micro_batch.items()}
-                torch.manual_seed(seed * 7919 + step * cfg.grad_accum + micro)  # on-policy sampling
+                torch.manual_seed(step_seed(seed, step * cfg.grad_accum + micro))  # on-policy sampling
                 with accelerator.autocast():
                     loss, logs = loss_fn(model, batch, step)
                 if not torch.isfinite(loss):
@@ -169,6 +171,7 @@ def train(
                 and accelerator.is_main_process
             ):
                 _save_checkpoint(ckpt, done, raw_model, optimizer, scheduler, extra_module)
+                checkpointed(done, cfg.steps)
     raw_model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return {

@@ -57,7 +57,7 @@ def compressor_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher_folder(compressor_home) -> Path:
-    from compressor.builtin import BuiltinBuild, ensure_teacher
+    from compressor.teachers.builtin import BuiltinBuild, ensure_teacher
 
     return ensure_teacher("tiny-stdlib", BuiltinBuild.model_validate(TINY_BUILD))
 
@@ -104,27 +104,23 @@ def save_with_tokenizer(model, folder: Path) -> Path:
     return folder
 
 
-def distill_recipe(name: str = "t", steps: int = 8, **extra) -> dict:
-    recipe = {
+def recipe(*stages: dict, name: str = "t", **extra) -> dict:
+    """A recipe on the tiny built-in teacher with fast evaluation; `extra` replaces top-level keys."""
+    out = {
         "name": name,
         "seed": 0,
         "teacher": copy.deepcopy(TINY_TEACHER),
         "data": {"seq_len": 64},
-        "stages": [
-            {
-                "distill": {
-                    "student": {"num_layers": 1},
-                    "steps": steps,
-                    "batch_size": 4,
-                    "checkpoint_every": 2,
-                    "loss": {"temperature": 2.0, "alpha": 0.5},
-                }
-            }
-        ],
+        "stages": list(stages),
         "eval": copy.deepcopy(FAST_EVAL),
     }
-    recipe.update(extra)
-    return recipe
+    out.update(extra)
+    return out
+
+
+def distill_recipe(name: str = "t", steps: int = 8, **extra) -> dict:
+    stage = {"student": {"num_layers": 1}, "steps": steps, "batch_size": 4, "checkpoint_every": 2}
+    return recipe({"distill": {**stage, "loss": {"temperature": 2.0, "alpha": 0.5}}}, name=name, **extra)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 import json
 
+import pytest
 from conftest import TINY_BUILD
 
-from compressor.builtin import BuiltinBuild, ensure_teacher, teacher_folder, teacher_report
+from compressor.teachers.builtin import BuiltinBuild, ensure_teacher, teacher_folder, teacher_report
 
 
 def test_tiny_build_beats_unigram_and_is_a_loadable_hf_folder(tiny_teacher_folder):
@@ -17,6 +18,7 @@ def test_tiny_build_beats_unigram_and_is_a_loadable_hf_folder(tiny_teacher_folde
     assert tok.decode(ids) == "def main():\n    return 0\n"  # byte-level BPE round-trips
 
 
+@pytest.mark.slow
 def test_same_settings_same_weights(tiny_teacher_folder, tmp_path, monkeypatch):
     """Built again from scratch in another cache: identical bytes (same machine, same seed)."""
     monkeypatch.setenv("COMPRESSOR_HOME", str(tmp_path))

@@ -9,9 +9,10 @@ from conftest import distill_recipe, tiny_llama
 
 from compressor.cli import main
 from compressor.data import Sequences, continue_prompts, teacher_sequences
-from compressor.pipeline import run
+from compressor.kd import HiddenMatch, Knobs, OnPolicy, kd_step, projections
+from compressor.pipeline import Session, run
 from compressor.recipe import load_recipe
-from compressor.stages.distill import HiddenMatch, Knobs, OnPolicy, kd_step, projections
+from compressor.storage import Store
 
 
 def _with(**distill_fields):
@@ -63,17 +64,21 @@ def test_teacher_sequences_are_generated_once_and_keyed_by_settings(tmp_path):
     teacher = tiny_llama(seed=3)
     blocks = torch.randint(0, 512, (20, 24))
     cfg = Sequences(prompts=5, prompt_tokens=4, new_tokens=6, method="greedy", batch_size=2)
-    first = teacher_sequences(teacher, blocks, cfg, seed=0, cache_key="k")
+    first = teacher_sequences(teacher, blocks, cfg, seed=0, cache=tmp_path, cache_key="k")
     assert first["input_ids"].shape == (5, 10)
     # cached: a different teacher under the same key returns the stored sequences
-    again = teacher_sequences(tiny_llama(seed=9), blocks, cfg, seed=0, cache_key="k")
+    again = teacher_sequences(tiny_llama(seed=9), blocks, cfg, seed=0, cache=tmp_path, cache_key="k")
     assert torch.equal(first["input_ids"], again["input_ids"])
     # greedy = argmax continuation of the prompt
     with torch.no_grad():
         step = teacher(input_ids=first["input_ids"][:, :4]).logits[:, -1].argmax(-1)
     assert torch.equal(first["input_ids"][:, 4], step)
-    sampled = teacher_sequences(teacher, blocks, cfg.model_copy(update={"method": "sample"}), seed=0, cache_key="k")
-    beam = teacher_sequences(teacher, blocks, cfg.model_copy(update={"method": "beam"}), seed=0, cache_key="k")
+    sampled = teacher_sequences(
+        teacher, blocks, cfg.model_copy(update={"method": "sample"}), seed=0, cache=tmp_path, cache_key="k"
+    )
+    beam = teacher_sequences(
+        teacher, blocks, cfg.model_copy(update={"method": "beam"}), seed=0, cache=tmp_path, cache_key="k"
+    )
     assert not torch.equal(sampled["input_ids"], first["input_ids"])
     assert beam["input_ids"].shape == (5, 10)
 
@@ -121,11 +126,10 @@ def test_every_knob_from_a_recipe_end_to_end(tmp_path, write_recipe, tiny_teache
     assert stage["info"]["teacher_sequences"] == 8
     assert stage["metrics"]["params"] < record["stages"][0]["metrics"]["params"]
     assert stage["metrics"]["teacher_kl"] > 0
-    # the same recipe with another divergence is another artifact
+    # the same recipe read again is the same artifact; with another divergence, another one
     other = copy.deepcopy(recipe)
     other["stages"][0]["distill"]["loss"]["divergence"] = "tvd"
-    assert (
-        load_recipe(write_recipe(other, "other.yaml")).stages[0].params()
-        != load_recipe(write_recipe(recipe)).stages[0].params()
-    )
+    same = Session(load_recipe(write_recipe(recipe, "same.yaml")), Store(tmp_path / "store")).keys
+    changed = Session(load_recipe(write_recipe(other, "other.yaml")), Store(tmp_path / "store")).keys
+    assert same == [stage["key"]] and changed != same
     assert json.loads((tmp_path / "out" / "run.json").read_text())["stages"][1]["key"] == stage["key"]

@@ -210,9 +210,14 @@ def test_every_task_scores_what_the_stock_task_defines(tiny, tmp_path):
     want["wikitext_local/token_perplexity"] = math.exp(nll / sum(n for _, n in rolled))
 
     tasks = sorted({k.split("/")[0] for k in want})
-    got = evaluate(model, tok, EvalSpec(tasks=tasks, data_dir=str(data), batch_size=1))
+    got, higher = evaluate(model, tok, EvalSpec(tasks=tasks, data_dir=str(data), batch_size=1))
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key
+    # which way each metric improves is lm-eval's own declaration (and ours for token perplexity)
+    assert higher["arc_easy_local/acc"] and higher["hellaswag_local/acc_norm"] and higher["lambada_openai_local/acc"]
+    assert not higher["wikitext_local/word_perplexity"] and not higher["lambada_openai_local/perplexity"]
+    assert not higher["tinystories_local/token_perplexity"] and not higher["tinystories_local/bits_per_byte"]
+    assert set(higher) == set(got)
 
 
 def test_a_users_own_files_are_tasks_by_naming_them(tiny, tmp_path, write_recipe):
@@ -225,7 +230,7 @@ def test_a_users_own_files_are_tasks_by_naming_them(tiny, tmp_path, write_recipe
     spec = EvalSpec.model_validate(
         {"tasks": ["mc:My Quiz.json", "ppl:notes.txt"], "batch_size": 1}, context={"base": tmp_path}
     )
-    got = evaluate(model, tok, spec)
+    got, _ = evaluate(model, tok, spec)
     accs = [choose(model, tok, lambda c, q=q: (f"Question: {q}\nAnswer:", f" {c}"), c, True) for q, c in QUESTIONS]
     assert got["mc_my_quiz/acc"] == sum(a[0] == 0 for a in accs) / len(accs)
     text = "First note about cats.\n\nSecond note about dogs.\n"
@@ -248,7 +253,7 @@ def test_a_users_task_folder_reads_data_beside_its_yaml(tiny, tmp_path):
         "doc_to_target: label\nmetric_list:\n  - metric: acc\n"
     )
     assert "my_mc" in local_task_names((tmp_path,))
-    got = evaluate(model, tok, EvalSpec(tasks=["my_mc"], task_dirs=[str(tmp_path)], batch_size=2))
+    got, _ = evaluate(model, tok, EvalSpec(tasks=["my_mc"], task_dirs=[str(tmp_path)], batch_size=2))
     correct = 0
     for row in rows:
         lls = [loglikelihood(model, tok, row["q"], " " + c)[0] for c in row["choices"]]

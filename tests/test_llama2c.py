@@ -10,10 +10,10 @@ from conftest import SHARED_DATA, needs_shared_data
 
 from compressor import UserError
 from compressor.evaldata import text_documents
-from compressor.llama2c import build_tokenizer, read_header
 from compressor.measure import EvalSpec, fidelity
-from compressor.models import TeacherSpec, load_teacher
 from compressor.tasks import evaluate
+from compressor.teachers import TeacherSpec, load_teacher
+from compressor.teachers.llama2c import build_tokenizer, read_header
 
 STORIES = SHARED_DATA / "stories260K"
 
@@ -187,7 +187,7 @@ def test_tinystories_perplexity_agrees_with_numpy_through_lm_eval_and_our_measur
     want = np.exp(sum(nll for nll, _ in scored) / sum(n for _, n in scored))
 
     spec = EvalSpec(tasks=["tinystories_local"], limit=3, data_dir=str(SHARED_DATA), batch_size=4)
-    got = evaluate(stories.model, stories.tokenizer, spec)["tinystories_local/token_perplexity"]
+    got = evaluate(stories.model, stories.tokenizer, spec)[0]["tinystories_local/token_perplexity"]
     assert abs(got / want - 1) < 1e-3, (got, want)
 
     blocks = torch.tensor([ids[:512] for ids in encoded])

@@ -6,8 +6,9 @@ import math
 import torch
 from conftest import save_with_tokenizer, tiny_llama
 
-from compressor.measure import LatencySpec, bytes_per_decoded_token, fidelity, latency, size
-from compressor.tasks import generated_data_dir, stdlib_mc_rows
+from compressor.evaldata import generated_data_dir, stdlib_mc_rows
+from compressor.latency import LatencySpec, Timed, bytes_per_decoded_token, faster, time_models
+from compressor.measure import fidelity, size
 
 
 def test_size_counts_tied_weights_once_and_reads_the_disk(tmp_path):
@@ -27,21 +28,27 @@ def test_bytes_per_token_counts_an_untied_embedding_row_not_the_table():
     assert bytes_per_decoded_token(tied, 0) == sum(p.numel() * 4 for p in tied.parameters())
 
 
-def test_latency_reports_every_field():
-    model = tiny_llama()
-    spec = LatencySpec(prompt_tokens=8, new_tokens=4, batch_sizes=[1, 3], repeats=2, warmup=0)
-    out = latency(model, torch.arange(20), spec, pad_token_id=0)
-    for key in (
-        "prefill_ms",
-        "decode_ms_per_token",
-        "tokens_per_s",
-        "peak_mem_bytes",
-        "roofline_ms_per_token",
-        "bandwidth_gb_s",
-    ):
-        assert out[key] > 0, key
-    assert out["tokens_per_s_batch"] == 3 and set(out["tokens_per_s_by_batch"]) == {"1", "3"}
-    assert out["decode_ms_range"][0] <= out["decode_ms_per_token"] <= out["decode_ms_range"][1]
+def test_models_timed_in_interleaved_rounds_report_every_field():
+    models = {"a": tiny_llama(seed=0), "b": tiny_llama(seed=1, layers=1)}
+    spec = LatencySpec(prompt_tokens=8, new_tokens=4, batch_sizes=[1, 3], repeats=3, warmup=0)
+    timed = [Timed(k, k, lambda m=m: (m, 0)) for k, m in models.items()]
+    out = time_models(timed, torch.arange(20), spec, torch.device("cpu"))
+    for figures in out["models"].values():
+        for key in ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_mem_bytes", "roofline_ms_per_token"):
+            assert figures[key] > 0, key
+        assert figures["tokens_per_s_batch"] == 3 and set(figures["tokens_per_s_by_batch"]) == {"1", "3"}
+        assert len(figures["decode_ms_samples"]) == 3 and figures["rounds"] == 3
+        assert figures["decode_ms_per_token"] == min(figures["decode_ms_samples"])  # the estimator: the minimum
+        assert figures["decode_ms_range"] == [min(figures["decode_ms_samples"]), max(figures["decode_ms_samples"])]
+    session = out["session"]
+    assert session["rounds"] == 3 and session["models"] == 2 and len(session["load_average_before"]) == 3
+
+
+def test_a_win_needs_every_round_and_more_than_the_spread():
+    assert faster([1.0, 1.1, 1.0], [2.0, 2.1, 2.2])  # faster in every round, far beyond the spread
+    assert not faster([1.0, 2.5, 1.0], [2.0, 2.1, 2.2])  # slower in one round: a tie
+    assert not faster([1.0, 1.0, 1.0], [1.01, 1.01, 1.01])  # every round, but by less than 2%
+    assert not faster([1.0, 1.5, 1.9], [1.6, 1.7, 2.0])  # every round, but within its own spread (50%)
 
 
 def test_fidelity_of_a_model_to_itself_and_to_another():

@@ -4,15 +4,8 @@ from conftest import save_with_tokenizer, tiny_llama
 from pydantic import ValidationError
 
 from compressor import UserError
-from compressor.models import (
-    TeacherSpec,
-    evenly_spaced,
-    fresh_model,
-    keep_layers,
-    load_pretrained,
-    load_teacher,
-    teacher_shape,
-)
+from compressor.models import evenly_spaced, fresh_model, keep_layers, load_pretrained
+from compressor.teachers import TeacherSpec, load_teacher
 
 
 def _layer_outputs(model, ids):
@@ -78,7 +71,7 @@ def test_hf_local_folder_teacher_loads_and_is_identified_by_content(tmp_path):
     first = spec.identity()
     loaded = load_teacher(spec, torch.device("cpu"))
     assert loaded.folder == tmp_path and loaded.model.config.num_hidden_layers == 3
-    assert teacher_shape(spec)["num_hidden_layers"] == 3
+    assert spec.shape()["num_hidden_layers"] == 3
     tiny_llama(seed=5).save_pretrained(tmp_path)
     assert TeacherSpec.model_validate(f"hf:{tmp_path}").identity() != first
 

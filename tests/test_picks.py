@@ -2,19 +2,24 @@
 
 import json
 
+import pytest
 from conftest import distill_recipe
 
+from compressor import UserError
 from compressor.cli import main
-from compressor.picks import Floor, choose, meets
+from compressor.picks import Floor, choose, higher_is_better, meets, summary
 from compressor.plots import pareto
 from compressor.report import rerender
 
 
-def _stage(name, ppl, loaded, ms, tps, acc=0.9, kernel="dense float32"):
+def _stage(name, ppl, loaded, ms, tps, acc=0.9, kernel="dense float32", spread=0.0):
     return {
         "name": name,
         "kind": "x",
         "metrics": {
+            "higher_is_better": {"heldout_ppl": False, "stdlib_mc/acc": True},
+            "decode_ms_samples": [ms, ms * (1 + spread), ms * (1 + 2 * spread)],
+            "tokens_per_s_samples": [tps, tps / (1 + spread), tps / (1 + 2 * spread)],
             "params": 1000,
             "bits_per_param": 8 * loaded / 1000,
             "bytes": loaded,
@@ -40,11 +45,36 @@ STAGES = [
 
 def test_floor_for_lower_and_higher_is_better_metrics():
     teacher = STAGES[0]["metrics"]
-    assert meets(STAGES[2]["metrics"], teacher, Floor(metric="heldout_ppl", retain=0.9))  # 10 / 10.6 = 0.94
-    assert not meets(STAGES[3]["metrics"], teacher, Floor(metric="heldout_ppl", retain=0.9))  # 0.77
-    assert not meets(STAGES[3]["metrics"], teacher, Floor(metric="stdlib_mc/acc", retain=0.8))
-    assert meets(STAGES[3]["metrics"], teacher, Floor(metric="stdlib_mc/acc", value=0.7))
-    assert not meets(STAGES[3]["metrics"], teacher, Floor(metric="heldout_ppl", value=12.0))
+    ppl, acc = higher_is_better(STAGES, "heldout_ppl"), higher_is_better(STAGES, "stdlib_mc/acc")
+    assert (ppl, acc) == (False, True)  # as the measurement recorded them
+    assert meets(STAGES[2]["metrics"], teacher, Floor(metric="heldout_ppl", retain=0.9), ppl)  # 10 / 10.6 = 0.94
+    assert not meets(STAGES[3]["metrics"], teacher, Floor(metric="heldout_ppl", retain=0.9), ppl)  # 0.77
+    assert not meets(STAGES[3]["metrics"], teacher, Floor(metric="stdlib_mc/acc", retain=0.8), acc)
+    assert meets(STAGES[3]["metrics"], teacher, Floor(metric="stdlib_mc/acc", value=0.7), acc)
+    assert not meets(STAGES[3]["metrics"], teacher, Floor(metric="heldout_ppl", value=12.0), ppl)
+
+
+def test_a_metric_without_a_recorded_direction_is_one_clear_error():
+    bare = [{**s, "metrics": {k: v for k, v in s["metrics"].items() if k != "higher_is_better"}} for s in STAGES]
+    with pytest.raises(UserError, match="rerun the recipe"):
+        choose(bare, Floor(metric="heldout_ppl", retain=0.9))
+
+
+def test_timings_within_noise_tie_and_the_fewest_bytes_breaks_the_tie():
+    # student decodes at 6.0 and int8 at 6.1 ms/token with 20% spread between rounds: no win
+    noisy = [
+        STAGES[0],
+        _stage("student", 10.5, 2000, 6.0, 700, spread=0.1),
+        _stage("int8", 10.6, 1000, 6.1, 690, spread=0.1),
+    ]
+    picked = choose(noisy, Floor(metric="heldout_ppl", retain=0.9))
+    assert picked["latency"]["name"] == "int8" and picked["ties"]["latency"] == ["student"]
+    assert picked["throughput"]["name"] == "int8" and picked["ties"]["throughput"] == ["student"]
+    # quiet rounds, 40% apart: the faster one wins outright
+    quiet = [STAGES[0], _stage("student", 10.5, 2000, 6.0, 700), _stage("int8", 10.6, 1000, 8.5, 500)]
+    picked = choose(quiet, Floor(metric="heldout_ppl", retain=0.9))
+    assert picked["latency"]["name"] == "student" and picked["ties"]["latency"] == []
+    assert "ties within noise" in " ".join(summary(noisy, Floor(metric="heldout_ppl", retain=0.9)))
 
 
 def test_picks_are_the_cheapest_eligible_model_for_each_bottleneck():

@@ -2,15 +2,17 @@
 
 import pytest
 import torch
-from conftest import SHARED_DATA, distill_recipe, needs_shared_data, save_with_tokenizer, tiny_llama
+from conftest import SHARED_DATA, needs_shared_data, recipe, save_with_tokenizer, tiny_llama
 
 from compressor.cli import main
-from compressor.models import TeacherSpec, load_pretrained, load_teacher
+from compressor.models import load_pretrained
 from compressor.pipeline import run
 from compressor.recipe import load_recipe
 from compressor.slicing import keep_heads, keep_hidden, keep_mlp_channels
 from compressor.stages import StageContext
 from compressor.stages import prune as prune_stage
+from compressor.stages.prune import Prune
+from compressor.teachers import TeacherSpec, load_teacher
 
 CPU = torch.device("cpu")
 IDS = torch.randint(0, 512, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -117,6 +119,7 @@ def _ctx(config, tmp_path, teacher=None, blocks=None):
         device=CPU,
         seed=0,
         scratch=tmp_path,
+        cache=tmp_path,
         load_teacher=lambda: teacher,
         train_blocks=lambda n: blocks,
         seq_len=blocks.shape[1],
@@ -138,7 +141,7 @@ def test_every_importance_prunes_the_dead_channels_first(method, norm, tmp_path)
         targets={"mlp": 0.5}, method=method, norm=norm, calibration={"samples": 4, "batch_size": 2}
     )
     before = _logits(model)
-    pruned = prune_stage.apply(model, None, _ctx(cfg, tmp_path))
+    pruned = Prune().apply(model, None, _ctx(cfg, tmp_path))
     assert pruned.config.intermediate_size == 64
     torch.testing.assert_close(_logits(pruned), before, rtol=1e-5, atol=1e-5)  # only dead channels went
 
@@ -151,7 +154,7 @@ def test_depth_pruning_drops_the_block_that_changes_its_input_least(tmp_path):
     cfg = prune_stage.Config(targets={"layers": 0.34}, method="magnitude", calibration={"samples": 4})
     ctx = _ctx(cfg, tmp_path)
     before = _logits(model)
-    pruned = prune_stage.apply(model, None, ctx)
+    pruned = Prune().apply(model, None, ctx)
     assert pruned.config.num_hidden_layers == 2 and "dropped [1]" in ctx.info["rounding"][-1]
     torch.testing.assert_close(_logits(pruned), before, rtol=1e-5, atol=1e-5)
 
@@ -161,7 +164,7 @@ def test_target_params_solves_the_auto_fraction(tmp_path):
     goal = 90_000
     cfg = prune_stage.Config(targets={"mlp": "auto", "heads": 0.5}, target_params=goal, method="magnitude")
     ctx = _ctx(cfg, tmp_path)
-    pruned = prune_stage.apply(model, None, ctx)
+    pruned = Prune().apply(model, None, ctx)
     params = sum(p.numel() for p in pruned.parameters())
     assert params <= goal and params > 0.95 * goal and ctx.info["params_after"] == params
 
@@ -179,7 +182,7 @@ def test_every_target_on_stories260k_reloads_exactly(tmp_path):
     )
     blocks = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     ctx = _ctx(cfg, tmp_path, teacher, blocks)
-    pruned = prune_stage.apply(teacher.model, teacher.tokenizer, ctx)
+    pruned = Prune().apply(teacher.model, teacher.tokenizer, ctx)
     c = pruned.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.hidden_size) == (
         4,
@@ -196,19 +199,9 @@ def test_every_target_on_stories260k_reloads_exactly(tmp_path):
 
 
 def _prune_recipe(**prune_fields):
-    recipe = distill_recipe("prune", steps=4)
-    recipe["stages"] = [
-        {
-            "prune": {
-                "targets": {"mlp": 0.5, "heads": 0.5},
-                "method": "taylor",
-                "calibration": {"samples": 4, "batch_size": 2},
-                **prune_fields,
-            }
-        },
-        {"recover": {"steps": 4, "batch_size": 2}},
-    ]
-    return recipe
+    calibration = {"samples": 4, "batch_size": 2}
+    prune = {"targets": {"mlp": 0.5, "heads": 0.5}, "method": "taylor", "calibration": calibration, **prune_fields}
+    return recipe({"prune": prune}, {"recover": {"steps": 4, "batch_size": 2}}, name="prune")
 
 
 def test_prune_and_recover_from_a_recipe_on_the_builtin_teacher(tmp_path, write_recipe, tiny_teacher_folder):
@@ -233,9 +226,9 @@ def test_prune_and_recover_from_a_recipe_on_the_builtin_teacher(tmp_path, write_
     ],
 )
 def test_bad_pruning_is_refused_at_validation(fields, recover, words, write_recipe, capsys):
-    recipe = _prune_recipe(**fields)
-    recipe["stages"][1]["recover"].update(recover)
-    assert main(["validate", str(write_recipe(recipe))]) == 2
+    bad = _prune_recipe(**fields)
+    bad["stages"][1]["recover"].update(recover)
+    assert main(["validate", str(write_recipe(bad))]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     for word in words:

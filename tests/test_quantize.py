@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_EVAL, TINY_TEACHER, tiny_llama
+from conftest import FAST_EVAL, recipe, tiny_llama
 
 from compressor.cli import main
-from compressor.measure import kernel, stored_bytes
-from compressor.pipeline import run
+from compressor.measure import fidelity
+from compressor.models import load_pretrained
+from compressor.pipeline import Session, run
 from compressor.quant import fake_quant, gptq, scales, to_grid
+from compressor.quantized import kernel, quantized_linears, stored_bytes
 from compressor.recipe import load_recipe
-from compressor.stages.quantize import quantized_linears
+from compressor.storage import Store
 
 CPU = torch.device("cpu")
 
@@ -55,14 +57,7 @@ def test_gptq_beats_rtn_on_the_layer_output_error(act_order):
 
 
 def _recipe(stage: dict) -> dict:
-    return {
-        "name": "q",
-        "seed": 0,
-        "teacher": copy.deepcopy(TINY_TEACHER),
-        "data": {"seq_len": 64},
-        "stages": [stage],
-        "eval": copy.deepcopy(FAST_EVAL),
-    }
+    return recipe(stage, name="q")
 
 
 QAT = {"steps": 6, "batch_size": 4, "lr": 1.0e-3, "loss": {"divergence": "forward_kl", "alpha": 0.5}}
@@ -82,22 +77,35 @@ METHODS = {
 }
 
 
+def _quick(stage: dict) -> dict:
+    """A recipe that measures size and held-out fidelity only: no lm-eval, no timing."""
+    quick = _recipe(stage)
+    quick["eval"].update(tasks=[], latency={"enabled": False})
+    return quick
+
+
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_runs_from_a_recipe_and_exports_for_plain_transformers(
-    name, tmp_path, write_recipe, tiny_teacher_folder
-):
+def test_every_method_runs_from_a_recipe(name, tmp_path, write_recipe, tiny_teacher_folder):
     stage, kind = METHODS[name]
-    record = run(load_recipe(write_recipe(_recipe(stage))), tmp_path / "run")
+    record = run(load_recipe(write_recipe(_quick(stage))), tmp_path / "run")
     teacher, quantized = record["stages"]
     m = quantized["metrics"]
     assert m["kernel"].startswith(kind), m["kernel"]
     assert m["params"] == teacher["metrics"]["params"]
     assert m["bytes"] < teacher["metrics"]["bytes"] and m["bits_per_param"] < 32
     assert m["heldout_ppl"] < 1.5 * teacher["metrics"]["heldout_ppl"]
+
+
+def test_a_gptq_export_loads_in_plain_transformers_exactly_as_measured(tmp_path, write_recipe, tiny_teacher_folder):
+    stage, _ = METHODS["gptq-int4-actorder"]
+    record = run(load_recipe(write_recipe(_recipe(stage))), tmp_path / "run")
+    quantized = record["stages"][1]
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
     card = (tmp_path / "export" / "README.md").read_text()
     assert "## Recipe" in card and quantized["name"] in card
+    assert f"torchao=={record['versions']['torchao']}" in card  # the exact packages that load it
     assert not list((tmp_path / "export").glob("*.bin")) and list((tmp_path / "export").glob("*.safetensors"))
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in (tmp_path / "export").iterdir())  # readable by all
     # the export is the artifact, byte for byte ...
     artifact = Path(quantized["artifact"])
     for f in artifact.glob("*.safetensors"):
@@ -109,6 +117,11 @@ def test_every_method_runs_from_a_recipe_and_exports_for_plain_transformers(
     ids = [[5, 9, 33, 2, 17, 80, 4, 4]]
     exported, loaded = (_fresh_logits(folder, ids) for folder in (tmp_path / "export", artifact))
     torch.testing.assert_close(exported, loaded, rtol=0, atol=0)
+    # and it is the model that was measured: its held-out perplexity, recomputed from the export
+    export = load_pretrained(str(tmp_path / "export"), CPU, dtype="auto").model
+    heldout = Session(load_recipe(write_recipe(_recipe(stage))), Store()).heldout()
+    ppl = fidelity(export, None, heldout[: FAST_EVAL["fidelity"]["samples"]], 4)["heldout_ppl"]
+    assert ppl == pytest.approx(quantized["metrics"]["heldout_ppl"], rel=1e-6)
 
 
 def _fresh_logits(folder: Path, ids: list[list[int]]) -> torch.Tensor:
@@ -128,7 +141,8 @@ def test_qat_converts_to_exactly_what_it_trained_with(bits, group, acts, tmp_pat
     from torch.nn.utils import parametrize
 
     from compressor.quant import FakeQuant, fake_quant_activations
-    from compressor.stages.quantize import Config, requantize, rtn_codes, torchao_config
+    from compressor.quantized import requantize, rtn_codes, torchao_config
+    from compressor.stages.quantize import Config
 
     model = tiny_llama(hidden=128, inter=256, layers=2, seed=3)
     cfg = Config(method="rtn", bits=bits, group_size=group, activations=acts)
@@ -143,7 +157,8 @@ def test_qat_converts_to_exactly_what_it_trained_with(bits, group, acts, tmp_pat
 
 
 def test_sizes_count_integer_storage_not_the_logical_float_shape(tmp_path):
-    from compressor.stages.quantize import Config, requantize, rtn_codes, torchao_config
+    from compressor.quantized import requantize, rtn_codes, torchao_config
+    from compressor.stages.quantize import Config
 
     model = tiny_llama(hidden=128, inter=256, layers=2)
     cfg = Config(method="rtn", bits=4, group_size=64)

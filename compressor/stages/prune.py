@@ -24,10 +24,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import Batches, Calibration
-from ..models import SHAPE_KEYS, count_params, decoder_layers, keep_layers
-from ..slicing import head_dim, keep_heads, keep_hidden, keep_mlp_channels
+from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
+from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
+from .base import StageContext, StageKind
 
-NEEDS_FLOAT = True
 TARGETS = ("layers", "heads", "mlp", "hidden")
 
 Amount = float | Literal["auto"]
@@ -140,7 +140,7 @@ def shape_params(shape: dict, like: dict) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**{**like, **shape})
-    cfg.head_dim = like.get("head_dim") or like["hidden_size"] // like["num_attention_heads"]
+    cfg.head_dim = head_dim(like)
     with torch.device("meta"):
         return count_params(AutoModelForCausalLM.from_config(cfg))
 
@@ -177,11 +177,6 @@ def solve_targets(cfg: Config, shape: dict, like: dict) -> dict:
         else:
             lo = mid
     return {**fixed, **{t: hi for t in autos}}
-
-
-def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
-    ratios = solve_targets(cfg, shape, {"model_type": "llama", **teacher_shape, **shape})
-    return plan(shape, ratios, cfg.gqa, cfg.multiple_of)[0]
 
 
 # --- importance --------------------------------------------------------------------------------
@@ -312,7 +307,8 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(score, k).indices.sort().values
 
 
-def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
+def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
+    """The pruned model; what was removed and how it rounded go to ctx.info."""
     cfg: Config = ctx.config
     model = model.float()
     before = count_params(model)
@@ -363,3 +359,14 @@ def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
         shape={k: getattr(model.config, k) for k in shape},
     )
     return model
+
+
+class Prune(StageKind):
+    Config = Config
+
+    def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
+        ratios = solve_targets(cfg, shape, {"model_type": "llama", **teacher_shape, **shape})
+        return plan(shape, ratios, cfg.gqa, cfg.multiple_of)[0]
+
+    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
+        return prune(model, ctx)

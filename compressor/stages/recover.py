@@ -2,58 +2,31 @@
 
 By default from the ORIGINAL teacher ("prune, then distill from the original"), or from the
 stage's input model as it was before recovery (`teacher: input`), or with plain cross-entropy
-for comparison (`teacher: none`). Every distillation knob of `distill` applies; the loop and the
-loss are distill's.
+for comparison (`teacher: none`). Every distillation knob of `compressor.kd` applies.
 """
 
 from __future__ import annotations
 
-import copy
-from typing import Literal
-
 import torch
-from pydantic import model_validator
 
+from ..kd import Recovery, check_recovery, distill_train, recovery_teacher
 from ..models import count_params
-from .distill import Knobs, check_knobs, distill_train
-
-NEEDS_FLOAT = True
+from .base import StageContext, StageKind
 
 
-class Config(Knobs):
-    teacher: Literal["original", "input", "none"] = "original"
+class Recover(StageKind):
+    Config = Recovery
 
-    @model_validator(mode="after")
-    def _teacherless(self) -> "Config":
-        if self.teacher == "none":
-            used = [k for k in ("hidden", "sequences", "on_policy") if getattr(self, k) is not None]
-            if used:
-                raise ValueError(f"teacher: none (plain cross-entropy) cannot use {', '.join(used)}")
-        return self
+    def check(self, cfg: Recovery, shape: dict, teacher_shape: dict) -> dict:
+        check_recovery(cfg, shape, teacher_shape)
+        return shape
 
+    def white_box_fields(self, cfg: Recovery) -> str | None:
+        return cfg.logits_field()
 
-def white_box_fields(cfg: Config) -> str | None:
-    """The setting that needs the teacher's logits (an openai: teacher has none)."""
-    return "teacher" if cfg.teacher == "original" else None
-
-
-def check(cfg: Config, shape: dict, teacher_shape: dict) -> dict:
-    check_knobs(cfg, shape, shape if cfg.teacher == "input" else teacher_shape)
-    return shape
-
-
-def pick_teacher(model: torch.nn.Module, cfg: Config, ctx) -> tuple[torch.nn.Module | None, Config]:
-    """The model to distill from, and the config to train with (alpha 0 when there is none)."""
-    if cfg.teacher == "none":
-        return None, cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"alpha": 0.0})})
-    if cfg.teacher == "input":
-        return copy.deepcopy(model).eval().requires_grad_(False), cfg
-    return ctx.teacher.model, cfg
-
-
-def apply(model: torch.nn.Module, tokenizer, ctx) -> torch.nn.Module:
-    model = model.float()
-    teacher, cfg = pick_teacher(model, ctx.config, ctx)
-    ctx.info.update(teacher=cfg.teacher, params=count_params(model))
-    ctx.info.update(distill_train(model, teacher, cfg, ctx))
-    return model
+    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
+        model = model.float()
+        teacher, cfg = recovery_teacher(model, ctx.config, ctx)
+        ctx.info.update(teacher=cfg.teacher, params=count_params(model))
+        ctx.info.update(distill_train(model, teacher, cfg, ctx))
+        return model

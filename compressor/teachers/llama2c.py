@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import UserError
+from .. import UserError
+from ..models import load_pretrained, resolve_dtype, shape_of
+from ..storage import atomic_dir, home, locked, sha256_file
+from .base import Source
 
 SPACE = "\u2581"  # sentencepiece's visible space
 HEADER = struct.Struct("<7i")
@@ -39,6 +42,26 @@ def read_header(path: Path) -> dict:
         "vocab_size": abs(vocab),
         "shared_classifier": vocab > 0,
         "seq_len": seq_len,
+    }
+
+
+def hf_config(h: dict) -> dict:
+    """The HF Llama config of a llama2.c header: what it converts to and what recipes are checked against."""
+    return {
+        "vocab_size": h["vocab_size"],
+        "hidden_size": h["dim"],
+        "intermediate_size": h["hidden_dim"],
+        "num_hidden_layers": h["n_layers"],
+        "num_attention_heads": h["n_heads"],
+        "num_key_value_heads": h["n_kv_heads"],
+        "head_dim": h["dim"] // h["n_heads"],
+        "max_position_embeddings": h["seq_len"],
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": h["shared_classifier"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
     }
 
 
@@ -162,22 +185,7 @@ def convert(model_bin: Path, tokenizer_bin: Path, out: Path) -> None:
     tokenizer = build_tokenizer(tokenizer_bin)
     if len(tokenizer) != h["vocab_size"]:
         raise UserError(f"{tokenizer_bin}: {len(tokenizer)} pieces, but {model_bin} has vocab {h['vocab_size']}")
-    config = LlamaConfig(
-        vocab_size=h["vocab_size"],
-        hidden_size=h["dim"],
-        intermediate_size=h["hidden_dim"],
-        num_hidden_layers=h["n_layers"],
-        num_attention_heads=h["n_heads"],
-        num_key_value_heads=h["n_kv_heads"],
-        head_dim=h["dim"] // h["n_heads"],
-        max_position_embeddings=h["seq_len"],
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=h["shared_classifier"],
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = LlamaConfig(**hf_config(h))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(sd, assign=True, strict=True)
@@ -185,3 +193,40 @@ def convert(model_bin: Path, tokenizer_bin: Path, out: Path) -> None:
         model.tie_weights()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+class Llama2cSource(Source):
+    """`llama2c:<model.bin>`: converted once to an HF folder in the cache."""
+
+    prefix, form, fields, local_target = "llama2c", "llama2c:<model.bin>", frozenset({"tokenizer"}), True
+
+    def tokenizer(self) -> str:
+        """`tokenizer:`, else the one `tok*.bin` beside the model, else `tokenizer.bin` there."""
+        if self.spec.tokenizer:
+            return self.spec.tokenizer
+        folder = Path(self.target).parent
+        candidates = sorted(folder.glob("tok*.bin"))
+        return str(candidates[0] if len(candidates) == 1 else folder / "tokenizer.bin")
+
+    def validate(self) -> None:
+        if not Path(self.target).is_file():
+            raise ValueError(f"llama2c checkpoint not found: {self.target}")
+        if not Path(self.tokenizer()).is_file():
+            raise ValueError(f"llama2c tokenizer not found: {self.tokenizer()}")
+
+    def identity(self) -> str:
+        return f"llama2c:{sha256_file(Path(self.target))[:16]}:{sha256_file(Path(self.tokenizer()))[:16]}"
+
+    def folder(self) -> Path:
+        return home() / "teachers" / self.identity().replace(":", "-")
+
+    def load(self, device):
+        folder = self.folder()
+        with locked(folder.with_name(folder.name + ".lock"), f"conversion of {self.target}"):
+            if not (folder / "config.json").is_file():
+                with atomic_dir(folder) as tmp:
+                    convert(Path(self.target), Path(self.tokenizer()), tmp)
+        return load_pretrained(str(folder), device, resolve_dtype(self.spec.dtype, device))
+
+    def shape(self) -> dict:
+        return shape_of({"model_type": "llama", **hf_config(read_header(Path(self.target)))})

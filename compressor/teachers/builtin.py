@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import FORMAT_VERSION, UserError
-from .data import Batches, pack, stdlib_documents
-from .progress import say
-from .storage import atomic_dir, digest, home, locked, read_json, write_json
-from .train import TrainConfig, train
+from .. import FORMAT_VERSION, UserError
+from ..data import Batches, pack, stdlib_documents
+from ..models import load_pretrained, resolve_dtype, shape_of
+from ..progress import say
+from ..storage import atomic_dir, digest, home, locked, read_json, write_json
+from ..train import TrainConfig, train
+from .base import Source
 
 BUILTIN_TEACHERS = ("tiny-stdlib",)
 EOT = "<|endoftext|>"
@@ -74,25 +76,30 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, pad_token=EOT, unk_token=None)
 
 
+def hf_config(build: BuiltinBuild, vocab_size: int, eos: int | None = None, pad: int | None = None) -> dict:
+    """The built-in teacher's Llama config: what it is built with and what recipes are checked against."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": build.hidden_size,
+        "intermediate_size": build.intermediate_size,
+        "num_hidden_layers": build.num_layers,
+        "num_attention_heads": build.num_heads,
+        "num_key_value_heads": build.num_kv_heads,
+        "head_dim": build.hidden_size // build.num_heads,
+        "max_position_embeddings": build.seq_len,
+        "tie_word_embeddings": True,
+        "bos_token_id": None,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+    }
+
+
 def make_model(build: BuiltinBuild, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if build.hidden_size % build.num_heads or build.num_heads % build.num_kv_heads:
         raise UserError("builtin teacher: hidden_size must divide by num_heads, num_heads by num_kv_heads")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=build.hidden_size,
-        intermediate_size=build.intermediate_size,
-        num_hidden_layers=build.num_layers,
-        num_attention_heads=build.num_heads,
-        num_key_value_heads=build.num_kv_heads,
-        head_dim=build.hidden_size // build.num_heads,
-        max_position_embeddings=build.seq_len,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = LlamaConfig(**hf_config(build, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id))
     torch.manual_seed(build.seed)
     return LlamaForCausalLM(config)
 
@@ -102,18 +109,6 @@ def unigram_perplexity(train_blocks: torch.Tensor, heldout_blocks: torch.Tensor,
     counts = torch.bincount(train_blocks.flatten(), minlength=vocab).double() + 1
     logp = (counts / counts.sum()).log()
     return math.exp(-logp[heldout_blocks.flatten()].mean().item())
-
-
-@torch.no_grad()
-def token_perplexity(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """exp(mean next-token NLL) over blocks, every block scored from its first token."""
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i : i + batch_size].to(model.device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total, count = total + nll.item(), count + ids[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def teacher_folder(name: str, build: BuiltinBuild) -> Path:
@@ -138,6 +133,8 @@ def ensure_teacher(name: str = "tiny-stdlib", build: BuiltinBuild | None = None)
     with locked(folder.with_name(folder.name + ".lock"), f"teacher build {folder.name}"):
         if (folder / "teacher.json").is_file():
             return folder
+        from ..measure import token_perplexity
+
         start = time.time()
         say(f"building the built-in teacher {name} (once; cached in {folder})")
         train_docs, heldout_docs = stdlib_documents("train"), stdlib_documents("heldout")
@@ -162,7 +159,7 @@ def ensure_teacher(name: str = "tiny-stdlib", build: BuiltinBuild | None = None)
             "params": sum(p.numel() for p in model.parameters()),
             "train_tokens": train_blocks.numel(),
             "heldout_tokens": heldout_blocks[:HELDOUT_BLOCKS].numel(),
-            "heldout_ppl": token_perplexity(model, heldout_blocks[:HELDOUT_BLOCKS]),
+            "heldout_ppl": token_perplexity(model, heldout_blocks[:HELDOUT_BLOCKS], batch_size=16),
             "unigram_ppl": unigram_perplexity(train_blocks, heldout_blocks[:HELDOUT_BLOCKS], len(tokenizer)),
             **summary,
             "build_seconds": round(time.time() - start, 1),
@@ -181,3 +178,31 @@ def ensure_teacher(name: str = "tiny-stdlib", build: BuiltinBuild | None = None)
 
 def teacher_report(folder: Path) -> dict:
     return read_json(folder / "teacher.json")
+
+
+class BuiltinSource(Source):
+    prefix, form, fields = "builtin", "builtin:<name>", frozenset({"build"})
+
+    @property
+    def build(self) -> BuiltinBuild:
+        return self.spec.build or BuiltinBuild()
+
+    def validate(self) -> None:
+        if self.target not in BUILTIN_TEACHERS:
+            raise ValueError(
+                f"unknown built-in teacher {self.target!r}; built-in teachers: {', '.join(BUILTIN_TEACHERS)}"
+            )
+
+    def identity(self) -> str:
+        return f"builtin:{self.folder().name}"
+
+    def folder(self) -> Path:
+        return teacher_folder(self.target, self.build)
+
+    def load(self, device: torch.device):
+        return load_pretrained(
+            str(ensure_teacher(self.target, self.build)), device, resolve_dtype(self.spec.dtype, device)
+        )
+
+    def shape(self) -> dict:
+        return shape_of({"model_type": "llama", **hf_config(self.build, self.build.vocab_size)})

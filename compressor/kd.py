@@ -1,0 +1,215 @@
+"""Distillation as a library: the knobs every stage that trains against a teacher shares, the
+training step, and the driver that runs it. `distill`, `recover` and `qat` use it; it is not a
+stage itself.
+
+Three knobs, all recipe fields (`Knobs`):
+- WHAT is matched: logits at every position (`loss`), optionally hidden states of chosen layers
+  (`hidden`: a student->teacher layer map, MSE or cosine, a learned projection when widths
+  differ), and whole teacher-generated sequences (`sequences`);
+- HOW the gap is measured: `loss` (forward/reverse KL, JSD(beta), TVD; temperature with T^2;
+  alpha mix with CE; teacher top-k), computed chunk-wise over tokens;
+- WHERE the data comes from: the fixed text, the teacher's generations (`sequences`), or the
+  student's own samples with probability `on_policy.fraction` per batch (GKD's lambda), scored
+  by the teacher (reverse KL with fraction 1 is the MiniLLM setting).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .data import Batches, Sequences, continue_prompts, teacher_sequences
+from .losses import LossConfig, hidden_loss, kd_loss, shift_labels
+from .seeds import epoch_seed
+from .train import Batch, LossFn, TrainConfig, train
+
+
+class HiddenMatch(BaseModel):
+    """Match hidden states: the output of student layer i against teacher layer j."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer_map: dict[int, int] = Field(min_length=1, description="student layer -> teacher layer (0-based)")
+    loss: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, gt=0, description="added to the logit loss with this weight")
+
+
+class OnPolicy(BaseModel):
+    """GKD: with probability `fraction` a batch is replaced by the student's own samples
+    (continuing the batch's first `prompt_tokens`), which the teacher then scores. Only the
+    divergence is used on those batches (cross-entropy on one's own samples teaches nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(ge=0, le=1, description="lambda: 0 off-policy, 1 fully on-policy")
+    new_tokens: int = Field(ge=1, description="the generation budget per sampled sequence")
+    prompt_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class Knobs(TrainConfig):
+    """Distillation settings shared by every stage that trains against a teacher."""
+
+    loss: LossConfig = LossConfig(temperature=2.0, alpha=0.5)
+    hidden: HiddenMatch | None = None
+    sequences: Sequences | None = Field(None, description="train on teacher generations instead of the text")
+    on_policy: OnPolicy | None = None
+    seq_len: int | None = Field(None, ge=8, description="training sequence length (default: data.seq_len)")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Knobs":
+        if self.on_policy is not None and self.on_policy.prompt_tokens >= (self.seq_len or 1 << 30):
+            raise ValueError("on_policy.prompt_tokens must be shorter than seq_len")
+        if self.loss.alpha == 0 and (self.on_policy is not None and self.on_policy.fraction > 0):
+            raise ValueError("on_policy needs a divergence term: alpha is 0 (plain CE)")
+        return self
+
+
+def ce_only(cfg: Knobs) -> Knobs:
+    """The same settings with the distillation term off: plain cross-entropy (alpha 0)."""
+    return cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"alpha": 0.0})})
+
+
+def check_knobs(cfg: Knobs, shape: dict, teacher_shape: dict) -> None:
+    """What can only be checked against the models' dimensions (layer maps)."""
+    if cfg.hidden is None:
+        return
+    s_layers, t_layers = shape["num_hidden_layers"], teacher_shape["num_hidden_layers"]
+    for s, t in cfg.hidden.layer_map.items():
+        if not 0 <= s < s_layers:
+            raise ValueError(f"hidden.layer_map: student layer {s} does not exist (the student has {s_layers})")
+        if not 0 <= t < t_layers:
+            raise ValueError(f"hidden.layer_map: teacher layer {t} does not exist (the teacher has {t_layers})")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def projections(
+    cfg: Knobs, student: torch.nn.Module, teacher: torch.nn.Module | None, seed: int
+) -> torch.nn.ModuleDict | None:
+    """Learned linear maps student width -> teacher width for hidden matching (None if equal)."""
+    if cfg.hidden is None or teacher is None or student.config.hidden_size == teacher.config.hidden_size:
+        return None
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict(
+        {
+            str(s): torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False)
+            for s in cfg.hidden.layer_map
+        }
+    )
+
+
+def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.nn.ModuleDict | None) -> LossFn:
+    """The training step of every distillation stage. The teacher may be None for plain CE."""
+    t_head = teacher.get_output_embeddings() if teacher is not None else None
+    on_policy = cfg.on_policy if cfg.on_policy is not None and cfg.on_policy.fraction > 0 else None
+    student_loss = cfg.loss.model_copy(update={"alpha": 1.0})  # on student samples: divergence only
+
+    def step(model: torch.nn.Module, batch: Batch, step_index: int):
+        ids = batch["input_ids"]
+        labels = batch["labels"] if "labels" in batch else shift_labels(ids)
+        loss_cfg, logs = cfg.loss, {}
+        if on_policy is not None and random.Random(epoch_seed(seed, step_index)).random() < on_policy.fraction:
+            sampled = continue_prompts(
+                _unwrap(model),
+                ids[:, : on_policy.prompt_tokens],
+                on_policy.new_tokens,
+                {"do_sample": True, "temperature": on_policy.temperature, "top_k": 0},
+            )
+            ids, labels, loss_cfg = sampled["input_ids"], sampled["labels"], student_loss
+            logs["on_policy"] = 1.0
+        s_out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        t_out = None
+        if teacher is not None and (loss_cfg.alpha > 0 or cfg.hidden is not None):
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1)
+        t_final = t_out.hidden_states[-1].to(s_out.hidden_states[-1].device) if t_out is not None else None
+        loss = kd_loss(
+            s_out.hidden_states[-1],
+            _unwrap(model).get_output_embeddings(),
+            t_final,
+            (lambda h: t_head(h.to(t_head.weight.dtype))) if t_head is not None else None,
+            labels,
+            loss_cfg,
+        )
+        if cfg.hidden is not None:
+            mask = labels != -100
+            parts = []
+            for s_layer, t_layer in cfg.hidden.layer_map.items():
+                s_h = s_out.hidden_states[s_layer + 1][mask]
+                if proj is not None:
+                    s_h = proj[str(s_layer)](s_h)
+                parts.append(hidden_loss(s_h, t_out.hidden_states[t_layer + 1][mask].to(s_h.device), cfg.hidden.loss))
+            matched = torch.stack(parts).mean()
+            logs["hidden"] = matched.item()
+            loss = loss + cfg.hidden.weight * matched
+        return loss, logs
+
+    return step
+
+
+def distill_train(
+    student: torch.nn.Module, teacher: torch.nn.Module | None, cfg: Knobs, ctx, rows: dict | None = None
+) -> dict:
+    """Train `student` in place with the knobs of `cfg` (on `rows` when given); return the
+    training summary."""
+    if rows is None:
+        blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
+        if cfg.sequences is not None:
+            rows = teacher_sequences(teacher, blocks, cfg.sequences, ctx.seed, ctx.cache / "generations", ctx.cache_key)
+            ctx.info["teacher_sequences"] = len(rows["input_ids"])
+        else:
+            rows = blocks
+    proj = projections(cfg, student, teacher, ctx.seed)
+    return train(
+        student,
+        kd_step(teacher, cfg, ctx.seed, proj),
+        Batches(rows, cfg.batch_size, ctx.seed),
+        cfg,
+        device=ctx.device,
+        seed=ctx.seed,
+        description=ctx.name,
+        checkpoint_dir=ctx.scratch,
+        extra_module=proj,
+    )
+
+
+# --- which teacher a recovery distills from ------------------------------------------------------
+
+
+class Recovery(Knobs):
+    """Distillation that heals a model: from the ORIGINAL teacher (default), the model as it was
+    before this stage (`input`), or no teacher at all (`none`: plain cross-entropy)."""
+
+    teacher: Literal["original", "input", "none"] = "original"
+
+    def logits_field(self) -> str | None:
+        """The setting that needs the teacher's logits (a text-only teacher has none)."""
+        return "teacher" if self.teacher == "original" else None
+
+    @model_validator(mode="after")
+    def _teacherless(self) -> "Recovery":
+        if self.teacher == "none":
+            used = [k for k in ("hidden", "sequences", "on_policy") if getattr(self, k) is not None]
+            if used:
+                raise ValueError(f"teacher: none (plain cross-entropy) cannot use {', '.join(used)}")
+        return self
+
+
+def check_recovery(cfg: Recovery, shape: dict, teacher_shape: dict) -> None:
+    check_knobs(cfg, shape, shape if cfg.teacher == "input" else teacher_shape)
+
+
+def recovery_teacher(model: torch.nn.Module, cfg: Recovery, ctx) -> tuple[torch.nn.Module | None, Recovery]:
+    """The model to distill from, and the config to train with (CE only when there is none)."""
+    if cfg.teacher == "none":
+        return None, ce_only(cfg)
+    if cfg.teacher == "input":
+        return copy.deepcopy(model).eval().requires_grad_(False), cfg
+    return ctx.teacher.model, cfg

@@ -1,0 +1,62 @@
+"""Cache keys, as pure functions of a recipe: what an artifact, a measurement and a timing
+depend on, and nothing else.
+
+A stage's key hashes the teacher (and base), the training data, the seed, the format version
+and the settings of every stage up to it, so equal prefixes share artifacts and a changed
+setting rebuilds from that stage on. A measurement is keyed by its artifact and everything
+that changes the figures (eval settings, held-out data, teacher, device); a timing by the set
+of models timed together, the latency settings and the machine.
+"""
+
+from __future__ import annotations
+
+from . import FORMAT_VERSION
+from .storage import digest
+
+# Bumped when what a measurement holds changes: old measurements are re-taken, artifacts kept.
+MEASURE_VERSION = 2
+
+
+def teacher_key(spec) -> str:
+    key = {"teacher": spec.teacher.identity(), "format": FORMAT_VERSION}
+    if spec.base is not None:
+        key["base"] = spec.base.identity()
+    return digest(key)
+
+
+def data_identity(data) -> str:
+    budget = data.max_train_tokens
+    return data.train.identity() + (f":first{budget}" if budget else "")
+
+
+def stage_keys(recipe, teacher: str, data: str) -> list[str]:
+    """key_i = hash(teacher, data, seed, format, settings of stages 0..i)."""
+    keys, chain = [], []
+    for stage in recipe.stages:
+        chain.append(stage.params())
+        keys.append(
+            digest(
+                {"format": FORMAT_VERSION, "teacher": teacher, "data": data, "seed": recipe.spec.seed, "stages": chain}
+            )
+        )
+    return keys
+
+
+def measurement_key(spec, teacher: str, machine: dict) -> str:
+    """Everything but the artifact that a measurement's figures depend on (latency apart)."""
+    return digest(
+        {
+            "eval": spec.eval.model_dump(mode="json", exclude={"latency"}),
+            "heldout": spec.data.model_dump(mode="json"),
+            "teacher": teacher,
+            "machine": machine,
+            "format": FORMAT_VERSION,
+            "measure": MEASURE_VERSION,
+            "seed": spec.seed,
+        }
+    )
+
+
+def timing_key(latency, machine: dict, artifacts: list[str]) -> str:
+    """Models timed together, in interleaved rounds: their set, the settings and the machine."""
+    return digest({"latency": latency.model_dump(mode="json"), "machine": machine, "models": sorted(artifacts)})

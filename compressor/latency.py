@@ -1,0 +1,289 @@
+"""Latency that survives a noisy machine: every model of a run is timed in interleaved rounds
+(A B C, B C A, C A B, ...), so a burst of load from another process lands on all of them
+alike, and the estimator is the minimum over the rounds (contention only ever adds time).
+Each figure keeps its per-round samples, so a comparison can ask whether one model was faster
+in every round and by more than the spread (`faster`), or whether the two tie within noise.
+
+Measured per model: prefill ms for P prompt tokens, decode ms/token at batch 1 (a generate of
+N tokens minus that round's prefill), tokens/s at each batch size, and memory: the weights
+plus the working memory generation adds at the largest batch. Beside it, the roofline: bytes
+read per decoded token divided by the measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import psutil
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .models import head_dim
+from .progress import Bar
+from .quantized import stored_bytes
+
+# a difference smaller than this fraction is never called a win, however quiet the machine
+MIN_NOISE = 0.02
+
+
+class LatencySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    prompt_tokens: int = Field(128, ge=1)
+    new_tokens: int = Field(32, ge=2)
+    batch_sizes: list[int] = Field([1, 8], min_length=1)
+    warmup: int = Field(1, ge=0, description="untimed generations per model before the first round")
+    repeats: int = Field(5, ge=1, description="interleaved rounds: each model is timed once per round")
+    threads: int | None = Field(None, ge=1, description="CPU threads while timing (default: torch's)")
+
+
+@contextlib.contextmanager
+def threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device) -> tuple[object, float]:
+    """fn()'s result and its wall time in seconds, with the device's queue drained on both ends."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (CPU), sampled every 2 ms."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self._stop = False
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def working_memory(device: torch.device):
+    """Bytes the block allocates beyond what was held before it (peak minus start)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = {"bytes": 0}
+        yield out
+        out["bytes"] = torch.cuda.max_memory_allocated(device) - before
+    else:
+        out = {"bytes": 0}
+        with PeakRSS() as rss:
+            yield out
+        out["bytes"] = rss.peak - rss.start
+
+
+@lru_cache(maxsize=4)
+def memory_bandwidth(device_str: str) -> float:
+    """Measured copy bandwidth in bytes/s (read + write), the roofline's denominator."""
+    device = torch.device(device_str)
+    n = (256 << 20) // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src), device)[1] for _ in range(7)][2:]
+    return 2 * src.numel() * 4 / min(times)
+
+
+def bytes_per_decoded_token(model: torch.nn.Module, context: int) -> int:
+    """Weights read to decode one token (an untied input embedding reads one row, not all)
+    plus the KV cache read at `context` tokens."""
+    total = sum(stored_bytes(t) for t in model.parameters())
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and head is not None and emb.weight is not head.weight:
+        total -= stored_bytes(emb.weight)
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return total + 2 * cfg.num_hidden_layers * kv_heads * head_dim(cfg) * context * itemsize
+
+
+# --- one model, one round -----------------------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    """A model being timed: how to get it, and the samples of its rounds."""
+
+    key: str  # what the figures are filed under
+    name: str  # what progress shows
+    load: Callable[[], tuple[torch.nn.Module, int | None]]  # -> (model, pad token id)
+    model: torch.nn.Module | None = None
+    pad: int | None = None
+
+    def __post_init__(self):
+        self.prefill: list[float] = []
+        self.decode: list[float] = []
+        self.batch: dict[int, list[float]] = {}
+        self.extra_bytes = 0
+
+
+def _prompt(model: torch.nn.Module, prompt: torch.Tensor, spec: LatencySpec) -> torch.Tensor:
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    p = min(spec.prompt_tokens, prompt.numel(), max_pos - spec.new_tokens)
+    return prompt[:p].view(1, -1).to(model.device)
+
+
+def _generate(model, ids: torch.Tensor, spec: LatencySpec, pad: int | None):
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=spec.new_tokens,
+        min_new_tokens=spec.new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+
+
+@torch.no_grad()
+def _round(t: Timed, prompt: torch.Tensor, spec: LatencySpec, last: bool) -> None:
+    model = t.model
+    ids = _prompt(model, prompt, spec)
+    _, prefill = timed(lambda: model(input_ids=ids, use_cache=True), model.device)
+    _, full = timed(lambda: _generate(model, ids, spec, t.pad), model.device)
+    t.prefill.append(prefill)
+    t.decode.append((full - prefill) / (spec.new_tokens - 1))
+    largest = max(spec.batch_sizes)
+    for b in spec.batch_sizes:
+        batch = ids.expand(b, -1)
+        with working_memory(model.device) if (last and b == largest) else contextlib.nullcontext({}) as mem:
+            _, seconds = timed(lambda: _generate(model, batch, spec, t.pad), model.device)
+        t.batch.setdefault(b, []).append(seconds)
+        if last and b == largest:
+            t.extra_bytes = mem["bytes"]
+
+
+def _warm(t: Timed, prompt: torch.Tensor, spec: LatencySpec) -> None:
+    with torch.no_grad():
+        ids = _prompt(t.model, prompt, spec)
+        for _ in range(spec.warmup):
+            _generate(t.model, ids, spec, t.pad)
+
+
+def _summary(t: Timed, spec: LatencySpec, prompt_tokens: int, bandwidth: float) -> dict:
+    """Per-model figures: the minimum over the rounds, the range, and every round's sample."""
+    largest = max(spec.batch_sizes)
+    throughput = {str(b): b * spec.new_tokens / min(s) for b, s in t.batch.items()}
+    read = bytes_per_decoded_token(t.model, prompt_tokens + spec.new_tokens // 2)
+    model_bytes = sum(stored_bytes(x) for x in list(t.model.parameters()) + list(t.model.buffers()))
+    device = next(t.model.parameters()).device
+    return {
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": spec.new_tokens,
+        "threads": torch.get_num_threads(),
+        "rounds": len(t.decode),
+        "prefill_ms": 1e3 * min(t.prefill),
+        "prefill_ms_range": [1e3 * min(t.prefill), 1e3 * max(t.prefill)],
+        "decode_ms_per_token": 1e3 * min(t.decode),
+        "decode_ms_range": [1e3 * min(t.decode), 1e3 * max(t.decode)],
+        "decode_ms_median": 1e3 * statistics.median(t.decode),
+        "decode_ms_samples": [1e3 * x for x in t.decode],
+        "tokens_per_s": throughput[str(largest)],
+        "tokens_per_s_batch": largest,
+        "tokens_per_s_by_batch": throughput,
+        "tokens_per_s_samples": [largest * spec.new_tokens / s for s in t.batch[largest]],
+        "peak_mem_bytes": model_bytes + max(0, t.extra_bytes),
+        "peak_mem_kind": f"weights + working memory of generation at batch {largest}"
+        + (" (cuda allocated)" if device.type == "cuda" else " (process RSS growth)"),
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "bytes_per_token": read,
+        "roofline_ms_per_token": 1e3 * read / bandwidth,
+    }
+
+
+def _fits(models: list[Timed], device: torch.device) -> bool:
+    """Whether every model can stay loaded while the rounds run (else each round reloads)."""
+    return len(models) <= 1 or device.type == "cpu" and psutil.virtual_memory().available > 8 << 30
+
+
+def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, device: torch.device) -> dict:
+    """Time every model in interleaved rounds; {"models": {key: figures}, "session": {...}}."""
+    bandwidth = memory_bandwidth(str(device))
+    resident = _fits(models, device)
+    load_before = os.getloadavg()
+    start = time.time()
+    with threads(spec.threads):
+        bar = Bar("latency", len(models) * spec.repeats, unit="model-round")
+        for t in models:
+            t.model, t.pad = t.load()
+            _warm(t, prompt, spec)
+            if not resident:
+                t.model = None
+        for r in range(spec.repeats):
+            order = models[r % len(models) :] + models[: r % len(models)]  # rotate who goes first
+            for t in order:
+                if t.model is None:
+                    t.model, t.pad = t.load()
+                _round(t, prompt, spec, last=r == spec.repeats - 1)
+                if not resident and r < spec.repeats - 1:
+                    t.model = None
+                bar.update(1, model=t.name)
+        bar.close()
+        figures = {}
+        for t in models:
+            if t.model is None:
+                t.model, t.pad = t.load()
+            figures[t.key] = _summary(t, spec, _prompt(t.model, prompt, spec).shape[1], bandwidth)
+            t.model = None
+    session = {
+        "order": "interleaved rounds, rotating start",
+        "rounds": spec.repeats,
+        "estimator": f"min over {spec.repeats} rounds",
+        "models": len(models),
+        "resident": resident,
+        "threads": spec.threads or torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.time() - start, 1),
+    }
+    return {"models": figures, "session": session}
+
+
+# --- comparing two timed models -----------------------------------------------------------------
+
+
+def noise(samples: list[float]) -> float:
+    """Relative spread of a model's rounds: (median - min) / min, at least MIN_NOISE."""
+    low = min(samples)
+    return max(MIN_NOISE, (statistics.median(samples) - low) / low if low > 0 else 0.0)
+
+
+def faster(a: list[float], b: list[float]) -> bool:
+    """Whether times `a` beat times `b` beyond noise: a is faster in every round (same rounds,
+    interleaved) and its minimum is lower by more than either one's spread."""
+    paired = len(a) == len(b) and all(x < y for x, y in zip(a, b))
+    return paired and min(a) < min(b) * (1 - max(noise(a), noise(b)))

@@ -1,0 +1,64 @@
+"""The stage contract. A stage kind is one technique: a pydantic `Config`, a `check` that
+validates it against the model's dimensions before any work (returning the dimensions after
+the stage), and an `apply` that turns the input model into the output model.
+
+A stage never reads the recipe and never measures: the pipeline saves and measures every
+artifact the same way. It writes only into the folders its context hands it: `ctx.scratch`
+(its own checkpoints, kept across a crash until the artifact is saved) and `ctx.cache` (data
+other stages and runs may reuse, named by content: teacher generations and answers).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel
+
+
+@dataclass
+class StageContext:
+    """What a stage may use: the teacher, training data, device, seed and its two folders."""
+
+    name: str
+    config: BaseModel  # the stage's validated Config
+    device: torch.device
+    seed: int
+    scratch: Path  # this stage's checkpoints; survives a crash
+    cache: Path  # shared, content-named caches (teacher generations, answers)
+    load_teacher: Callable[[], object]  # -> models.Loaded, or a text teacher (answers.Teacher)
+    train_blocks: Callable[[int], torch.Tensor]  # seq_len -> packed training blocks [N, seq_len]
+    seq_len: int
+    cache_key: str  # identifies (teacher, data): prefix of the names of cached data
+    info: dict = field(default_factory=dict)  # facts the stage reports (sizes, roundings, ...)
+
+    @cached_property
+    def teacher(self):
+        return self.load_teacher()
+
+
+class StageKind(ABC):
+    """One stage kind, registered by name in `compressor/stages/__init__.py`."""
+
+    Config: ClassVar[type[BaseModel]]
+    # "quantized": the weights are stored as integers, nothing trains or prunes them afterwards
+    produces: ClassVar[Literal["float", "quantized"]] = "float"
+    # True: needs float weights, so it cannot follow a stage that produces "quantized"
+    needs_float: ClassVar[bool] = True
+
+    @abstractmethod
+    def check(self, cfg: BaseModel, shape: dict, teacher_shape: dict) -> dict:
+        """Raise ValueError with what cannot work; return the model's dimensions after the stage."""
+
+    @abstractmethod
+    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
+        """The output model (may be `model`, changed in place)."""
+
+    def white_box_fields(self, cfg: BaseModel) -> str | None:
+        """The first setting that needs the teacher's logits or weights (refused with a
+        text-only teacher); None when text answers are enough or no teacher is used."""
+        return None
