@@ -1,11 +1,44 @@
-"""Where every benchmark writes its figures: reports/<name>.json, and reports/<name>.md when it has a table."""
+"""What every benchmark shares: where the checkout and the shared data are, the set-up before any
+figure (the package importable from the checkout, quiet libraries, fixed threads), and where its
+figures go: reports/<name>.json, and reports/<name>.md when it has a table."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
-REPORTS = Path(__file__).resolve().parents[1] / "reports"
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "reports"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def prepare(threads: int = 2) -> None:
+    """Import compressor from this checkout, mute library chatter, fix the thread count (timings
+    on a shared 2-core machine are only comparable at a fixed count)."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from compressor.progress import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(threads)
+
+
+def available(names: str, setups: dict) -> list[tuple[str, dict]]:
+    """(name, setup) of the comma-separated teachers whose data is here; says which are skipped."""
+    out = []
+    for name in names.split(","):
+        if name != "builtin" and not SHARED.is_dir():
+            print(f"skipping {name}: {SHARED} is absent")
+            continue
+        out.append((name, setups[name]))
+    return out
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def save(name: str, figures: dict, markdown: str | None = None) -> Path:

@@ -12,16 +12,12 @@ Writes reports/distill_lift.json and reports/distill_lift.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from _reports import save
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from _reports import SHARED, available, prepare, save
 
 DATA_BUDGET = 32768  # tokens of in-domain text each student may see (the data-limited regime)
 
@@ -163,13 +159,8 @@ def main() -> None:
     )
     p.add_argument("--student-layers", type=int, help="student = this many evenly spaced teacher layers")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
-    import torch
+    prepare()
 
-    from compressor.progress import quiet_libraries
-
-    quiet_libraries()
-    torch.set_num_threads(2)
     report: dict = {}
     lines = [
         "# Distillation lift over CE-only students",
@@ -179,11 +170,7 @@ def main() -> None:
         "Held-out perplexity is token-level, on text the students never saw.",
         "",
     ]
-    for teacher in args.teachers.split(","):
-        setup = TEACHERS[teacher]
-        if teacher == "stories260k" and not SHARED.is_dir():
-            print(f"skipping {teacher}: {SHARED} is absent")
-            continue
+    for teacher, setup in available(args.teachers, TEACHERS):
         steps = args.steps or setup["steps"]
         if args.student_layers:
             setup = dict(setup, student={"num_layers": args.student_layers})

@@ -15,15 +15,11 @@ the pruned artifact is shared by its recoveries. Writes reports/prune_recover.js
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from _reports import save
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from _reports import SHARED, available, prepare, save
 
 TEACHERS = {
     "builtin": {
@@ -75,15 +71,11 @@ def main() -> None:
     p.add_argument("--teachers", default="builtin,stories260k")
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
-    import torch
+    prepare()
 
     from compressor.pipeline import run
-    from compressor.progress import quiet_libraries
     from compressor.recipe import load_recipe
 
-    quiet_libraries()
-    torch.set_num_threads(2)
     report, lines = (
         {},
         [
@@ -95,11 +87,7 @@ def main() -> None:
             "",
         ],
     )
-    for name in args.teachers.split(","):
-        setup = TEACHERS[name]
-        if name == "stories260k" and not SHARED.is_dir():
-            print(f"skipping {name}: {SHARED} is absent")
-            continue
+    for name, setup in available(args.teachers, TEACHERS):
         with tempfile.TemporaryDirectory() as tmp:
 
             def go(prune, recover, budget=DATA_BUDGET):

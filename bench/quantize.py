@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
-from _reports import REPORTS, save
+from _reports import REPORTS, SHARED, available, prepare, save
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 QAT_STEPS = 60
 # ~110M parameters (tied 32k embeddings): big enough that decode reads weights, not overheads
 SPEED_SHAPE = {
@@ -119,24 +116,28 @@ def quality(name: str, setup: dict) -> dict:
 
 
 def speed() -> dict:
-    """Decode speed of a ~100M-parameter Llama shape, fp32 vs every CPU kernel we can load."""
+    """Decode speed of a ~100M-parameter Llama shape, fp32 vs every CPU kernel we can load, all
+    timed together in interleaved rounds (min over the rounds, with their range)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compressor.measure import LatencySpec, bytes_per_decoded_token, kernel, latency, memory_bandwidth
-    from compressor.stages.quantize import Config, bnb_config, requantize, rtn_codes, torchao_config
+    from compressor.latency import LatencySpec, Timed, bytes_per_decoded_token, time_models
+    from compressor.quantized import bnb_config, kernel, requantize, rtn_codes, torchao_config
+    from compressor.stages.quantize import Config
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**SPEED_SHAPE, max_position_embeddings=512, tie_word_embeddings=True)
     base = LlamaForCausalLM(cfg).eval()
     params = sum(p.numel() for p in base.parameters())
-    spec = LatencySpec(prompt_tokens=64, new_tokens=32, batch_sizes=[1, 8], warmup=1, repeats=3, threads=2)
+    spec = LatencySpec(prompt_tokens=64, new_tokens=32, batch_sizes=[1, 8], warmup=1, repeats=5, threads=2)
     prompt = torch.randint(0, cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
-    bandwidth = memory_bandwidth("cpu")
     cpu = torch.device("cpu")
 
     def dynamic_qint8(model):
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def _torchao(model, folder, c):
+        return requantize(copy.deepcopy(model), folder, torchao_config(c), cpu, rtn_codes(model, c))
 
     variants = {
         "fp32": lambda d: copy.deepcopy(base),
@@ -151,27 +152,25 @@ def speed() -> dict:
         "int4_torchao_g64": lambda d: _torchao(base, d, Config(method="rtn", bits=4, group_size=64)),
         "int4_bnb_nf4": lambda d: requantize(copy.deepcopy(base), d, bnb_config(Config(method="bnb", bits=4)), cpu),
     }
-
-    def _torchao(model, folder, c):
-        return requantize(copy.deepcopy(model), folder, torchao_config(c), cpu, rtn_codes(model, c))
-
-    out = {"device": "cpu (2 threads)", "params": params, "bandwidth_gb_s": bandwidth / 1e9, "runs": {}}
-    for label, make in variants.items():
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-            model = make(Path(tmp) / "m")
-            lat = latency(model, prompt, spec, pad_token_id=0)
-            read = bytes_per_decoded_token(model, 64 + 16)
-            if "reference" in label:  # its packed int8 weights are not parameters: same bytes as int8 rows
-                read = out["runs"]["int8_torchao_weight_only"]["bytes_per_token"]
-            out["runs"][label] = {
-                "kernel": kernel(model) if "reference" not in label else "torch dynamic qint8 (fbgemm)",
-                "ms_per_token": lat["decode_ms_per_token"],
-                "tokens_per_s_batch8": lat["tokens_per_s_by_batch"]["8"],
-                "bytes_per_token": read,
-                "roofline_ms_per_token": 1e3 * read / bandwidth,
-            }
-            print(label, out["runs"][label], flush=True)
-            del model
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        models = {label: make(Path(tmp) / str(i)) for i, (label, make) in enumerate(variants.items())}
+        timing = time_models([Timed(k, k, lambda m=m: (m, 0)) for k, m in models.items()], prompt, spec, cpu)
+    out = {"device": "cpu (2 threads)", "params": params, "timing": timing["session"], "runs": {}}
+    for label, model in models.items():
+        t = timing["models"][label]
+        read = bytes_per_decoded_token(model, 64 + 16)
+        if "reference" in label:  # its packed int8 weights are not parameters: same bytes as int8 rows
+            read = bytes_per_decoded_token(models["int8_torchao_weight_only"], 64 + 16)
+        out["runs"][label] = {
+            "kernel": kernel(model) if "reference" not in label else "torch dynamic qint8 (fbgemm)",
+            "ms_per_token": t["decode_ms_per_token"],
+            "ms_per_token_range": t["decode_ms_range"],
+            "tokens_per_s_batch8": t["tokens_per_s_by_batch"]["8"],
+            "bytes_per_token": read,
+            "roofline_ms_per_token": 1e3 * read / (t["bandwidth_gb_s"] * 1e9),
+        }
+        print(label, out["runs"][label], flush=True)
+    out["bandwidth_gb_s"] = timing["models"]["fp32"]["bandwidth_gb_s"]
     runs = out["runs"]
     fp32 = runs["fp32"]["ms_per_token"]
     for r in runs.values():
@@ -198,21 +197,13 @@ def main() -> None:
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
-    import torch
+    prepare()
 
-    from compressor.progress import quiet_libraries
-
-    quiet_libraries()
-    torch.set_num_threads(2)
     path = REPORTS / "quantize.json"  # a partial rerun (--skip-speed) keeps the other figures
     report = json.loads(path.read_text()) if path.is_file() else {}
     if not args.skip_quality:
-        for name in args.teachers.split(","):
-            if name == "stories260k" and not SHARED.is_dir():
-                print(f"skipping {name}: {SHARED} is absent")
-                continue
-            rows = quality(name, TEACHERS[name])
+        for name, setup in available(args.teachers, TEACHERS):
+            rows = quality(name, setup)
             fp32 = rows["fp32"]["ppl"]
             gap = lambda k: rows[k]["ppl"] - fp32  # noqa: E731
             report[name] = {

@@ -12,6 +12,12 @@ two runs into one output folder at once.
 3. `--corruptions`: bytes of a random artifact's weights flipped → detected, rebuilt, same figures.
 4. `--races`: two runs started together into one output folder → one runs, the other is refused
    with the lock holder's pid (exit 2); the output is the winner's, whole.
+5. `--shared`: four recipes that share their first stages (distill, prune; then two recover
+   lengths × two quantizations), started together on one store → every artifact is built by
+   exactly one of them, and every run's figures equal the same recipe run alone in a fresh store.
+6. `--disk-full`: the store on a small tmpfs (60% of what the run needs) → the run stops with one
+   line naming the full disk, the store still verifies; after the tmpfs grows, the same command
+   finishes with the uninterrupted run's figures. Needs root to mount (else reported as skipped).
 
 Needs ../shared/data (stories260K, TinyStories). Writes reports/reliability.json.
 """
@@ -32,10 +38,9 @@ import time
 from pathlib import Path
 
 import yaml
-from _reports import save
+from _reports import ROOT, SHARED, save
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+REPO, DATA = ROOT, SHARED
 sys.path.insert(0, str(REPO / "tests"))
 
 from test_fuzz import SHIPPED, mutate  # noqa: E402
@@ -194,13 +199,104 @@ def races(count: int, recipe: Path, tmp: Path, reference: list[dict]) -> dict:
     return {"count": count, "one_ran_one_refused": good}
 
 
+def variant(recover_steps: int, bits: int) -> dict:
+    recipe = json.loads(json.dumps(RECIPE))
+    recipe["name"] = f"shared-r{recover_steps}-int{bits}"
+    recipe["stages"][2]["recover"]["steps"] = recover_steps
+    recipe["stages"][3]["quantize"]["bits"] = bits
+    return recipe
+
+
+def shared(count: int, tmp: Path) -> dict:
+    """`count` rounds of four prefix-sharing recipes started together on one store."""
+    recipes = []
+    for steps, bits in ((40, 8), (40, 4), (20, 8), (20, 4)):
+        path = tmp / f"shared-{steps}-{bits}.yaml"
+        path.write_text(yaml.safe_dump(variant(steps, bits), sort_keys=False))
+        recipes.append(path)
+    solo = {}
+    for path in recipes:  # each alone, in a fresh store: what the shared runs must reproduce
+        out = tmp / f"solo-{path.stem}"
+        assert run(path, out, tmp / f"solo-store-{path.stem}").returncode == 0
+        solo[path] = figures(out)
+    good, rounds = 0, []
+    for i in range(count):
+        store = tmp / f"shared-store-{i}"
+        procs = [
+            subprocess.Popen(
+                command(p, tmp / f"shared-{i}-{p.stem}", store),
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for p in recipes
+        ]
+        codes = [p.wait() for p in procs]
+        records = [json.loads((tmp / f"shared-{i}-{p.stem}" / "run.json").read_text()) for p in recipes]
+        builds: dict[str, int] = {}
+        for record in records:
+            for stage in record["stages"][1:]:
+                builds[stage["key"]] = builds.get(stage["key"], 0) + (not stage["cached"])
+        built_once = all(n == 1 for n in builds.values())
+        equal = all(figures(tmp / f"shared-{i}-{p.stem}") == solo[p] for p in recipes)
+        ok = codes == [0, 0, 0, 0] and built_once and equal and store_verifies(store)
+        good += ok
+        rounds.append({"exit_codes": codes, "artifacts": len(builds), "built_once": built_once, "figures_equal": equal})
+        print(f"  shared {i}: exit codes {codes}, {len(builds)} artifacts, built once {built_once}, equal {equal}")
+    print(f"prefix-sharing runs together: {count} rounds, {good} with every artifact built once and equal figures")
+    return {"count": count, "good": good, "rounds": rounds}
+
+
+def disk_full(count: int, recipe: Path, tmp: Path, reference: list[dict], needed: int) -> dict:
+    """The store on a tmpfs too small for the run; then the tmpfs grows and the run is redone."""
+    trials, good = [], 0
+    for i in range(count):
+        mount = tmp / f"small-{i}"
+        mount.mkdir()
+        size = max(1 << 20, int(needed * (0.3 + 0.3 * i / max(1, count - 1))))
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True
+        )
+        if mounted.returncode != 0:
+            print(f"disk full: cannot mount a tmpfs here ({mounted.stderr.strip()}): skipped")
+            return {"count": 0, "good": 0, "skipped": mounted.stderr.strip()}
+        try:
+            out = tmp / f"full-{i}"
+            first = run(recipe, out, mount / "store")
+            lines = first.stderr.strip().splitlines()
+            one_line = first.returncode == 1 and lines and lines[-1].startswith("error: no space left on the device")
+            consistent = store_verifies(mount / "store")
+            subprocess.run(["mount", "-o", f"remount,size={needed * 3}", str(mount)], check=True)
+            again = run(recipe, out, mount / "store")
+            equal = again.returncode == 0 and figures(out) == reference
+            ok = bool(one_line) and consistent and equal and store_verifies(mount / "store")
+            good += ok
+            trials.append(
+                {
+                    "store_bytes": size,
+                    "refused_in_one_line": bool(one_line),
+                    "store_consistent": consistent,
+                    "rerun_rc": again.returncode,
+                    "figures_equal": equal,
+                    "error": lines[-1][:160] if lines else "",
+                }
+            )
+            print(
+                f"  disk full {i}: {size >> 20} MiB: rc {first.returncode} {lines[-1][:100] if lines else ''!r}; "
+                f"store consistent {consistent}; after growing: rc {again.returncode}, equal {equal}"
+            )
+        finally:
+            subprocess.run(["umount", str(mount)], capture_output=True)
+    print(f"disk full: {count} trials, {good} stopped in one line and finished after space was freed")
+    return {"count": count, "good": good, "trials": trials}
+
+
 def main_(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", type=int, default=100)
-    parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--corruptions", type=int, default=3)
-    parser.add_argument("--races", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    drills = {"recipes": 100, "kills": 10, "corruptions": 3, "races": 3, "shared": 2, "disk-full": 3, "seed": 0}
+    for name, default in drills.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args(argv)
     if not (DATA / "stories260K").is_dir():
         print(f"needs {DATA} (stories260K, TinyStories)", file=sys.stderr)
@@ -224,12 +320,17 @@ def main_(argv=None) -> int:
         result["kills"] = kills(args.kills, rng, recipe, tmp, reference, seconds)
         result["corruptions"] = corruptions(args.corruptions, rng, recipe, tmp, tmp / "store", reference)
         result["races"] = races(args.races, recipe, tmp, reference)
+        result["shared_prefix_together"] = shared(args.shared, tmp)
+        needed = sum(f.stat().st_size for f in (tmp / "store").rglob("*") if f.is_file())
+        result["disk_full"] = disk_full(args.disk_full, recipe, tmp, reference, needed)
     save("reliability", result)
     clean = (
         result["recipes"]["bad"] == 0
         and result["kills"]["good"] == args.kills
         and result["corruptions"]["detected_and_rebuilt"] == args.corruptions
         and result["races"]["one_ran_one_refused"] == args.races
+        and result["shared_prefix_together"]["good"] == args.shared
+        and result["disk_full"]["good"] == result["disk_full"]["count"]
     )
     return 0 if clean else 1
 

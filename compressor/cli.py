@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -279,7 +280,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(interrupted(), file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk surfaces as OSError, or inside torch/safetensors errors
+        if not _disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(
+            f"error: no space left on the device{where}: nothing half-written was kept; free space and rerun "
+            "the same command (finished stages are kept)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .progress import say
 from .recipe import Recipe, load_orderings
 from .record import RunRecord, make_record
 from .report import write_report
-from .storage import Store, locked, write_json
+from .storage import Store, output_folder, write_json
 
 
 def plan(paths: list[str]) -> list[tuple[str, Recipe]]:
@@ -42,13 +42,11 @@ def compare(variants: list[tuple[str, Recipe]], out: Path, store: Store | None =
     then write each ordering's run into out/<ordering>/ and the comparison into out/."""
     store = store or Store()
     start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
-        held.enter_context(locked(out / ".lock", f"output folder {out}", wait=False))
+        held.enter_context(output_folder(out))
         runs = []
         for i, (label, recipe) in enumerate(variants):
-            (out / label).mkdir(parents=True, exist_ok=True)
-            held.enter_context(locked(out / label / ".lock", f"output folder {out / label}", wait=False))
+            held.enter_context(output_folder(out / label))
             say(f"ordering {i + 1}/{len(variants)}: {label}: {' -> '.join(s.name for s in recipe.stages)}")
             session = Session(recipe, store)
             runs.append((label, session, build_and_measure(session)))

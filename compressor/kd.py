@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .data import Batches, Sequences, continue_prompts, teacher_sequences
 from .losses import LossConfig, hidden_loss, kd_loss, shift_labels
+from .models import count_params
 from .seeds import epoch_seed
 from .train import Batch, LossFn, TrainConfig, train
 
@@ -202,14 +203,19 @@ class Recovery(Knobs):
         return self
 
 
-def check_recovery(cfg: Recovery, shape: dict, teacher_shape: dict) -> None:
+def check_recovery(cfg: Recovery, shape: dict, teacher_shape: dict) -> dict:
+    """Check the knobs against the model it distills from; a recovery keeps the shape."""
     check_knobs(cfg, shape, shape if cfg.teacher == "input" else teacher_shape)
+    return shape
 
 
-def recovery_teacher(model: torch.nn.Module, cfg: Recovery, ctx) -> tuple[torch.nn.Module | None, Recovery]:
-    """The model to distill from, and the config to train with (CE only when there is none)."""
+def recovery_start(model: torch.nn.Module, ctx) -> tuple[torch.nn.Module, torch.nn.Module | None, Recovery]:
+    """The model to train (in fp32), the model to distill it from, and the config to train with
+    (CE only when there is no teacher); ctx.info records the choice."""
+    model, cfg = model.float(), ctx.config
+    ctx.info.update(teacher=cfg.teacher, params=count_params(model))
     if cfg.teacher == "none":
-        return None, ce_only(cfg)
+        return model, None, ce_only(cfg)
     if cfg.teacher == "input":
-        return copy.deepcopy(model).eval().requires_grad_(False), cfg
-    return ctx.teacher.model, cfg
+        return model, copy.deepcopy(model).eval().requires_grad_(False), cfg
+    return model, ctx.teacher.model, cfg

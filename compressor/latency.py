@@ -92,19 +92,21 @@ class PeakRSS:
 
 
 @contextlib.contextmanager
-def working_memory(device: torch.device):
-    """Bytes the block allocates beyond what was held before it (peak minus start)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        out = {"bytes": 0}
-        yield out
-        out["bytes"] = torch.cuda.max_memory_allocated(device) - before
-    else:
-        out = {"bytes": 0}
-        with PeakRSS() as rss:
-            yield out
-        out["bytes"] = rss.peak - rss.start
+def cuda_working_memory(device: torch.device):
+    """Bytes the block allocates on the GPU beyond what was held before it (peak minus start)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = {"bytes": 0}
+    yield out
+    out["bytes"] = torch.cuda.max_memory_allocated(device) - before
+
+
+def kv_cache_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
+    """Keys and values of every layer for `batch` sequences of `context` tokens."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim(cfg) * batch * context * itemsize
 
 
 @lru_cache(maxsize=4)
@@ -125,10 +127,7 @@ def bytes_per_decoded_token(model: torch.nn.Module, context: int) -> int:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if emb is not None and head is not None and emb.weight is not head.weight:
         total -= stored_bytes(emb.weight)
-    cfg = model.config
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    itemsize = next(model.parameters()).element_size()
-    return total + 2 * cfg.num_hidden_layers * kv_heads * head_dim(cfg) * context * itemsize
+    return total + kv_cache_bytes(model, 1, context)
 
 
 # --- one model, one round -----------------------------------------------------------------------
@@ -179,10 +178,11 @@ def _round(t: Timed, prompt: torch.Tensor, spec: LatencySpec, last: bool) -> Non
     largest = max(spec.batch_sizes)
     for b in spec.batch_sizes:
         batch = ids.expand(b, -1)
-        with working_memory(model.device) if (last and b == largest) else contextlib.nullcontext({}) as mem:
+        measured = last and b == largest and model.device.type == "cuda"
+        with cuda_working_memory(model.device) if measured else contextlib.nullcontext({}) as mem:
             _, seconds = timed(lambda: _generate(model, batch, spec, t.pad), model.device)
         t.batch.setdefault(b, []).append(seconds)
-        if last and b == largest:
+        if measured:
             t.extra_bytes = mem["bytes"]
 
 
@@ -215,9 +215,16 @@ def _summary(t: Timed, spec: LatencySpec, prompt_tokens: int, bandwidth: float) 
         "tokens_per_s_batch": largest,
         "tokens_per_s_by_batch": throughput,
         "tokens_per_s_samples": [largest * spec.new_tokens / s for s in t.batch[largest]],
-        "peak_mem_bytes": model_bytes + max(0, t.extra_bytes),
-        "peak_mem_kind": f"weights + working memory of generation at batch {largest}"
-        + (" (cuda allocated)" if device.type == "cuda" else " (process RSS growth)"),
+        "peak_mem_bytes": model_bytes
+        + (
+            t.extra_bytes
+            if device.type == "cuda"
+            else kv_cache_bytes(t.model, largest, prompt_tokens + spec.new_tokens)
+        ),
+        "peak_mem_kind": f"weights + GPU memory generation at batch {largest} allocates (measured)"
+        if device.type == "cuda"
+        else f"weights + KV cache of batch {largest} × {prompt_tokens + spec.new_tokens} tokens (computed: the "
+        "RSS of one process timing several models cannot be split among them)",
         "bandwidth_gb_s": bandwidth / 1e9,
         "bytes_per_token": read,
         "roofline_ms_per_token": 1e3 * read / bandwidth,

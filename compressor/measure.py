@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from .evaldata import user_file
 from .latency import LatencySpec
 from .models import count_params
+from .progress import Bar
 from .quantized import kernel, stored_bytes
 from .speculative import SpeculativeSpec, speculative
 from .storage import recipe_path
@@ -118,15 +119,18 @@ def token_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: i
 def fidelity(model: torch.nn.Module, teacher: torch.nn.Module | None, blocks: torch.Tensor, batch_size: int) -> dict:
     """Token-level held-out perplexity; with a teacher, KL(teacher || model) and top-1 agreement."""
     nll = kl = agree = count = 0.0
-    for i in range(0, len(blocks), batch_size):
-        ids = blocks[i : i + batch_size].to(model.device)
-        logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
-        nll += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        count += ids[:, 1:].numel()
-        if teacher is not None:
-            t_logp = teacher(input_ids=ids.to(teacher.device)).logits[:, :-1].float().log_softmax(-1).to(logp.device)
-            kl += (t_logp.exp() * (t_logp - logp)).sum().item()
-            agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+    with Bar("held-out fidelity", len(blocks), unit="block") as bar:
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i : i + batch_size].to(model.device)
+            logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
+            nll += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+            if teacher is not None:
+                t_ids = ids.to(teacher.device)
+                t_logp = teacher(input_ids=t_ids).logits[:, :-1].float().log_softmax(-1).to(logp.device)
+                kl += (t_logp.exp() * (t_logp - logp)).sum().item()
+                agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            bar.update(len(ids))
     out = {"heldout_ppl": math.exp(nll / count), "heldout_tokens": int(count)}
     if teacher is not None:
         out.update(teacher_kl=kl / count, top1_agreement=agree / count)

@@ -27,7 +27,7 @@ from .recipe import Recipe, Stage
 from .record import RunRecord, StageRecord, machine, make_record, versions
 from .report import write_report
 from .stages import StageContext
-from .storage import Store, home, locked, read_json, write_json
+from .storage import Store, home, output_folder, read_json, write_json
 from .teachers import TeacherSpec, load_teacher
 
 
@@ -181,13 +181,16 @@ def build_and_measure(session: Session) -> list[StageRecord]:
     for stage, key in zip(recipe.stages, session.keys):
         start = time.time()
         manifest = store.get(key)
-        cached = manifest is not None
         with stage_progress(stage.name, recipe.path):
+            if manifest is None:
+                with store.lock(key):  # another run may be building it: wait, then use theirs
+                    manifest = store.get(key)
+                    cached = manifest is not None
+                    manifest = manifest or session.build(stage, key, input_key)
+            else:
+                cached = True
             if cached:
                 say(f"{stage.name}: cached (artifact {key})")
-            else:
-                with store.lock(key):
-                    manifest = store.get(key) or session.build(stage, key, input_key)
             metrics, _, measure_s = session.measured(stage.name, key, lambda k=key: session.load_artifact(k))
         rows.append(
             {
@@ -271,8 +274,7 @@ def finish(session: Session, rows: list[StageRecord], timing: dict | None, out: 
 def run(recipe: Recipe, out: Path, store: Store | None = None) -> RunRecord:
     """Run (or resume) a recipe into `out`; return the run record written to out/run.json."""
     store = store or Store()
-    out.mkdir(parents=True, exist_ok=True)
-    with locked(out / ".lock", f"output folder {out}", wait=False):
+    with output_folder(out):
         session = Session(recipe, store)
         rows = build_and_measure(session)
         timing = attach_latency([(session, rows)])
@@ -297,8 +299,7 @@ def evaluate_model(
             return load_pretrained(ref, device, dtype="auto")
         return load_teacher(TeacherSpec.model_validate(ref), device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with locked(out / ".lock", f"output folder {out}", wait=False):
+    with output_folder(out):
         loaded = load(model_ref)
         teacher = load(teacher_ref).model if teacher_ref else None
         blocks = pack(load_documents(heldout), loaded.tokenizer, seq_len)

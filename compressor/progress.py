@@ -23,12 +23,16 @@ def say(message: str) -> None:
 
 
 class Bar:
-    """A progress bar for `total` steps with a free-form postfix (loss, lr, ...)."""
+    """A progress bar for `total` steps with a free-form postfix (loss, lr, ...). Into a log
+    file it prints a line every ~10% or 30 s, once it has run QUIET_S seconds: a phase that
+    finishes sooner leaves no lines."""
+
+    QUIET_S = 3.0
 
     def __init__(self, description: str, total: int, unit: str = "step"):
         self.description, self.total, self.unit = description, total, unit
         self.done, self.start, self.postfix = 0, time.time(), ""
-        self._last_log, self._next_pct = 0.0, 10
+        self._last_log, self._next_pct, self._printed = self.start, 10, False
         self._live = console.is_terminal and sys.stderr.isatty()
         if self._live:
             self._progress = Progress(
@@ -60,11 +64,12 @@ class Bar:
             return
         pct = 100 * self.done / max(self.total, 1)
         now = time.time()
-        if pct >= self._next_pct or now - self._last_log > 30 or self.done == self.total:
-            while self._next_pct <= pct:
-                self._next_pct += 10
-            self._last_log = now
-            elapsed = now - self.start
+        elapsed = now - self.start
+        due = pct >= self._next_pct or now - self._last_log > 30 or self.done == self.total
+        while self._next_pct <= pct:
+            self._next_pct += 10
+        if due and (elapsed >= self.QUIET_S or (self._printed and self.done == self.total)):
+            self._last_log, self._printed = now, True
             eta = elapsed / max(self.done, 1) * (self.total - self.done)
             say(
                 f"{self.description}: {self.unit} {self.done}/{self.total} {self.postfix} "
@@ -89,9 +94,23 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
-    for name in ("lm-eval", "lm_eval", "transformers", "datasets", "accelerate", "httpx"):
+    from transformers.utils import logging as hf_logging  # imports torch, which configures its loggers
+
+    # Known-harmless noise, set after torch's logging is configured: torchao's CUDA-only kernels
+    # that a CPU machine cannot load (`Failed to load .../_C_mxfp8...so`), torch's deprecation of
+    # torchao's Enum registrations (`torch/utils/_pytree.py`), bitsandbytes' optional `kernels` package.
+    for name in (
+        "lm-eval",
+        "lm_eval",
+        "transformers",
+        "datasets",
+        "accelerate",
+        "httpx",
+        "torchao",
+        "torch.utils._pytree",
+        "bitsandbytes",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

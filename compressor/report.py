@@ -78,7 +78,7 @@ def speed_table(stages: list[dict]) -> str:
                 _range(m.get("prefill_ms"), m.get("prefill_ms_range")),
                 _range(m.get("decode_ms_per_token"), m.get("decode_ms_range")),
                 _fmt(m.get("roofline_ms_per_token")),
-                (f"{_fmt(tps)} ({_fmt(min(samples))}–{_fmt(max(samples))})" if samples else _fmt(tps))
+                (f"{tps:,.0f} ({min(samples):,.0f}–{max(samples):,.0f})" if samples else _fmt(tps))
                 + (f" @{m.get('tokens_per_s_batch')}" if tps is not None else ""),
                 _mib(m.get("peak_mem_bytes")),
             ]

@@ -21,6 +21,7 @@ import yaml
 
 from . import UserError, evals
 from .evaldata import data_dir, missing_data, packaged_file, user_data, user_file, user_task_name
+from .progress import Bar, say
 from .storage import atomic_dir, digest, home
 
 PACKAGED_DIR = Path(evals.__file__).parent  # the top-level evals/ folder, installed as compressor.evals
@@ -222,11 +223,25 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> tuple[dict[str, float], d
 
     class Scorer(HFLM):
         # lm-eval passes disable=False to its per-request bars, which overrides TQDM_DISABLE
-        # (progress.quiet_libraries): into a log file they would print a line per redraw
+        # (progress.quiet_libraries): into a log file they would print a line per redraw, so
+        # there our own bar counts the scored rows instead (a line every ~10%, with an ETA)
         quiet = not sys.stderr.isatty()
+        bar: Bar | None = None
 
         def loglikelihood(self, requests, disable_tqdm=False):
-            return super().loglikelihood(requests, disable_tqdm or self.quiet)
+            if not self.quiet:
+                return super().loglikelihood(requests, disable_tqdm)
+            with Bar(f"lm-eval ({', '.join(names)})", len(requests), unit="answer") as self.bar:
+                try:
+                    return super().loglikelihood(requests, True)
+                finally:
+                    self.bar = None
+
+        def _model_call(self, inps, *args, **kwargs):
+            out = super()._model_call(inps, *args, **kwargs)
+            if self.bar is not None:
+                self.bar.update(min(len(inps), self.bar.total - self.bar.done))
+            return out
 
         def generate_until(self, requests, disable_tqdm=False):
             return super().generate_until(requests, disable_tqdm or self.quiet)
@@ -236,6 +251,8 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> tuple[dict[str, float], d
             adds BOS itself puts a second one after it, which is then scored as text
             (lm-eval issue #3333): score each document's own tokens after a single BOS."""
             self.add_bos_token, saved = False, self.add_bos_token
+            if self.quiet:
+                say(f"lm-eval: perplexity of {len(requests)} documents")
             try:
                 return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
             finally:

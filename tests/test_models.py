@@ -83,5 +83,5 @@ def test_teacher_spec_refuses_what_cannot_load(tmp_path):
         TeacherSpec.model_validate({"source": f"hf:{tmp_path}", "build": {}})
     # a hub id is accepted at validation (the hub is the user's); loading it here fails cleanly
     spec = TeacherSpec.model_validate("hf:someone/some-model")
-    with pytest.raises(UserError, match="cannot load model someone/some-model"):
+    with pytest.raises(UserError, match="someone/some-model: not in the local Hugging Face cache"):
         load_teacher(spec, torch.device("cpu"))

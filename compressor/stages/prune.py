@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import Batches, Calibration
 from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
+from ..progress import Bar, say
 from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
 from .base import StageContext, StageKind
 
@@ -261,13 +262,15 @@ def _calibration_pass(model, batches, n_batches: int, taylor: bool, activation: 
             hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
     try:
         model.zero_grad(set_to_none=True)
-        for b in range(n_batches):
-            ids = batches(b)["input_ids"].to(model.device)
-            acc["tokens"] += ids.numel()
-            with torch.set_grad_enabled(grads_on):
-                out = model(input_ids=ids, labels=ids if grads_on else None)
-            if grads_on:
-                out.loss.backward()
+        with Bar("pruning importance", n_batches, unit="calibration batch") as bar:
+            for b in range(n_batches):
+                ids = batches(b)["input_ids"].to(model.device)
+                acc["tokens"] += ids.numel()
+                with torch.set_grad_enabled(grads_on):
+                    out = model(input_ids=ids, labels=ids if grads_on else None)
+                if grads_on:
+                    out.loss.backward()
+                bar.update(1)
     finally:
         for h in hooks:
             h.remove()
@@ -316,6 +319,7 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
     like = {**model.config.to_dict(), **shape}
     ratios = solve_targets(cfg, shape, like)
     target, notes = plan(shape, ratios, cfg.gqa, cfg.multiple_of)
+    say(f"{ctx.name}: {cfg.method} importance; " + "; ".join(notes))
     blocks = ctx.train_blocks(ctx.seq_len)
     batches = Batches(blocks, cfg.calibration.batch_size, ctx.seed)
     n_batches = math.ceil(cfg.calibration.samples / cfg.calibration.batch_size)
@@ -350,6 +354,7 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
             keep_kv.append(kv)
             keep_q.append(q)
         keep_heads(model, keep_kv, keep_q)
+    say(f"{ctx.name}: {before:,} -> {count_params(model):,} parameters")
     ctx.info.update(
         method=cfg.method,
         ratios=ratios,

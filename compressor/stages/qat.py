@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from ..kd import Recovery, check_recovery, distill_train, recovery_teacher
-from ..models import count_params
+from ..kd import Recovery, check_recovery, distill_train, recovery_start
 from ..quant import FakeQuant, fake_quant_activations
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
@@ -27,22 +26,20 @@ class QAT(StageKind):
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         check_scheme(cfg, shape, "torchao")
-        check_recovery(cfg, shape, teacher_shape)
-        return shape
+        return check_recovery(cfg, shape, teacher_shape)
 
     def white_box_fields(self, cfg: Config) -> str | None:
         return cfg.logits_field()
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
-        model = model.float()
-        teacher, cfg = recovery_teacher(model, ctx.config, ctx)
+        model, teacher, cfg = recovery_start(model, ctx)
         linears = quantized_linears(model, cfg.lm_head)
         hooks = []
         for m in linears.values():
             parametrize.register_parametrization(m, "weight", FakeQuant(cfg.bits, cfg.group_size))
             if cfg.activations == "int8":
                 hooks.append(m.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0]),)))
-        ctx.info.update(teacher=cfg.teacher, params=count_params(model), fake_quantized=len(linears))
+        ctx.info["fake_quantized"] = len(linears)
         ctx.info.update(distill_train(model, teacher, cfg, ctx))
         for h in hooks:
             h.remove()

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kd import Recovery, check_recovery, distill_train, recovery_teacher
-from ..models import count_params
+from ..kd import Recovery, check_recovery, distill_train, recovery_start
 from .base import StageContext, StageKind
 
 
@@ -18,15 +17,12 @@ class Recover(StageKind):
     Config = Recovery
 
     def check(self, cfg: Recovery, shape: dict, teacher_shape: dict) -> dict:
-        check_recovery(cfg, shape, teacher_shape)
-        return shape
+        return check_recovery(cfg, shape, teacher_shape)
 
     def white_box_fields(self, cfg: Recovery) -> str | None:
         return cfg.logits_field()
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
-        model = model.float()
-        teacher, cfg = recovery_teacher(model, ctx.config, ctx)
-        ctx.info.update(teacher=cfg.teacher, params=count_params(model))
+        model, teacher, cfg = recovery_start(model, ctx)
         ctx.info.update(distill_train(model, teacher, cfg, ctx))
         return model

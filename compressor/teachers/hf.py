@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
+from .. import UserError
 from ..models import load_pretrained, resolve_dtype
 from ..storage import digest, file_hashes
 from .base import Source
@@ -29,6 +32,32 @@ class HFSource(Source):
     def folder(self) -> Path | None:
         return Path(self.target) if Path(self.target).is_dir() else None
 
+    def preflight(self) -> None:
+        """A hub id that is not in the local cache needs the hub: fail in seconds, not retries."""
+        if self.folder() is not None:
+            return
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(self.target, "config.json", revision=self.spec.revision), str):
+            return
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
+        if why:
+            raise UserError(
+                f"teacher hf:{self.target}: not in the local Hugging Face cache and the hub cannot be reached "
+                f"({why}); download it where there is a network and name the folder: hf:./path/to/model"
+            )
+
     def load(self, device):
+        self.preflight()
         dtype = resolve_dtype(self.spec.dtype, device)
         return load_pretrained(self.target, device, dtype, self.spec.trust_remote_code, self.spec.revision)
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connection to the hub cannot be made within `timeout` seconds, or None."""
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or type(exc).__name__}"
+    return None
