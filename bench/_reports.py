@@ -18,11 +18,11 @@ def prepare(threads: int = 2) -> None:
     """Import compressor from this checkout, mute library chatter, fix the thread count (timings
     on a shared 2-core machine are only comparable at a fixed count)."""
     sys.path.insert(0, str(ROOT))
-    import torch
-
     from compressor.progress import quiet_libraries
 
-    quiet_libraries()
+    quiet_libraries()  # before anything imports tqdm: it reads TQDM_DISABLE once
+    import torch
+
     torch.set_num_threads(threads)
 
 

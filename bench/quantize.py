@@ -121,7 +121,7 @@ def speed() -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from compressor.latency import LatencySpec, Timed, bytes_per_decoded_token, time_models
+    from compressor.latency import LatencySpec, Timed, TorchRunner, bytes_per_decoded_token, time_models
     from compressor.quantized import bnb_config, kernel, requantize, rtn_codes, torchao_config
     from compressor.stages.quantize import Config
 
@@ -154,7 +154,7 @@ def speed() -> dict:
     }
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         models = {label: make(Path(tmp) / str(i)) for i, (label, make) in enumerate(variants.items())}
-        timing = time_models([Timed(k, k, lambda m=m: (m, 0)) for k, m in models.items()], prompt, spec, cpu)
+        timing = time_models([Timed(k, k, lambda m=m: TorchRunner(m, 0)) for k, m in models.items()], prompt, spec, cpu)
     out = {"device": "cpu (2 threads)", "params": params, "timing": timing["session"], "runs": {}}
     for label, model in models.items():
         t = timing["models"][label]

@@ -102,7 +102,8 @@ def _report(args) -> None:
 def _export(args) -> None:
     from .exporters import export
 
-    print(export(Path(args.run_dir), Path(args.out), args.stage, args.format))
+    options = {key: getattr(args, key) for key in _format_options() if getattr(args, key, None) is not None}
+    print(export(Path(args.run_dir), Path(args.out), args.stage, args.format, **options))
 
 
 def _teacher(args) -> None:
@@ -243,6 +244,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument_group("required").add_argument("--out", required=True, help="output folder, outside the run folder")
     x.add_argument("--stage", help="stage name (default: the last)")
     x.add_argument("--format", default="hf", choices=_formats(), help="what to write (default: hf)")
+    for key, (fmt, allowed) in _format_options().items():
+        x.add_argument(f"--{key}", choices=allowed, help=f"{fmt} only: {', '.join(allowed)} (default: {allowed[0]})")
 
     t = _sub(sub, "teacher", "the built-in teacher", "Build the built-in teacher ahead of a run.")
     tsub = t.add_subparsers(dest="action", required=True, metavar="action")
@@ -267,6 +270,12 @@ def _formats() -> list[str]:
     from .exporters import EXPORTERS
 
     return list(EXPORTERS)
+
+
+def _format_options() -> dict[str, tuple[str, tuple[str, ...]]]:
+    from .exporters import EXPORTERS
+
+    return {key: (name, allowed) for name, e in EXPORTERS.items() for key, allowed in e.options.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

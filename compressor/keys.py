@@ -46,7 +46,7 @@ def measurement_key(spec, teacher: str, machine: dict) -> str:
     """Everything but the artifact that a measurement's figures depend on (latency apart)."""
     return digest(
         {
-            "eval": spec.eval.model_dump(mode="json", exclude={"latency"}),
+            "eval": spec.eval.model_dump(mode="json", exclude={"latency", "runtimes", "gguf"}),
             "heldout": spec.data.model_dump(mode="json"),
             "teacher": teacher,
             "machine": machine,

@@ -133,15 +133,58 @@ def bytes_per_decoded_token(model: torch.nn.Module, context: int) -> int:
 # --- one model, one round -----------------------------------------------------------------------
 
 
+class TorchRunner:
+    """A model as `from_pretrained` loads it, timed through `generate` (the torch runtime).
+    Other runtimes bring a runner of the same shape (runtimes/)."""
+
+    def __init__(self, model: torch.nn.Module, pad: int | None):
+        self.model, self.pad, self.device = model, pad, model.device
+
+    @property
+    def max_positions(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+
+    def batch_sizes(self, spec: LatencySpec) -> list[int]:
+        return spec.batch_sizes
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> None:
+        self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], new_tokens: int, batch: int) -> float | None:
+        """Greedy generation; None: the decode steps are not timed apart (prefill is subtracted)."""
+        x = torch.tensor([ids], device=self.device).expand(batch, -1)
+        self.model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad,
+        )
+
+    def weight_bytes(self) -> int:
+        return sum(stored_bytes(x) for x in list(self.model.parameters()) + list(self.model.buffers()))
+
+    def bytes_per_token(self, context: int) -> int:
+        return bytes_per_decoded_token(self.model, context)
+
+    def kv_bytes(self, batch: int, context: int) -> int:
+        return kv_cache_bytes(self.model, batch, context)
+
+    def close(self) -> None:
+        self.model = None
+
+
 @dataclass
 class Timed:
-    """A model being timed: how to get it, and the samples of its rounds."""
+    """A model being timed: how to get its runner, and the samples of its rounds."""
 
     key: str  # what the figures are filed under
     name: str  # what progress shows
-    load: Callable[[], tuple[torch.nn.Module, int | None]]  # -> (model, pad token id)
-    model: torch.nn.Module | None = None
-    pad: int | None = None
+    load: Callable[[], TorchRunner]  # -> a runner (TorchRunner or a runtime's own)
+    runner: TorchRunner | None = None
 
     def __post_init__(self):
         self.prefill: list[float] = []
@@ -149,61 +192,52 @@ class Timed:
         self.batch: dict[int, list[float]] = {}
         self.extra_bytes = 0
 
-
-def _prompt(model: torch.nn.Module, prompt: torch.Tensor, spec: LatencySpec) -> torch.Tensor:
-    max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    p = min(spec.prompt_tokens, prompt.numel(), max_pos - spec.new_tokens)
-    return prompt[:p].view(1, -1).to(model.device)
-
-
-def _generate(model, ids: torch.Tensor, spec: LatencySpec, pad: int | None):
-    return model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=spec.new_tokens,
-        min_new_tokens=spec.new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-    )
+    def drop(self) -> None:
+        """Free the runner (a runtime's native memory too) until it is loaded again."""
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = None
 
 
-@torch.no_grad()
+def _prompt(runner, prompt: torch.Tensor, spec: LatencySpec) -> list[int]:
+    p = min(spec.prompt_tokens, prompt.numel(), runner.max_positions - spec.new_tokens)
+    return prompt[:p].tolist()
+
+
 def _round(t: Timed, prompt: torch.Tensor, spec: LatencySpec, last: bool) -> None:
-    model = t.model
-    ids = _prompt(model, prompt, spec)
-    _, prefill = timed(lambda: model(input_ids=ids, use_cache=True), model.device)
-    _, full = timed(lambda: _generate(model, ids, spec, t.pad), model.device)
+    runner = t.runner
+    ids = _prompt(runner, prompt, spec)
+    _, prefill = timed(lambda: runner.prefill(ids), runner.device)
+    decode, full = timed(lambda: runner.generate(ids, spec.new_tokens, 1), runner.device)
     t.prefill.append(prefill)
-    t.decode.append((full - prefill) / (spec.new_tokens - 1))
-    largest = max(spec.batch_sizes)
-    for b in spec.batch_sizes:
-        batch = ids.expand(b, -1)
-        measured = last and b == largest and model.device.type == "cuda"
-        with cuda_working_memory(model.device) if measured else contextlib.nullcontext({}) as mem:
-            _, seconds = timed(lambda: _generate(model, batch, spec, t.pad), model.device)
+    t.decode.append((decode if decode is not None else full - prefill) / (spec.new_tokens - 1))
+    sizes = runner.batch_sizes(spec)
+    for b in sizes:
+        measured = last and b == max(sizes) and runner.device.type == "cuda"
+        with cuda_working_memory(runner.device) if measured else contextlib.nullcontext({}) as mem:
+            _, seconds = timed(lambda: runner.generate(ids, spec.new_tokens, b), runner.device)
         t.batch.setdefault(b, []).append(seconds)
         if measured:
             t.extra_bytes = mem["bytes"]
 
 
 def _warm(t: Timed, prompt: torch.Tensor, spec: LatencySpec) -> None:
-    with torch.no_grad():
-        ids = _prompt(t.model, prompt, spec)
-        for _ in range(spec.warmup):
-            _generate(t.model, ids, spec, t.pad)
+    ids = _prompt(t.runner, prompt, spec)
+    for _ in range(spec.warmup):
+        t.runner.generate(ids, spec.new_tokens, 1)
 
 
 def _summary(t: Timed, spec: LatencySpec, prompt_tokens: int, bandwidth: float) -> dict:
     """Per-model figures: the minimum over the rounds, the range, and every round's sample."""
-    largest = max(spec.batch_sizes)
+    runner = t.runner
+    largest = max(t.batch)
     throughput = {str(b): b * spec.new_tokens / min(s) for b, s in t.batch.items()}
-    read = bytes_per_decoded_token(t.model, prompt_tokens + spec.new_tokens // 2)
-    model_bytes = sum(stored_bytes(x) for x in list(t.model.parameters()) + list(t.model.buffers()))
-    device = next(t.model.parameters()).device
+    read = runner.bytes_per_token(prompt_tokens + spec.new_tokens // 2)
+    cuda = runner.device.type == "cuda"
     return {
         "prompt_tokens": prompt_tokens,
         "new_tokens": spec.new_tokens,
-        "threads": torch.get_num_threads(),
+        "threads": spec.threads or torch.get_num_threads(),
         "rounds": len(t.decode),
         "prefill_ms": 1e3 * min(t.prefill),
         "prefill_ms_range": [1e3 * min(t.prefill), 1e3 * max(t.prefill)],
@@ -215,14 +249,10 @@ def _summary(t: Timed, spec: LatencySpec, prompt_tokens: int, bandwidth: float) 
         "tokens_per_s_batch": largest,
         "tokens_per_s_by_batch": throughput,
         "tokens_per_s_samples": [largest * spec.new_tokens / s for s in t.batch[largest]],
-        "peak_mem_bytes": model_bytes
-        + (
-            t.extra_bytes
-            if device.type == "cuda"
-            else kv_cache_bytes(t.model, largest, prompt_tokens + spec.new_tokens)
-        ),
+        "peak_mem_bytes": runner.weight_bytes()
+        + (t.extra_bytes if cuda else runner.kv_bytes(largest, prompt_tokens + spec.new_tokens)),
         "peak_mem_kind": f"weights + GPU memory generation at batch {largest} allocates (measured)"
-        if device.type == "cuda"
+        if cuda
         else f"weights + KV cache of batch {largest} × {prompt_tokens + spec.new_tokens} tokens (computed: the "
         "RSS of one process timing several models cannot be split among them)",
         "bandwidth_gb_s": bandwidth / 1e9,
@@ -245,26 +275,26 @@ def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, de
     with threads(spec.threads):
         bar = Bar("latency", len(models) * spec.repeats, unit="model-round")
         for t in models:
-            t.model, t.pad = t.load()
+            t.runner = t.load()
             _warm(t, prompt, spec)
             if not resident:
-                t.model = None
+                t.drop()
         for r in range(spec.repeats):
             order = models[r % len(models) :] + models[: r % len(models)]  # rotate who goes first
             for t in order:
-                if t.model is None:
-                    t.model, t.pad = t.load()
+                if t.runner is None:
+                    t.runner = t.load()
                 _round(t, prompt, spec, last=r == spec.repeats - 1)
                 if not resident and r < spec.repeats - 1:
-                    t.model = None
+                    t.drop()
                 bar.update(1, model=t.name)
         bar.close()
         figures = {}
         for t in models:
-            if t.model is None:
-                t.model, t.pad = t.load()
-            figures[t.key] = _summary(t, spec, _prompt(t.model, prompt, spec).shape[1], bandwidth)
-            t.model = None
+            if t.runner is None:
+                t.runner = t.load()
+            figures[t.key] = _summary(t, spec, len(_prompt(t.runner, prompt, spec)), bandwidth)
+            t.drop()
     session = {
         "order": "interleaved rounds, rotating start",
         "rounds": spec.repeats,

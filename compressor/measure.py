@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,15 @@ class FidelitySpec(BaseModel):
     batch_size: int = Field(4, ge=1)
 
 
+class GGUFSpec(BaseModel):
+    """How a stage is exported for llama.cpp (see exporters/gguf.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Literal["auto", "f32", "f16"] = Field("auto", description="auto: a quantized stage's own integers")
+    embeddings: Literal["f16", "f32", "q8_0"] = "f16"
+
+
 class EvalSpec(BaseModel):
     """What every measurement records."""
 
@@ -51,12 +61,48 @@ class EvalSpec(BaseModel):
     )
     task_dirs: list[str] = Field([], description="folders of your own lm-eval task YAMLs")
     data_dir: str | None = Field(None, description="folder of the published benchmark files (default: ../shared/data)")
-    limit: int | None = Field(None, ge=1, description="items per task (None: all)")
+    limit: int | dict[str, int] | None = Field(
+        None, description="items per task (None: all), or {default: N, <task>: M} for per-task limits"
+    )
     batch_size: int = Field(8, ge=1)
     max_length: int | None = Field(None, ge=16)
     latency: LatencySpec = LatencySpec()
     fidelity: FidelitySpec = FidelitySpec()
     speculative: SpeculativeSpec = SpeculativeSpec()
+    runtimes: list[str] = Field(["torch"], description="where each stage is measured: torch, llama.cpp")
+    gguf: GGUFSpec = GGUFSpec()
+
+    @field_validator("runtimes", mode="after")
+    @classmethod
+    def _runtimes(cls, runtimes: list[str]) -> list[str]:
+        from .runtimes import NAMES, RUNTIMES
+
+        unknown = [r for r in runtimes if r not in NAMES]
+        if unknown or "torch" not in runtimes or len(set(runtimes)) != len(runtimes):
+            raise ValueError(f"must list torch and any of {', '.join(NAMES[1:])} once each, got {runtimes}")
+        for name in runtimes:
+            why = RUNTIMES[name].missing() if name in RUNTIMES else None
+            if why:
+                raise ValueError(why)
+        return runtimes
+
+    @field_validator("limit", mode="after")
+    @classmethod
+    def _limits(cls, limit, info: ValidationInfo):
+        values = limit.values() if isinstance(limit, dict) else [limit] if limit is not None else []
+        if any(v < 1 for v in values):
+            raise ValueError(f"items per task must be at least 1, got {limit}")
+        tasks = info.data.get("tasks") or []
+        unknown = [k for k in (limit if isinstance(limit, dict) else {}) if k != "default" and k not in tasks]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not among eval.tasks; give default or one of {', '.join(tasks)}")
+        return limit
+
+    def limit_of(self, task: str) -> int | None:
+        """Items of `task` scored: its own limit, else the default."""
+        if isinstance(self.limit, dict):
+            return self.limit.get(task, self.limit.get("default"))
+        return self.limit
 
     @field_validator("tasks", mode="after")
     @classmethod
@@ -110,31 +156,75 @@ def size(model: torch.nn.Module, folder: Path | None) -> dict:
 # --- fidelity --------------------------------------------------------------------------------
 
 
-def token_perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> float:
+Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, L] -> logits [B, L, V]
+
+
+def logits_of(model: torch.nn.Module | Logits) -> Logits:
+    """A model's next-token logits as a function of token ids: a torch module's forward, or a
+    runtime's own (llama.cpp's, for a GGUF export)."""
+    if isinstance(model, torch.nn.Module):
+        return lambda ids: model(input_ids=ids.to(model.device)).logits
+    return model
+
+
+def token_perplexity(model: torch.nn.Module | Logits, blocks: torch.Tensor, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) over blocks, every block scored from its first token."""
     return fidelity(model, None, blocks, batch_size)["heldout_ppl"]
 
 
 @torch.no_grad()
-def fidelity(model: torch.nn.Module, teacher: torch.nn.Module | None, blocks: torch.Tensor, batch_size: int) -> dict:
+def fidelity(
+    model: torch.nn.Module | Logits, teacher: torch.nn.Module | Logits | None, blocks: torch.Tensor, batch_size: int
+) -> dict:
     """Token-level held-out perplexity; with a teacher, KL(teacher || model) and top-1 agreement."""
+    logits, teacher_logits = logits_of(model), (logits_of(teacher) if teacher is not None else None)
     nll = kl = agree = count = 0.0
     with Bar("held-out fidelity", len(blocks), unit="block") as bar:
         for i in range(0, len(blocks), batch_size):
-            ids = blocks[i : i + batch_size].to(model.device)
-            logp = model(input_ids=ids).logits[:, :-1].float().log_softmax(-1)
-            nll += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            count += ids[:, 1:].numel()
-            if teacher is not None:
-                t_ids = ids.to(teacher.device)
-                t_logp = teacher(input_ids=t_ids).logits[:, :-1].float().log_softmax(-1).to(logp.device)
+            ids = blocks[i : i + batch_size]
+            logp = logits(ids)[:, :-1].float().log_softmax(-1)
+            target = ids[:, 1:].to(logp.device)
+            nll += F.nll_loss(logp.flatten(0, 1), target.flatten(), reduction="sum").item()
+            count += target.numel()
+            if teacher_logits is not None:
+                t_logp = teacher_logits(ids)[:, :-1].float().log_softmax(-1).to(logp.device)
                 kl += (t_logp.exp() * (t_logp - logp)).sum().item()
                 agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update(len(ids))
     out = {"heldout_ppl": math.exp(nll / count), "heldout_tokens": int(count)}
-    if teacher is not None:
+    if teacher_logits is not None:
         out.update(teacher_kl=kl / count, top1_agreement=agree / count)
     return out
+
+
+def measure_deployed(
+    logits: Logits,
+    model: torch.nn.Module,
+    tokenizer,
+    file: Path,
+    kernel_name: str,
+    spec: EvalSpec,
+    heldout: torch.Tensor,
+    teacher: torch.nn.Module | None,
+    seed: int,
+) -> dict:
+    """Every figure but latency for a model as another runtime runs it: its file's size, and
+    fidelity and accuracy from that runtime's logits (`model` only carries lm-eval's plumbing:
+    config and tokenizer; it computes nothing)."""
+    params = count_params(model)
+    size_on_disk = file.stat().st_size if file.is_file() else weight_bytes_on_disk(file)
+    metrics = {
+        "params": params,
+        "bytes": size_on_disk,
+        "bits_per_param": round(8 * size_on_disk / params, 3),
+        "loaded_bytes": size_on_disk,  # the runtime maps the file's weights as they are
+        "kernel": kernel_name,
+    }
+    metrics.update(fidelity(logits, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size))
+    torch.manual_seed(seed)
+    metrics["accuracy"], directions = evaluate(model, tokenizer, spec, seed, logits=logits)
+    metrics["higher_is_better"] = {**{k: v for k, v in HIGHER_IS_BETTER.items() if k in metrics}, **directions}
+    return metrics
 
 
 def measure(

@@ -85,6 +85,9 @@ def _timed_pick(eligible: list[dict], key: str, samples_key: str, higher: bool) 
     """The fastest eligible model by `key`, and the ones it does not beat beyond noise; among a
     tie the fewest loaded bytes wins."""
     timed = [s for s in eligible if s["metrics"].get(key) is not None]
+    if higher:  # throughput compares like with like: the rows timed at the largest batch
+        batch = max((s["metrics"].get("tokens_per_s_batch") or 1 for s in timed), default=1)
+        timed = [s for s in timed if (s["metrics"].get("tokens_per_s_batch") or 1) == batch]
     if not timed:
         return None, []
     sign = -1 if higher else 1
@@ -124,7 +127,9 @@ def choose(stages: list[dict], floor: Floor) -> dict:
 
 
 def label(stage: dict) -> str:
-    return f"{stage['ordering']}/{stage['name']}" if stage.get("ordering") else stage["name"]
+    name = f"{stage['ordering']}/{stage['name']}" if stage.get("ordering") else stage["name"]
+    runtime = stage.get("runtime", "torch")
+    return name if runtime == "torch" else f"{name} @{runtime}"
 
 
 def _tie(names: list[str], what: str) -> str:

@@ -19,15 +19,16 @@ import torch
 
 from . import FORMAT_VERSION, keys
 from .data import TextSource, documents, load_documents, pack
-from .latency import Timed, time_models
-from .measure import EvalSpec, measure
+from .latency import Timed, TorchRunner, time_models
+from .measure import EvalSpec, measure, measure_deployed
 from .models import Loaded, load_pretrained, resolve_device
 from .progress import say, stage_progress
 from .recipe import Recipe, Stage
 from .record import RunRecord, StageRecord, machine, make_record, versions
 from .report import write_report
+from .runtimes import RUNTIMES
 from .stages import StageContext
-from .storage import Store, home, output_folder, read_json, write_json
+from .storage import Store, digest, home, output_folder, read_json, write_json
 from .teachers import TeacherSpec, load_teacher
 
 
@@ -107,6 +108,60 @@ class Session:
         write_json(path, metrics)
         return metrics, False, round(time.time() - start, 2)
 
+    def threads(self) -> int:
+        return self.spec.eval.latency.threads or torch.get_num_threads()
+
+    def n_ctx(self, model_config) -> int:
+        """Context a runtime needs: the longest of lm-eval's windows and the held-out blocks."""
+        longest = self.spec.eval.max_length or getattr(model_config, "max_position_embeddings", 2048)
+        return max(longest, self.spec.data.seq_len) + 1
+
+    def deployed(self, row: StageRecord, folder: Path, load) -> list[StageRecord]:
+        """Rows of `row`'s model as each other runtime of eval.runtimes runs it."""
+        rows = []
+        options = self.spec.eval.gguf.model_dump()
+        for name in self.spec.eval.runtimes:
+            if name == "torch":
+                continue
+            runtime, start = RUNTIMES[name], time.time()
+            path = runtime.deploy(folder, row["key"], options, self.store.root / "deployed")
+            key = f"{row['key']}@{name}"
+            cache = self.store.root / "measurements" / f"{key}-{digest(options)}-{self.measurement_key}.json"
+            if cache.is_file():
+                metrics, measure_s = read_json(cache), 0.0
+            else:
+                loaded: Loaded = load()
+                say(f"measuring {row['name']} in {name}: fidelity, accuracy from its own logits")
+                logits = runtime.logits(path, self.n_ctx(loaded.model.config), self.threads())
+                try:
+                    metrics = measure_deployed(
+                        logits,
+                        loaded.model,
+                        loaded.tokenizer,
+                        path,
+                        runtime.kernel(path),
+                        self.spec.eval,
+                        self.heldout(),
+                        self.teacher.model if self.spec.teacher.has_logits else None,
+                        self.spec.seed,
+                    )
+                finally:
+                    logits.close()
+                write_json(cache, metrics)
+                measure_s = round(time.time() - start, 2)
+            rows.append(
+                {
+                    **{k: v for k, v in row.items() if k not in ("metrics", "key", "artifact")},
+                    "key": key,
+                    "runtime": name,
+                    "cached": row["cached"],
+                    "measure_seconds": measure_s,
+                    "artifact": str(path),
+                    "metrics": metrics,
+                }
+            )
+        return rows
+
     def load_artifact(self, key: str) -> Loaded:
         return load_pretrained(str(self.store.path(key)), self.device, dtype="auto")
 
@@ -167,6 +222,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
         {
             "name": name,
             "kind": name,
+            "runtime": "torch",
             "key": session.teacher_key,
             "cached": cached,  # row 0 is not built: whether its measurement was found
             "seconds": round(time.time() - start, 2),
@@ -177,6 +233,8 @@ def build_and_measure(session: Session) -> list[StageRecord]:
             "metrics": metrics,
         }
     ]
+    if reference.folder() is not None:  # a hub id has no folder to export
+        rows += session.deployed(rows[0], reference.folder(), session.reference_model)
     input_key = None
     for stage, key in zip(recipe.stages, session.keys):
         start = time.time()
@@ -196,6 +254,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
             {
                 "name": stage.name,
                 "kind": stage.kind,
+                "runtime": "torch",
                 "key": key,
                 "cached": cached,
                 "seconds": round(time.time() - start, 2),
@@ -206,6 +265,8 @@ def build_and_measure(session: Session) -> list[StageRecord]:
                 "metrics": metrics,
             }
         )
+        with stage_progress(stage.name, recipe.path):
+            rows += session.deployed(rows[-1], store.path(key), lambda k=key: session.load_artifact(k))
         input_key = key
     return rows
 
@@ -220,10 +281,17 @@ def attach_latency(runs: list[tuple[Session, list[StageRecord]]]) -> dict | None
     models: dict[str, tuple[str, Callable]] = {}
     for s, rows in runs:
         for row in rows:
-            if row["key"] not in models:
-                reference = row["kind"] in ("teacher", "base")
-                load = s.reference_model if reference else (lambda k=row["key"], s=s: s.load_artifact(k))
-                models[row["key"]] = (row["name"], load)
+            if row["key"] in models:
+                continue
+            if row.get("runtime", "torch") != "torch":
+                runtime, path = RUNTIMES[row["runtime"]], Path(row["artifact"])
+                n_ctx = spec.prompt_tokens + spec.new_tokens + 1
+                load = lambda r=runtime, p=path, s=s, n=n_ctx: r.runner(p, s.threads(), n, n)  # noqa: E731
+                models[row["key"]] = (f"{row['name']} @{row['runtime']}", load)
+                continue
+            reference = row["kind"] in ("teacher", "base")
+            load = s.reference_model if reference else (lambda k=row["key"], s=s: s.load_artifact(k))
+            models[row["key"]] = (row["name"], _for_timing(load))
     cache = (
         session.store.root
         / "measurements"
@@ -233,7 +301,7 @@ def attach_latency(runs: list[tuple[Session, list[StageRecord]]]) -> dict | None
         timing = read_json(cache)
         say(f"latency: cached ({timing['session']['models']} models)")
     else:
-        timed = [Timed(key, name, _for_timing(load)) for key, (name, load) in models.items()]
+        timed = [Timed(key, name, load) for key, (name, load) in models.items()]
         say(f"latency: timing {len(timed)} models in {spec.repeats} interleaved rounds")
         timing = time_models(timed, session.heldout().flatten(), spec, session.device)
         write_json(cache, timing)
@@ -244,10 +312,10 @@ def attach_latency(runs: list[tuple[Session, list[StageRecord]]]) -> dict | None
 
 
 def _for_timing(load):
-    def get():
+    def get() -> TorchRunner:
         loaded = load()
         tok = loaded.tokenizer
-        return loaded.model, tok.pad_token_id or tok.eos_token_id
+        return TorchRunner(loaded.model, tok.pad_token_id or tok.eos_token_id)
 
     return get
 

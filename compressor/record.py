@@ -69,6 +69,7 @@ class StageRecord(TypedDict):
     info: NotRequired[dict]  # what the stage reports: rounding of pruning, training summary, ...
     source: NotRequired[str]  # row 0: the teacher's spec
     ordering: NotRequired[str]  # compare: the ordering this row belongs to
+    runtime: NotRequired[str]  # torch (the artifact as from_pretrained loads it), llama.cpp (its GGUF export)
 
 
 class RunRecord(TypedDict):

@@ -180,7 +180,8 @@ def problem(names: list[str], task_dirs: tuple[Path, ...] = (), data: str | None
             )
     folder = data_dir(data)
     packaged = task_names(PACKAGED_DIR)
-    for name in plain:
+    members = [m for n in plain if n in packaged for m in _read_yaml(packaged[n]).get("task", []) if isinstance(m, str)]
+    for name in plain + members:  # a group's tasks read their own files
         for file in _data_files(_read_yaml(packaged[name])) if name in packaged else []:
             why = missing_data(file, folder)
             if why:
@@ -203,11 +204,15 @@ def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) ->
     return math.exp(nll / tokens)
 
 
-def evaluate(model, tokenizer, spec, seed: int = 0) -> tuple[dict[str, float], dict[str, bool]]:
+def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[str, float], dict[str, bool]]:
     """lm-eval `simple_evaluate` on an in-memory model, for an EvalSpec's tasks, task folders,
     data folder, limit, batch size and length; returns ({"task/metric": value}, {"task/metric":
     higher is better}) with lm-eval's own direction of each metric. Rolling (perplexity) tasks
-    also get `token_perplexity` (lower is better)."""
+    also get `token_perplexity` (lower is better).
+
+    `logits` (token ids [B, L] -> logits [B, L, V]) scores with another runtime's forward pass
+    (llama.cpp's, for a GGUF export) while lm-eval's own tokenization, windows and scoring stay
+    exactly as for the torch model: only where the logits come from changes."""
     if not spec.tasks:
         return {}, {}
     dirs = tuple(Path(d) for d in spec.task_dirs)
@@ -238,7 +243,7 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> tuple[dict[str, float], d
                     self.bar = None
 
         def _model_call(self, inps, *args, **kwargs):
-            out = super()._model_call(inps, *args, **kwargs)
+            out = logits(inps) if logits is not None else super()._model_call(inps, *args, **kwargs)
             if self.bar is not None:
                 self.bar.update(min(len(inps), self.bar.total - self.bar.done))
             return out
@@ -275,21 +280,35 @@ def evaluate(model, tokenizer, spec, seed: int = 0) -> tuple[dict[str, float], d
         max_length=max_length,
         device=str(model.device),
     )
-    try:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=spec.limit,
-            bootstrap_iters=0,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-    except (KeyError, ValueError, FileNotFoundError) as exc:
-        raise UserError(f"lm-eval failed on tasks {names}: {type(exc).__name__}: {exc}", code=1) from None
+    import lm_eval.evaluator
+
+    # lm-eval records the git commit of the working folder by running `git`, which prints
+    # "fatal: not a git repository" outside one: nothing of ours to record there
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    runs = []
+    for limit in dict.fromkeys(spec.limit_of(n) for n in spec.tasks):  # one lm-eval run per limit
+        tasks = [name for spec_name, name in zip(spec.tasks, names) if spec.limit_of(spec_name) == limit]
+        try:
+            runs.append(
+                lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=tasks,
+                    task_manager=manager,
+                    limit=limit,
+                    bootstrap_iters=0,
+                    log_samples=True,
+                    random_seed=seed,
+                    numpy_random_seed=seed,
+                    torch_random_seed=seed,
+                    fewshot_random_seed=seed,
+                )
+            )
+        except (KeyError, ValueError, FileNotFoundError) as exc:
+            raise UserError(f"lm-eval failed on tasks {tasks}: {type(exc).__name__}: {exc}", code=1) from None
+    out = {
+        key: {k: v for run in runs for k, v in run.get(key, {}).items()}
+        for key in ("results", "samples", "configs", "higher_is_better")
+    }
     metrics, higher = {}, {}
     for task, values in out["results"].items():
         declared = out.get("higher_is_better", {}).get(task, {})

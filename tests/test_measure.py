@@ -7,7 +7,7 @@ import torch
 from conftest import save_with_tokenizer, tiny_llama
 
 from compressor.evaldata import generated_data_dir, stdlib_mc_rows
-from compressor.latency import LatencySpec, Timed, bytes_per_decoded_token, faster, time_models
+from compressor.latency import LatencySpec, Timed, TorchRunner, bytes_per_decoded_token, faster, time_models
 from compressor.measure import fidelity, size
 
 
@@ -31,7 +31,7 @@ def test_bytes_per_token_counts_an_untied_embedding_row_not_the_table():
 def test_models_timed_in_interleaved_rounds_report_every_field():
     models = {"a": tiny_llama(seed=0), "b": tiny_llama(seed=1, layers=1)}
     spec = LatencySpec(prompt_tokens=8, new_tokens=4, batch_sizes=[1, 3], repeats=3, warmup=0)
-    timed = [Timed(k, k, lambda m=m: (m, 0)) for k, m in models.items()]
+    timed = [Timed(k, k, lambda m=m: TorchRunner(m, 0)) for k, m in models.items()]
     out = time_models(timed, torch.arange(20), spec, torch.device("cpu"))
     for figures in out["models"].values():
         for key in ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_mem_bytes", "roofline_ms_per_token"):

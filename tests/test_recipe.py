@@ -55,7 +55,7 @@ BROKEN = [
         ["student", "one of"],
     ),
     ("missing teacher file", _mutate("teacher", "llama2c:nowhere/model.bin"), ["teacher", "not found"]),
-    ("unknown teacher kind", _mutate("teacher", "gguf:x"), ["teacher", "builtin:<name>"]),
+    ("unknown teacher kind", _mutate("teacher", "pytorch:x"), ["teacher", "builtin:<name>"]),
     ("missing data file", _mutate("data.train", "nowhere.txt"), ["data.train", "not found"]),
     ("bad data suffix", _mutate("data.train", "recipe.yaml"), ["data.train", ".txt"]),
     ("no stages", _mutate("stages", []), ["stages", "at least 1"]),

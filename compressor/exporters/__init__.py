@@ -14,9 +14,11 @@ from pathlib import Path
 from .. import UserError
 from ..storage import atomic_dir, read_json
 from .base import Export, Exporter
+from .compressed_tensors import CompressedTensorsExporter
+from .gguf import GGUFExporter
 from .hf import HFExporter
 
-EXPORTERS: dict[str, Exporter] = {e.name: e for e in (HFExporter(),)}
+EXPORTERS: dict[str, Exporter] = {e.name: e for e in (HFExporter(), GGUFExporter(), CompressedTensorsExporter())}
 
 
 def pick_stage(record: dict, name: str | None) -> int:

@@ -24,6 +24,7 @@ class Export:
 
 class Exporter(ABC):
     name: ClassVar[str]
+    options: ClassVar[dict[str, tuple[str, ...]]] = {}  # --KEY VALUE flags it reads; the first is the default
 
     def check(self, job: Export) -> None:
         """Raise UserError (one line) when this stage cannot be written in this format."""

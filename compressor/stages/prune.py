@@ -292,13 +292,18 @@ def _taylor(w: torch.Tensor) -> torch.Tensor:
     return (w.float() * w.grad.float()).abs() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
 
 
-def importance(model: torch.nn.Module, cfg: Config, batches, n_batches: int, need_blocks: bool) -> Scores:
+def importance(
+    model: torch.nn.Module, cfg: Config, batches, n_batches: int, need_blocks: bool, need_widths: bool = True
+) -> Scores:
+    """Block influence when layers go, the method's scores when widths go (a layers-only prune
+    needs forward passes alone: no gradients, no activation statistics)."""
     scores = Scores(model)
-    if cfg.method != "magnitude" or need_blocks:
-        _calibration_pass(model, batches, n_batches, cfg.method == "taylor", cfg.method == "activation", scores)
+    method = cfg.method if need_widths else "magnitude"
+    if method != "magnitude" or need_blocks:
+        _calibration_pass(model, batches, n_batches, method == "taylor", method == "activation", scores)
     with torch.no_grad():
-        if cfg.method != "activation":
-            _weight_scores(model, scores, _magnitude(cfg.norm) if cfg.method == "magnitude" else _taylor)
+        if need_widths and method != "activation":
+            _weight_scores(model, scores, _magnitude(cfg.norm) if method == "magnitude" else _taylor)
     model.zero_grad(set_to_none=True)
     return scores
 
@@ -324,7 +329,9 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
     batches = Batches(blocks, cfg.calibration.batch_size, ctx.seed)
     n_batches = math.ceil(cfg.calibration.samples / cfg.calibration.batch_size)
     drops_layers = target["num_hidden_layers"] < shape["num_hidden_layers"]
-    scores = importance(model, cfg, batches, n_batches, need_blocks=drops_layers)
+    widths = ("intermediate_size", "hidden_size", "num_attention_heads")
+    drops_widths = any(target[k] < shape[k] for k in widths)
+    scores = importance(model, cfg, batches, n_batches, need_blocks=drops_layers, need_widths=drops_widths)
 
     if drops_layers:
         order = sorted(range(shape["num_hidden_layers"]), key=lambda i: scores.block[i], reverse=True)

