@@ -12,6 +12,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
 SHARED = ROOT.parent / "shared" / "data"
+# a ~110M-parameter Llama (tied 32k embeddings): big enough that decoding reads weights, not overheads
+LLAMA_100M = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+}
 
 
 def prepare(threads: int = 2) -> None:

@@ -26,16 +26,9 @@ import time
 import traceback
 from pathlib import Path
 
-from _reports import ROOT, load_average, prepare, save
+from _reports import LLAMA_100M, ROOT, load_average, prepare, save
 
-SHAPE = {
-    "vocab_size": 32000,
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-}
+SHAPE = LLAMA_100M
 TOY = {
     **SHAPE,
     "hidden_size": 128,

@@ -21,18 +21,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from _reports import REPORTS, SHARED, available, prepare, save
+from _reports import LLAMA_100M, REPORTS, SHARED, available, prepare, save
 
 QAT_STEPS = 60
-# ~110M parameters (tied 32k embeddings): big enough that decode reads weights, not overheads
-SPEED_SHAPE = {
-    "vocab_size": 32000,
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 4,
-}
+SPEED_SHAPE = LLAMA_100M
 
 TEACHERS = {
     "builtin": {

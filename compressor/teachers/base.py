@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from ..models import Loaded, shape_of
+from ..models import Loaded, load_pretrained, resolve_dtype, shape_of
+from ..storage import atomic_dir, home, locked
 
 if TYPE_CHECKING:
     from . import TeacherSpec
@@ -28,6 +29,7 @@ class Source(ABC):
     fields: ClassVar[frozenset[str]] = frozenset()  # TeacherSpec settings that apply to this source
     has_logits: ClassVar[bool] = True  # False: a text-only teacher (answers, no weights here)
     local_target: ClassVar[bool] = False  # the target is a path, relative to the recipe
+    converted: ClassVar[bool] = False  # loads through an HF folder it converts once into the cache
 
     def __init__(self, spec: "TeacherSpec"):
         self.spec, self.target = spec, spec.target
@@ -46,7 +48,7 @@ class Source(ABC):
 
     def folder(self) -> Path | None:
         """The HF folder holding the weights on disk (None when there is none, e.g. a hub id)."""
-        return None
+        return home() / "teachers" / self.identity().replace(":", "-") if self.converted else None
 
     @abstractmethod
     def load(self, device: torch.device) -> Loaded: ...
@@ -60,6 +62,16 @@ class Source(ABC):
     def preflight(self) -> None:
         """Checks that need the network or the filesystem right before work starts."""
         return None
+
+    def load_converted(self, device: torch.device, convert: Callable[[Path], None], what: str) -> Loaded:
+        """A source that is not an HF folder: `convert(tmp)` writes one into the cache the first time
+        (under a lock, atomically: a crash leaves nothing half-converted), named by `identity`."""
+        folder = self.folder()
+        with locked(folder.with_name(folder.name + ".lock"), f"conversion of {what}"):
+            if not (folder / "config.json").is_file():
+                with atomic_dir(folder) as tmp:
+                    convert(tmp)
+        return load_pretrained(str(folder), device, resolve_dtype(self.spec.dtype, device))
 
     def notes(self) -> list[str]:
         """Caveats every report of this teacher must carry (e.g. where its weights come from)."""

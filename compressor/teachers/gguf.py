@@ -18,8 +18,8 @@ import struct
 from pathlib import Path
 
 from .. import UserError
-from ..models import load_pretrained, resolve_dtype, shape_of
-from ..storage import atomic_dir, home, locked, sha256_file
+from ..models import shape_of
+from ..storage import sha256_file
 from .base import Source
 
 # name -> (package, file inside it, the command that installs it, what the file is)
@@ -110,7 +110,7 @@ def hf_config_of(meta: dict) -> dict:
 
 
 class GGUFSource(Source):
-    prefix, form, local_target = "gguf", "gguf:<file.gguf or name>", True
+    prefix, form, local_target, converted = "gguf", "gguf:<file.gguf or name>", True, True
 
     @classmethod
     def is_path(cls, target: str) -> bool:
@@ -143,16 +143,8 @@ class GGUFSource(Source):
     def identity(self) -> str:
         return f"gguf:{sha256_file(self.file())[:16]}"
 
-    def folder(self) -> Path:
-        return home() / "teachers" / self.identity().replace(":", "-")
-
     def load(self, device):
-        folder = self.folder()
-        with locked(folder.with_name(folder.name + ".lock"), f"conversion of {self.file()}"):
-            if not (folder / "config.json").is_file():
-                with atomic_dir(folder) as tmp:
-                    convert(self.file(), tmp)
-        return load_pretrained(str(folder), device, resolve_dtype(self.spec.dtype, device))
+        return self.load_converted(device, lambda tmp: convert(self.file(), tmp), str(self.file()))
 
     def shape(self) -> dict | None:
         meta, tensors = read_header(self.file())

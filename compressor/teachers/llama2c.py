@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .. import UserError
-from ..models import load_pretrained, resolve_dtype, shape_of
-from ..storage import atomic_dir, home, locked, sha256_file
+from ..models import shape_of
+from ..storage import sha256_file
 from .base import Source
 
 SPACE = "\u2581"  # sentencepiece's visible space
@@ -198,7 +198,13 @@ def convert(model_bin: Path, tokenizer_bin: Path, out: Path) -> None:
 class Llama2cSource(Source):
     """`llama2c:<model.bin>`: converted once to an HF folder in the cache."""
 
-    prefix, form, fields, local_target = "llama2c", "llama2c:<model.bin>", frozenset({"tokenizer"}), True
+    prefix, form, fields, local_target, converted = (
+        "llama2c",
+        "llama2c:<model.bin>",
+        frozenset({"tokenizer"}),
+        True,
+        True,
+    )
 
     def tokenizer(self) -> str:
         """`tokenizer:`, else the one `tok*.bin` beside the model, else `tokenizer.bin` there."""
@@ -217,16 +223,10 @@ class Llama2cSource(Source):
     def identity(self) -> str:
         return f"llama2c:{sha256_file(Path(self.target))[:16]}:{sha256_file(Path(self.tokenizer()))[:16]}"
 
-    def folder(self) -> Path:
-        return home() / "teachers" / self.identity().replace(":", "-")
-
     def load(self, device):
-        folder = self.folder()
-        with locked(folder.with_name(folder.name + ".lock"), f"conversion of {self.target}"):
-            if not (folder / "config.json").is_file():
-                with atomic_dir(folder) as tmp:
-                    convert(Path(self.target), Path(self.tokenizer()), tmp)
-        return load_pretrained(str(folder), device, resolve_dtype(self.spec.dtype, device))
+        return self.load_converted(
+            device, lambda tmp: convert(Path(self.target), Path(self.tokenizer()), tmp), self.target
+        )
 
     def shape(self) -> dict:
         return shape_of({"model_type": "llama", **hf_config(read_header(Path(self.target)))})
