@@ -53,8 +53,12 @@ def compare(variants: list[tuple[str, Recipe]], out: Path, store: Store | None =
         timing = attach_latency([(session, rows) for _, session, rows in runs])
         records = [(label, finish(session, rows, timing, out / label)) for label, session, rows in runs]
         first = records[0][1]
-        stages = [first["stages"][0]] + [
-            {**stage, "ordering": label} for label, record in records for stage in record["stages"][1:]
+        reference = [s for s in first["stages"] if s["kind"] in ("teacher", "base")]  # every runtime's row 0
+        stages = reference + [
+            {**stage, "ordering": label}
+            for label, record in records
+            for stage in record["stages"]
+            if stage["kind"] not in ("teacher", "base")
         ]
         extra = {k: first[k] for k in ("pick", "notes") if k in first}
         record = make_record(
@@ -64,7 +68,12 @@ def compare(variants: list[tuple[str, Recipe]], out: Path, store: Store | None =
             stages,
             timing,
             recipe_paths=sorted({str(r.path) for _, r in variants}),
-            orderings={label: [s["name"] for s in rec["stages"][1:]] for label, rec in records},
+            orderings={
+                label: [
+                    s["name"] for s in rec["stages"] if s["kind"] not in ("teacher", "base") and s["runtime"] == "torch"
+                ]
+                for label, rec in records
+            },
             seconds=round(time.time() - start, 2),
             **extra,
         )

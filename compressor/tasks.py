@@ -280,11 +280,14 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
         max_length=max_length,
         device=str(model.device),
     )
+    import lm_eval.api.task
     import lm_eval.evaluator
 
     # lm-eval records the git commit of the working folder by running `git`, which prints
     # "fatal: not a git repository" outside one: nothing of ours to record there
     lm_eval.evaluator.get_git_commit_hash = lambda: None
+    if Scorer.quiet:  # its request-building bars pass disable=False, which TQDM_DISABLE cannot override
+        lm_eval.api.task.tqdm = lambda iterable, *args, **kwargs: iterable
     runs = []
     for limit in dict.fromkeys(spec.limit_of(n) for n in spec.tasks):  # one lm-eval run per limit
         tasks = [name for spec_name, name in zip(spec.tasks, names) if spec.limit_of(spec_name) == limit]
