@@ -125,8 +125,9 @@ class Session:
                 continue
             runtime, start = RUNTIMES[name], time.time()
             path = runtime.deploy(folder, row["key"], options, self.store.root / "deployed")
-            key = f"{row['key']}@{name}"
-            cache = self.store.root / "measurements" / f"{key}-{digest(options)}-{self.measurement_key}.json"
+            settings = digest(options)  # how it is exported for this runtime
+            key = f"{row['key']}@{name}-{settings[:8]}"
+            cache = self.store.root / "measurements" / f"{row['key']}@{name}-{settings}-{self.measurement_key}.json"
             if cache.is_file():
                 metrics, measure_s = read_json(cache), 0.0
             else:
