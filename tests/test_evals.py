@@ -285,3 +285,23 @@ def test_missing_data_and_broken_user_files_are_one_line_errors(tmp_path):
     )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "mc/ARC-Easy.test.json" in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_each_task_is_scored_on_its_own_limit(tiny, monkeypatch):
+    import lm_eval
+
+    calls = []
+    real = lm_eval.simple_evaluate
+
+    def spy(**kwargs):
+        calls.append((tuple(kwargs["tasks"]), kwargs["limit"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    model, tok = tiny
+    spec = EvalSpec(tasks=["stdlib_mc", "stdlib_ppl"], limit={"default": 6, "stdlib_ppl": 2}, batch_size=4)
+    got, _ = evaluate(model, tok, spec)
+    assert sorted(calls) == [(("stdlib_mc",), 6), (("stdlib_ppl",), 2)]
+    assert {"stdlib_mc/acc", "stdlib_ppl/token_perplexity"} <= set(got)
+    with pytest.raises(ValueError, match="not among eval.tasks"):
+        EvalSpec(tasks=["stdlib_mc"], limit={"default": 6, "arc_easy_local": 2})
