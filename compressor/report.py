@@ -120,6 +120,8 @@ def stage_notes(stages: list[dict]) -> list[str]:
     """What each stage did that its numbers do not show: pruning's rounding, training, answers."""
     notes = []
     for s in stages:
+        if s.get("runtime", "torch") != "torch":
+            continue  # a runtime row is the same stage deployed: its notes stand on the torch row
         info = s.get("info") or {}
         if info.get("rounding"):
             notes.append(f"- **{label(s)}** (prune, {info.get('method')}): " + "; ".join(info["rounding"]) + ".")
@@ -142,8 +144,7 @@ def size_notes(stages: list[dict]) -> list[str]:
     lines = [
         "- **bits/param** is bytes on disk × 8 ÷ parameters, everything included: embeddings and the "
         "output head stay in float unless a stage quantizes them, and the torchao format stores each INT4 "
-        "code in a byte of its own, so an INT4 stage shows far more than 4 bits/param here "
-        "(its Linear weights alone: ~8.6 bits with a scale per 64 weights)."
+        "code in a byte of its own (plus its scales), so an INT4 stage shows far more than 4 bits/param there."
     ]
     int4 = [s for s in stages if "int4" in (s["metrics"].get("kernel") or "")]
     if int4:
@@ -151,6 +152,11 @@ def size_notes(stages: list[dict]) -> list[str]:
         lines.append(
             f"  Here: {label(s)} is {_fmt(s['metrics'].get('bits_per_param'))} bits/param with "
             f"{s['metrics'].get('kernel')}."
+        )
+    if any("Q4_0" in (s["metrics"].get("kernel") or "") for s in stages):
+        lines.append(
+            "  As GGUF Q4_0 (the `@llama.cpp` rows) the same codes take 4.5 bits per Linear weight: 16 bytes "
+            "of nibbles and one fp16 scale per 32 weights; the token embeddings' format is in the kernel column."
         )
     return lines
 

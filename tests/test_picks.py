@@ -107,3 +107,14 @@ def test_a_floor_metric_no_task_produces_is_refused(write_recipe, capsys):
     assert main(["validate", str(write_recipe(recipe))]) == 2
     err = capsys.readouterr().err.strip()
     assert "pick.metric" in err and "no measurement produces it" in err and len(err.splitlines()) == 1
+
+
+def test_a_runtime_row_does_not_repeat_its_stages_notes_and_q4_0_is_explained():
+    from compressor.report import size_notes, stage_notes
+
+    torch_row = {**_stage("prune", 11.0, 2000, 6.0, 700), "runtime": "torch", "info": {"rounding": ["mlp: keep 8"]}}
+    gguf_row = {**_stage("prune", 11.0, 900, 3.0, 900, kernel="llama.cpp Q4_0 ×7"), "runtime": "llama.cpp"}
+    gguf_row["info"] = torch_row["info"]
+    assert len(stage_notes([torch_row, gguf_row])) == 1
+    assert any("4.5 bits per Linear weight" in line for line in size_notes([torch_row, gguf_row]))
+    assert not any("4.5 bits" in line for line in size_notes([torch_row]))
