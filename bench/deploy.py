@@ -173,7 +173,8 @@ def main() -> None:
             }
 
         out = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "threads": THREADS}
-        out["torch_fp32"] = quality(reference)
+        float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
+        out["torch_fp32"] = {**quality(reference), "bytes": float_bytes}
         for row, path in files.items():
             logits = LlamaCppLogits(path, n_ctx=513, threads=THREADS)
             out[row] = {
@@ -285,7 +286,7 @@ def markdown(out: dict) -> str:
         r = out[name]
         lo, hi = r.get("ms_range", [r.get("ms_per_token")] * 2)
         lines.append(
-            f"| {name} | {r.get('bytes', '–') if name != 'torch_fp32' else '538 MB (fp32)'} | {r['ms_per_token']:.2f} "
+            f"| {name} | {r['bytes']:,} | {r['ms_per_token']:.2f} "
             f"({lo:.2f}–{hi:.2f}) | {r.get('speedup_vs_torch_fp32', 1):.1f} | {r['ppl']:.2f} | "
             f"{100 * r.get('ppl_increase', 0):+.2f}% | {r['kl_to_float']:.4f} | {r['top1_agreement']:.3f} | "
             f"{r.get('binds', '–')} | {r.get('roofline_fraction', 0):.2f} |"
