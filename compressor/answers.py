@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Request:
     prompt: str
 
 
-class Teacher:
+class Teacher(ABC):
     """The cache every answering teacher shares; a subclass only fetches what is missing,
     handing each answer to `emit` as it arrives."""
 
@@ -57,8 +58,9 @@ class Teacher:
                 self.fetch(todo, emit, max_tokens, temperature, top_p, seed)
         return {(r.index, r.sample): done[(r.index, r.sample)] for r in requests}
 
+    @abstractmethod
     def fetch(self, todo: list[Request], emit, max_tokens: int, temperature: float, top_p: float, seed: int) -> None:
-        raise NotImplementedError
+        """Get an answer for every request in `todo`, calling `emit(request, text)` as each arrives."""
 
 
 class Local(Teacher):
