@@ -1,7 +1,7 @@
 """Deployed as llama.cpp runs it: our integer codes as GGUF vs llama.cpp's own quantizer, against
 torch fp32 of the same float model, side by side in one run on one machine.
 
-    python bench/deploy.py [--windows 8] [--rounds 5] [--qat-steps 30]
+    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 20]
 
 The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
 dequantized). Rows:
@@ -37,13 +37,13 @@ DATA = {
     "heldout": str(SHARED / "wikitext2" / "wt2_tokens.test.txt"),
     "seq_len": 512,
 }
-CALIBRATION = {"samples": 64, "batch_size": 4}
+CALIBRATION = {"calibration": {"samples": 64, "batch_size": 4}}
 
 
 def stages(qat_steps: int) -> list[dict]:
     return [
-        {"name": "q4", "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "calibration": CALIBRATION}},
-        {"name": "q8", "quantize": {"method": "gptq", "bits": 8, "group_size": None, "calibration": CALIBRATION}},
+        {"name": "q4", "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, **CALIBRATION}},
+        {"name": "q8", "quantize": {"method": "gptq", "bits": 8, "group_size": None, "act_order": True, **CALIBRATION}},
         {
             "name": "qat4",
             "qat": {
@@ -98,8 +98,8 @@ def compute_flops(threads: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--qat-steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--qat-steps", type=int, default=20)
     p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
     args = p.parse_args()
     prepare(THREADS)
@@ -225,33 +225,44 @@ def main() -> None:
         out["total_bits_per_param_ours_q4_0"] = 8 * out["ours_q4_0"]["bytes"] / params
         out["embeddings"] = "Q8_0 in every GGUF row (round to nearest, llama.cpp's rule)"
 
-        # fidelity of the Q8_0 export: greedy tokens of our torch INT8 artifact vs llama.cpp running its GGUF
+        # fidelity of the Q8_0 export: greedy tokens of our torch INT8 artifact vs llama.cpp running its GGUF;
+        # control: the float model in torch vs its F32 GGUF in llama.cpp (what the runtimes' arithmetic alone does)
+        prompts = [w[:32].tolist() for w in windows[:4]]
         ours8 = load_pretrained(str(artifacts["q8"]), cpu, dtype="auto").model
-        runner = LlamaCppRunner(files["ours_q8_0"], THREADS, 512, 1 << 30)
-        matched = prefix = total = 0
-        for w in windows[:4]:
-            prompt = w[:32].tolist()
-            with torch.no_grad():
-                mine = ours8.generate(
-                    torch.tensor([prompt]),
-                    max_new_tokens=args.generate,
-                    min_new_tokens=args.generate,
-                    do_sample=False,
-                    pad_token_id=teacher.tokenizer.eos_token_id,
-                )[0, 32:].tolist()
-            theirs = greedy(runner, prompt, args.generate)
-            matched += sum(a == b for a, b in zip(mine, theirs))
-            prefix += next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
-            total += len(mine)
-        runner.close()
-        out["q8_0_greedy_match"] = matched / total
-        out["q8_0_greedy_prefix_match"] = prefix / total
-        out["greedy_tokens"] = total
+        eos = teacher.tokenizer.eos_token_id
+        out.update(greedy_match(ours8, files["ours_q8_0"], prompts, args.generate, eos, "q8_0"))
+        out.update(greedy_match(teacher.model, files["float_f32"], prompts, args.generate, eos, "f32"))
         out["load_average"] = load_average()
     for name in ("ours_q4_0", "ours_q8_0", "ours_qat_q4_0", "llamacpp_q4_0", "llamacpp_q8_0"):
         out[name]["ppl_increase"] = out[name]["ppl"] / out["torch_fp32"]["ppl"] - 1
     save("deploy", out, markdown(out))
     print(markdown(out))
+
+
+def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, label: str) -> dict:
+    """Greedy continuations of `model` in torch and of `gguf` in llama.cpp, compared position by
+    position and up to their first difference."""
+    import torch
+
+    from compressor.runtimes.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner(gguf, THREADS, 512, 1 << 30)
+    matched = prefix = total = 0
+    for prompt in prompts:
+        with torch.no_grad():
+            mine = model.generate(
+                torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos
+            )[0, len(prompt) :].tolist()
+        theirs = greedy(runner, prompt, n)
+        matched += sum(a == b for a, b in zip(mine, theirs))
+        prefix += next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
+        total += len(mine)
+    runner.close()
+    return {
+        f"{label}_greedy_match": matched / total,
+        f"{label}_greedy_prefix_match": prefix / total,
+        "greedy_tokens": total,
+    }
 
 
 def greedy(runner, prompt: list[int], n: int) -> list[int]:
@@ -297,7 +308,10 @@ def markdown(out: dict) -> str:
         f"{out['total_bits_per_param_ours_q4_0']:.2f} bits/param with Q8_0 embeddings.",
         "- Greedy output of our Q8_0 GGUF in llama.cpp vs our INT8 artifact in torch: "
         f"{100 * out['q8_0_greedy_match']:.1f}% of {out['greedy_tokens']} tokens equal position by position "
-        f"({100 * out['q8_0_greedy_prefix_match']:.1f}% before the first difference).",
+        f"({100 * out['q8_0_greedy_prefix_match']:.1f}% before the first difference). Control, the float model in "
+        f"torch vs its F32 GGUF in llama.cpp: {100 * out['f32_greedy_match']:.1f}% "
+        f"({100 * out['f32_greedy_prefix_match']:.1f}% before the first difference): what the two runtimes' "
+        "arithmetic alone does to greedy paths on this text.",
         f"- Memory bandwidth {out['bandwidth_gb_s']:.1f} GB/s (copy), fp32 matrix-vector "
         f"{out['compute_gflop_s']:.1f} GFLOP/s at these threads: the roofline fraction is the binding bound over "
         "the measured time.",

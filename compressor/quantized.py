@@ -99,8 +99,8 @@ def bnb_config(cfg: Scheme, fmt: str = "nf4"):
 
 def requantize(model: torch.nn.Module, folder, quantization_config, device, codes: dict | None = None):
     """Reload `model` through `from_pretrained` with a quantization config, so the result is what
-    a user loading the artifact gets. `codes` (name -> (codes, scales)) pins the torchao grid to
-    the given integers, for GPTQ."""
+    a user loading the artifact gets. `codes` (name -> (codes, scales)) pins the given integers and
+    scales (our grid, not torchao's own rounding) into the torchao tensors."""
     from transformers import AutoModelForCausalLM
 
     model.save_pretrained(folder)
@@ -131,7 +131,7 @@ def requantize(model: torch.nn.Module, folder, quantization_config, device, code
 
 
 def rtn_codes(model: torch.nn.Module, cfg: Scheme) -> dict:
-    """Round-to-nearest codes and scales on the shared grid (what torchao itself computes)."""
+    """Round-to-nearest codes and scales on the shared grid (what llama.cpp's quantizer writes)."""
     out = {}
     for name, m in quantized_linears(model, cfg.lm_head).items():
         s = scales(m.weight, cfg.bits, cfg.group_size)

@@ -71,7 +71,10 @@ class Stage:
 
     def params(self) -> dict:
         """What determines this stage's artifact (with defaults filled in)."""
-        return {"kind": self.kind, "config": self.config.model_dump(mode="json")}
+        params = {"kind": self.kind, "config": self.config.model_dump(mode="json")}
+        if self.impl.algorithm > 1:  # version 1 is left out: keys made before versions stay valid
+            params["algorithm"] = self.impl.algorithm
+        return params
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,31 @@ def test_grid_is_symmetric_per_group_and_fake_quant_is_straight_through():
     w = torch.randn(6, 128, generator=torch.Generator().manual_seed(0), requires_grad=True)
     s = scales(w, 4, 64)
     assert s.shape == (6, 2)
-    torch.testing.assert_close(s, w.detach().reshape(6, 2, 64).abs().amax(-1) / 7.5)
+    groups = w.detach().reshape(6, 2, 64)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(s, extreme / -8)  # the largest weight of each group sits on code -8
     q = to_grid(w.detach(), s, 4)
     assert q.min() >= -8 and q.max() <= 7 and torch.equal(q, q.round())
+    assert ((q == -8).sum(-1) >= 1).all()
     out = fake_quant(w, 4, 64)
     torch.testing.assert_close(out.detach(), q * s.repeat_interleave(64, dim=1))
     out.sum().backward()
     torch.testing.assert_close(w.grad, torch.ones_like(w))  # straight-through
+    torch.testing.assert_close(scales(w, 8, None), w.detach().abs().amax(-1, keepdim=True) / 127)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_writes_the_bytes_llama_cpps_own_quantizer_writes(bits):
+    """Our RTN grid is Q4_0's / Q8_0's: the same weights give the same GGUF blocks, byte for byte."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install 'compressor[gguf]')")
+    from compressor.exporters.gguf import q4_0_blocks, q8_0_blocks
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(2)) * torch.rand(48, 1) * 0.1
+    s = scales(w, bits, 32)
+    ours = (q4_0_blocks if bits == 4 else q8_0_blocks)(to_grid(w, s, bits), s)
+    kind = gguf.GGMLQuantizationType.Q4_0 if bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    theirs = gguf.quants.quantize(w.numpy(), kind)
+    assert ours.tobytes() == theirs.tobytes()
 
 
 def test_gptq_with_identity_hessian_is_round_to_nearest():
@@ -41,6 +59,30 @@ def test_gptq_with_identity_hessian_is_round_to_nearest():
     codes, s = gptq(w, torch.eye(64), 4, 32, act_order=False, damp=0.01)
     torch.testing.assert_close(codes, to_grid(w, scales(w, 4, 32), 4))
     torch.testing.assert_close(s, scales(w, 4, 32))
+
+
+def test_value_hessians_are_the_attention_outputs_error_of_a_value_perturbation():
+    """tr(ΔW_g H_g ΔW_gᵀ) summed over KV heads is exactly how far attention's output moves when
+    v_proj moves by ΔW: the value projection is fitted to what the attention makes of it."""
+    from compressor.quant import ValueHessians
+
+    model = tiny_llama(layers=1, heads=4, kv_heads=2)
+    model.set_attn_implementation("eager")
+    attention = model.model.layers[0].self_attn
+    ids = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(3))
+    mixed = []
+    attention.o_proj.register_forward_pre_hook(lambda _m, args: mixed.append(args[0].detach().clone()))
+    hessians = ValueHessians(attention, attention.v_proj, 2)
+    with torch.no_grad():
+        model(input_ids=ids)
+        h = hessians.close()
+        delta = 0.01 * torch.randn_like(attention.v_proj.weight)
+        attention.v_proj.weight += delta
+        model(input_ids=ids)
+    moved = ((mixed[1] - mixed[0]) ** 2).sum()
+    n = ids.numel() * 2  # query rows per KV head: tokens x query heads sharing it
+    predicted = sum(torch.trace(d @ hh @ d.T) for d, hh in zip(delta.chunk(2), h)) * n / 2
+    torch.testing.assert_close(predicted, moved, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -1,9 +1,10 @@
 """`--format gguf`: one .gguf file llama.cpp (and everything built on it) runs.
 
 Weights (`--weights`): a quantized stage is written from its own integers, exactly: our INT4
-grid (symmetric, code c in [-8, 7], one scale per group of a multiple of 32 or per row) is
-GGUF's Q4_0 block (d = scale, q = c + 8) and our INT8 grid is Q8_0 (d = scale, q = c); the only
-change is the scale rounded to fp16. So GPTQ's and QAT's integers reach llama.cpp untouched.
+grid (symmetric, code c in [-8, 7], one scale per group of a multiple of 32 or per row; Q4_0's
+rule, so the scale is negative when a group's largest weight is positive) is GGUF's Q4_0 block
+(d = scale, q = c + 8) and our INT8 grid is Q8_0 (d = scale, q = c); the only change is the
+scale rounded to fp16. So GPTQ's and QAT's integers reach llama.cpp untouched.
 A float stage is written as F16 (default) or F32. What cannot map exactly is refused with the
 setting that would: bitsandbytes formats, a group size that does not tile 32-weight blocks.
 Embeddings (`--embeddings`): F16 (default), F32 or Q8_0 (round to nearest, llama.cpp's rule:

@@ -49,6 +49,8 @@ class StageKind(ABC):
     produces: ClassVar[Literal["float", "quantized"]] = "float"
     # True: needs float weights, so it cannot follow a stage that produces "quantized"
     needs_float: ClassVar[bool] = True
+    # bumped when the same settings build a different artifact: part of the stage's cache key
+    algorithm: ClassVar[int] = 1
 
     @abstractmethod
     def check(self, cfg: BaseModel, shape: dict, teacher_shape: dict) -> dict:

@@ -23,6 +23,7 @@ class Config(Recovery, Scheme):
 class QAT(StageKind):
     Config = Config
     produces = "quantized"
+    algorithm = 2  # 2: trains on and stores llama.cpp's grid (max|w| / -8)
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         check_scheme(cfg, shape, "torchao")

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from ..data import Calibration
 from ..models import decoder_layers
 from ..progress import Bar
-from ..quant import Hessians, gptq
+from ..quant import Hessians, ValueHessians, gptq
 from ..quantized import Scheme, bnb_config, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
 
@@ -54,29 +54,41 @@ class Config(Scheme):
 def run_gptq(model: torch.nn.Module, cfg: Config, blocks: torch.Tensor, device) -> dict:
     """GPTQ codes and scales for every quantized Linear, decoder layer by decoder layer: each
     layer's calibration inputs are the outputs of the layers before it, already quantized, and
-    are computed once (the layer's own inputs are kept, not recomputed from the embeddings)."""
+    are computed once (the layer's own inputs are kept, not recomputed from the embeddings).
+    Value projections are fitted per KV head to the inputs as attention mixes them
+    (quant.ValueHessians), so calibration runs with eager attention."""
     names = {m: name for name, m in quantized_linears(model, cfg.lm_head).items()}
     batches = blocks[: cfg.calibration.samples].split(cfg.calibration.batch_size)
     layers = decoder_layers(model)
-    inputs = _first_layer_inputs(model, layers[0], batches, device)
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or getattr(model.config, "num_attention_heads", None)
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     out = {}
     bar = Bar("gptq", len(layers) + cfg.lm_head, unit="layer")
-    with torch.no_grad():
-        for layer in layers:
-            mods = {names[m]: m for m in layer.modules() if m in names}
-            hessians = Hessians(mods)
-            for args, kwargs in inputs:
-                layer(*args, **kwargs)
-            _quantize(mods, hessians.close(), cfg, out)
-            inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
-            bar.update(1, linears=len(out))
-        if cfg.lm_head:
-            head = model.get_output_embeddings()
-            hessians = Hessians({names[head]: head})
-            for args, _ in inputs:
-                head(model.model.norm(args[0]))
-            _quantize({names[head]: head}, hessians.close(), cfg, out)
-            bar.update(1, linears=len(out))
+    try:
+        inputs = _first_layer_inputs(model, layers[0], batches, device)
+        with torch.no_grad():
+            for layer in layers:
+                mods = {names[m]: m for m in layer.modules() if m in names}
+                value = getattr(getattr(layer, "self_attn", None), "v_proj", None)
+                value = names.get(value) if kv_heads else None
+                hessians = Hessians({k: m for k, m in mods.items() if k != value})
+                mixed = ValueHessians(layer.self_attn, mods[value], kv_heads) if value else None
+                for args, kwargs in inputs:
+                    layer(*args, **kwargs)
+                found = hessians.close() | ({value: mixed.close()} if mixed else {})
+                _quantize(mods, found, cfg, out)
+                inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+                bar.update(1, linears=len(out))
+            if cfg.lm_head:
+                head = model.get_output_embeddings()
+                hessians = Hessians({names[head]: head})
+                for args, _ in inputs:
+                    head(model.model.norm(args[0]))
+                _quantize({names[head]: head}, hessians.close(), cfg, out)
+                bar.update(1, linears=len(out))
+    finally:
+        model.set_attn_implementation(attention)
     bar.close()
     return out
 
@@ -107,10 +119,13 @@ def _hidden(output) -> torch.Tensor:
 
 
 def _quantize(mods: dict, hessians: dict, cfg: Config, out: dict) -> None:
-    """GPTQ each Linear on its Hessian; the layer then computes with the quantized weights."""
+    """GPTQ each Linear on its Hessian (a stack of them: one per block of rows, e.g. per KV head);
+    the layer then computes with the quantized weights."""
     for name, h in hessians.items():
         m = mods[name]
-        codes, s = gptq(m.weight, h, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp)
+        rows = zip(m.weight.chunk(len(h)), h) if h.dim() == 3 else [(m.weight, h)]
+        parts = [gptq(w, part, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp) for w, part in rows]
+        codes, s = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         g = codes.shape[1] // s.shape[1]
         m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight)
         out[name] = (codes.cpu(), s.cpu())
@@ -124,6 +139,7 @@ class Quantize(StageKind):
     Config = Config
     produces = "quantized"
     needs_float = False  # after another quantization it is refused as a second one, not for this
+    algorithm = 2  # 2: llama.cpp's grid (max|w| / -8), value projections fitted through attention
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         if cfg.method == "bnb" and cfg.bits == 8 and cfg.group_size not in (None, 64):
