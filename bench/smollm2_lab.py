@@ -19,7 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _reports import SHARED, prepare, save
+from _reports import SHARED, load_average, prepare, save
 
 
 def main() -> None:
@@ -85,14 +85,17 @@ def main() -> None:
         "kd_ppl": rows["kd"]["metrics"]["heldout_ppl"],
         "steps": args.steps,
         "tokens": args.steps * args.batch * args.seq,
-        "seconds": round(ce["train_seconds"] + kd["train_seconds"], 1),
-        "ce_seconds_per_step": ce["train_seconds"] / args.steps,
-        "kd_seconds_per_step": kd["train_seconds"] / args.steps,
+        # a resumed run times the steps since its checkpoint only
+        "ce_seconds_per_step": ce["train_seconds"] / (args.steps - ce.get("resumed_at", 0)),
+        "kd_seconds_per_step": kd["train_seconds"] / (args.steps - kd.get("resumed_at", 0)),
+        "steps_timed": {"ce": args.steps - ce.get("resumed_at", 0), "kd": args.steps - kd.get("resumed_at", 0)},
         "teacher_params": record["stages"][0]["metrics"]["params"],
         "student_params": rows["kd"]["metrics"]["params"],
         "heldout_tokens": rows["kd"]["metrics"]["heldout_tokens"],
         "lr": args.lr,
     }
+    out["load_average"] = load_average()
+    out["seconds"] = round(args.steps * (out["ce_seconds_per_step"] + out["kd_seconds_per_step"]), 1)  # both trainings
     out["kd_vs_ce"] = out["kd_ppl"] / out["ce_ppl"] - 1
     out["kd_step_over_ce_step"] = out["kd_seconds_per_step"] / out["ce_seconds_per_step"]
     lines = [
@@ -111,7 +114,9 @@ def main() -> None:
         f"| student, KD (forward KL, T = 1) | {out['kd_ppl']:.2f} ({100 * out['kd_vs_ce']:+.1f}% vs CE) |",
         "",
         f"KD step {out['kd_seconds_per_step']:.1f} s vs CE step {out['ce_seconds_per_step']:.1f} s "
-        f"({out['kd_step_over_ce_step']:.2f}×, the teacher's forward included).",
+        f"({out['kd_step_over_ce_step']:.2f}×, the teacher's forward included; timed over the last "
+        f"{out['steps_timed']['ce']} CE and {out['steps_timed']['kd']} KD steps, a resumed run timing only what "
+        f"it ran; load average {out['load_average'][0]} at the end).",
     ]
     save("smollm2_lab", out, "\n".join(lines))
     print("\n".join(lines))
