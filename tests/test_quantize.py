@@ -85,6 +85,19 @@ def test_value_hessians_are_the_attention_outputs_error_of_a_value_perturbation(
     torch.testing.assert_close(predicted, moved, rtol=1e-4, atol=0)
 
 
+def test_gptq_quantizes_every_linear_and_gives_the_model_back_its_attention():
+    from compressor.stages.quantize import Config, run_gptq
+
+    model = tiny_llama(layers=2)
+    before = model.config._attn_implementation
+    cfg = Config(method="gptq", bits=4, group_size=32, calibration={"samples": 4, "batch_size": 2})
+    codes = run_gptq(model, cfg, torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(4)), CPU)
+    assert model.config._attn_implementation == before  # calibration ran eager, the model did not stay so
+    assert set(codes) == set(quantized_linears(model, lm_head=False))
+    value, s = codes["model.layers.0.self_attn.v_proj"]
+    assert value.min() >= -8 and value.max() <= 7 and s.shape == (value.shape[0], value.shape[1] // 32)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_the_layer_output_error(act_order):
     g = torch.Generator().manual_seed(2)
