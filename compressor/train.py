@@ -8,6 +8,7 @@ on (seed, i), a resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from pathlib import Path
@@ -87,7 +88,11 @@ def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, extra
         save_model(model, str(tmp / "model.safetensors"))
         if extra is not None:
             save_model(extra, str(tmp / "extra.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        # serialized in memory first: on a full disk the write below fails with ENOSPC (one line from
+        # the CLI), where torch's zip writer raises an opaque "unexpected pos" RuntimeError
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+        (tmp / "optim.pt").write_bytes(buffer.getvalue())
         write_json(tmp / "progress.json", {"step": step})
 
 
