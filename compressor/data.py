@@ -48,12 +48,14 @@ def _is_heldout(relative: str) -> bool:
 def stdlib_documents(split: str) -> list[str]:
     """The stdlib `.py` sources (tests excluded), split by file into train / heldout."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    want_heldout = split == "heldout"
-    docs = []
+    docs: dict[bool, list[str]] = {True: [], False: []}
     for path in stdlib_files():
-        if _is_heldout(str(path.relative_to(root))) == want_heldout:
-            docs.append(path.read_text(encoding="utf-8", errors="replace"))
-    return docs
+        docs[_is_heldout(str(path.relative_to(root)))].append(path.read_text(encoding="utf-8", errors="replace"))
+    if split != "heldout":
+        return docs[False]
+    # a held-out file identical to a training one (an empty __init__.py, a copy some builds ship) is not held out
+    train = set(docs[False])
+    return [d for d in docs[True] if d not in train]
 
 
 class TextSource(BaseModel):
