@@ -50,7 +50,10 @@ def stdlib_documents(split: str) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     docs: dict[bool, list[str]] = {True: [], False: []}
     for path in stdlib_files():
-        docs[_is_heldout(str(path.relative_to(root)))].append(path.read_text(encoding="utf-8", errors="replace"))
+        heldout = _is_heldout(str(path.relative_to(root)))
+        if heldout and split != "heldout":
+            continue  # the training split needs no held-out file
+        docs[heldout].append(path.read_text(encoding="utf-8", errors="replace"))
     if split != "heldout":
         return docs[False]
     # a held-out file identical to a training one (an empty __init__.py, a copy some builds ship) is not held out
