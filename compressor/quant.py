@@ -105,6 +105,14 @@ def gptq(
     return codes, s
 
 
+def average_into(hessian: torch.Tensor, seen: int, gram: torch.Tensor, n: int) -> int:
+    """Fold the Gram matrix XᵀX of n more rows into a running 2/N · XᵀX in place (a running mean
+    keeps the sum's scale fixed however many batches come); returns N."""
+    hessian *= seen / (seen + n)
+    hessian += (2 / (seen + n)) * gram
+    return seen + n
+
+
 class Hessians:
     """Accumulates 2/n · XᵀX of the inputs of chosen Linear modules over calibration batches."""
 
@@ -118,10 +126,7 @@ class Hessians:
     def _hook(self, name: str):
         def hook(_module, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            n, seen = x.shape[0], self.counts[name]
-            self.sums[name] *= seen / (seen + n)
-            self.sums[name] += (2 / (seen + n)) * (x.T @ x)
-            self.counts[name] = seen + n
+            self.counts[name] = average_into(self.sums[name], self.counts[name], x.T @ x, x.shape[0])
 
         return hook
 
@@ -161,10 +166,7 @@ class ValueHessians:
         y = probs.float() @ self.x[:, None]  # [batch, heads, tokens, in]: each query's mix of inputs
         y = y.view(batch, self.kv_heads, heads // self.kv_heads, tokens, -1).transpose(0, 1)
         y = y.reshape(self.kv_heads, -1, y.shape[-1])
-        n = y.shape[1]
-        self.sums *= self.seen / (self.seen + n)
-        self.sums += (2 / (self.seen + n)) * (y.transpose(1, 2) @ y)
-        self.seen += n
+        self.seen = average_into(self.sums, self.seen, y.transpose(1, 2) @ y, y.shape[1])
 
     def close(self) -> torch.Tensor:
         for h in self.handles:
