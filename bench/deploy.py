@@ -24,12 +24,14 @@ is the larger. Writes reports/deploy.json and reports/deploy.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _reports import SHARED, load_average, prepare, save
+from _reports import REPORTS, SHARED, load_average, prepare, save
 
 THREADS = 2
 DATA = {
@@ -101,6 +103,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--qat-steps", type=int, default=20)
     p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
+    p.add_argument(
+        "--fidelity-only",
+        action="store_true",
+        help="measure only the greedy fidelity figures and merge them into the existing reports/deploy.json",
+    )
     args = p.parse_args()
     prepare(THREADS)
     import torch
@@ -144,9 +151,13 @@ def main() -> None:
                 "float",
             )
         }
-        files["llamacpp_q8_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q8.gguf", "q8_0")
-        files["llamacpp_q4_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q4.gguf", "q4_0")
-        for row, ordering in (("ours_q8_0", "q8"), ("ours_q4_0", "q4"), ("ours_qat_q4_0", "qat4")):
+        ours = (("ours_q8_0", "q8"), ("ours_q4_0", "q4"), ("ours_qat_q4_0", "qat4"))
+        if args.fidelity_only:
+            ours = ours[:1]
+        else:
+            files["llamacpp_q8_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q8.gguf", "q8_0")
+            files["llamacpp_q4_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q4.gguf", "q4_0")
+        for row, ordering in ours:
             loaded = load_pretrained(str(artifacts[ordering]), cpu, dtype="auto")
             files[row] = write_gguf(
                 loaded.model,
@@ -156,6 +167,21 @@ def main() -> None:
                 {"weights": "auto", "embeddings": "q8_0"},
                 row,
             )
+        fidelity = greedy_fidelity(
+            load_pretrained(str(artifacts["q8"]), cpu, dtype="auto").model,
+            teacher.model,
+            files,
+            [w[:32].tolist() for w in windows[:4]],
+            args.generate,
+            teacher.tokenizer.eos_token_id,
+        )
+        if args.fidelity_only:
+            out = json.loads((REPORTS / "deploy.json").read_text())
+            out.update(fidelity)
+            out["fidelity_measured_apart"] = {"date": time.strftime("%Y-%m-%d"), "load_average": load_average()}
+            save("deploy", out, markdown(out))
+            print(markdown(out))
+            return
 
         # quality: the same token ids for every row
         with torch.no_grad():
@@ -225,13 +251,7 @@ def main() -> None:
         out["total_bits_per_param_ours_q4_0"] = 8 * out["ours_q4_0"]["bytes"] / params
         out["embeddings"] = "Q8_0 in every GGUF row (round to nearest, llama.cpp's rule)"
 
-        # fidelity of the Q8_0 export: greedy tokens of our torch INT8 artifact vs llama.cpp running its GGUF;
-        # control: the float model in torch vs its F32 GGUF in llama.cpp (what the runtimes' arithmetic alone does)
-        prompts = [w[:32].tolist() for w in windows[:4]]
-        ours8 = load_pretrained(str(artifacts["q8"]), cpu, dtype="auto").model
-        eos = teacher.tokenizer.eos_token_id
-        out.update(greedy_match(ours8, files["ours_q8_0"], prompts, args.generate, eos, "q8_0"))
-        out.update(greedy_match(teacher.model, files["float_f32"], prompts, args.generate, eos, "f32"))
+        out.update(fidelity)
         out["load_average"] = load_average()
     for name in ("ours_q4_0", "ours_q8_0", "ours_qat_q4_0", "llamacpp_q4_0", "llamacpp_q8_0"):
         out[name]["ppl_increase"] = out[name]["ppl"] / out["torch_fp32"]["ppl"] - 1
@@ -239,15 +259,29 @@ def main() -> None:
     print(markdown(out))
 
 
+def greedy_fidelity(ours8, float_model, files: dict, prompts: list[list[int]], n: int, eos: int) -> dict:
+    """Fidelity of the Q8_0 export: our torch INT8 artifact vs llama.cpp running its GGUF; control: the
+    float model in torch vs its F32 GGUF in llama.cpp (what the two runtimes' arithmetic alone does)."""
+    return {
+        **greedy_match(ours8, files["ours_q8_0"], prompts, n, eos, "q8_0"),
+        **greedy_match(float_model, files["float_f32"], prompts, n, eos, "f32"),
+    }
+
+
 def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, label: str) -> dict:
-    """Greedy continuations of `model` in torch and of `gguf` in llama.cpp, compared position by
-    position and up to their first difference."""
+    """Greedy continuations of `model` in torch and of `gguf` in llama.cpp, compared three ways:
+    position by position, up to their first difference, and step by step (each runtime fed the
+    other's path so far: does it choose the token the other chose?). Free-running paths part for good
+    at the first near-tie, so only the step-by-step figure counts how often the two disagree; the
+    median log-probability gap of the disagreements says how near those ties were."""
     import torch
 
-    from compressor.runtimes.llamacpp import LlamaCppRunner
+    from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner
 
     runner = LlamaCppRunner(gguf, THREADS, 512, 1 << 30)
-    matched = prefix = total = 0
+    scorer = LlamaCppLogits(gguf, n_ctx=max(map(len, prompts)) + n, threads=THREADS)
+    matched = prefix = total = steps = 0
+    gaps: list[float] = []
     for prompt in prompts:
         with torch.no_grad():
             mine = model.generate(
@@ -257,10 +291,23 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
         matched += sum(a == b for a, b in zip(mine, theirs))
         prefix += next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
         total += len(mine)
+        start = len(prompt) - 1
+        with torch.no_grad():
+            torch_on_theirs = model(input_ids=torch.tensor([prompt + theirs[:-1]])).logits[0, start:].float()
+        llamacpp_on_mine = scorer(torch.tensor([prompt + mine[:-1]]))[0, start:]
+        for logits, path in ((torch_on_theirs, theirs), (llamacpp_on_mine, mine)):
+            chosen = torch.tensor(path)[:, None]
+            lp = logits.log_softmax(-1)
+            gap = lp.max(-1).values - lp.gather(-1, chosen)[:, 0]
+            steps += int((lp.argmax(-1) == chosen[:, 0]).sum())
+            gaps += gap[gap > 0].tolist()
     runner.close()
+    scorer.close()
     return {
         f"{label}_greedy_match": matched / total,
         f"{label}_greedy_prefix_match": prefix / total,
+        f"{label}_greedy_step_agreement": steps / (2 * total),
+        f"{label}_greedy_disagreement_gap": statistics.median(gaps) if gaps else 0.0,
         "greedy_tokens": total,
     }
 
@@ -277,6 +324,10 @@ def greedy(runner, prompt: list[int], n: int) -> list[int]:
         tokens.append(int(logits.argmax()))
         runner.llm.eval([tokens[-1]])
     return tokens
+
+
+def disagreements(out: dict, label: str) -> int:
+    return round(2 * out["greedy_tokens"] * (1 - out[f"{label}_greedy_step_agreement"]))
 
 
 def markdown(out: dict) -> str:
@@ -312,6 +363,20 @@ def markdown(out: dict) -> str:
         f"torch vs its F32 GGUF in llama.cpp: {100 * out['f32_greedy_match']:.1f}% "
         f"({100 * out['f32_greedy_prefix_match']:.1f}% before the first difference): what the two runtimes' "
         "arithmetic alone does to greedy paths on this text.",
+        "- Step by step (each runtime fed the other's greedy path so far, both directions; "
+        f"{2 * out['greedy_tokens']} choices): the Q8_0 pair choose the same next token "
+        f"{100 * out['q8_0_greedy_step_agreement']:.1f}% of the time "
+        f"({disagreements(out, 'q8_0')} disagreements, median log-probability gap "
+        f"{out['q8_0_greedy_disagreement_gap']:.3f} between the token a runtime chose and the other's), the float "
+        f"control {100 * out['f32_greedy_step_agreement']:.1f}% ({disagreements(out, 'f32')}, median gap "
+        f"{out['f32_greedy_disagreement_gap']:.3f}). A free-running path parts for good at its first "
+        "disagreement, so the position-by-position figure measures where that first one falls."
+        + (
+            f" (Greedy figures measured apart on {out['fidelity_measured_apart']['date']}, load average "
+            f"{out['fidelity_measured_apart']['load_average'][0]}: `python bench/deploy.py --fidelity-only`.)"
+            if "fidelity_measured_apart" in out
+            else ""
+        ),
         f"- Memory bandwidth {out['bandwidth_gb_s']:.1f} GB/s (copy), fp32 matrix-vector "
         f"{out['compute_gflop_s']:.1f} GFLOP/s at these threads: the roofline fraction is the binding bound over "
         "the measured time.",

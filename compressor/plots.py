@@ -95,7 +95,8 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
                 lo, hi = s["metrics"]["decode_ms_range"]
                 ax.plot([lo, hi], [y, y], color=color, lw=1, alpha=0.6, zorder=2)
             ax.scatter(x, y, color=color, s=40, zorder=3)
-            ax.annotate(str(number[_key(s)]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, zorder=5)
+        for (x, y), numbers in label_spots([(number[_key(s)], x, y) for s, x, y in pts]):
+            ax.annotate(numbers, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, zorder=5)
         floor_y = floor_level(stages[0]["metrics"], floor, high)
         if floor_y is not None:
             ax.axhline(floor_y, color="grey", lw=1, ls=":", label="accuracy floor")
@@ -137,7 +138,8 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         if not high:
             ax.invert_yaxis()
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        # beside the axes, under the key: inside, it hid points wherever "best" found no room
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.02, 0.0), borderaxespad=0)
         fig.tight_layout()
         path = out / fname
         tmp = path.with_suffix(".tmp.png")
@@ -146,3 +148,18 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         tmp.replace(path)
         written.append(path)
     return written
+
+
+def label_spots(points: list[tuple[int, float, float]]) -> list[tuple[tuple[float, float], str]]:
+    """One label per spot: points closer than 1% of both axis spans (e.g. a stage and the same
+    codes through another runtime with equal accuracy) share one "7, 11" instead of overprinting."""
+    xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
+    dx, dy = 0.01 * (max(xs) - min(xs) or 1), 0.01 * (max(ys) - min(ys) or 1)
+    spots: list[tuple[tuple[float, float], list[int]]] = []
+    for n, x, y in points:
+        spot = next((sp for sp in spots if abs(sp[0][0] - x) <= dx and abs(sp[0][1] - y) <= dy), None)
+        if spot:
+            spot[1].append(n)
+        else:
+            spots.append(((x, y), [n]))
+    return [(xy, ", ".join(map(str, ns))) for xy, ns in spots]

@@ -8,7 +8,7 @@ from conftest import distill_recipe
 from compressor import UserError
 from compressor.cli import main
 from compressor.picks import Floor, choose, higher_is_better, meets, summary
-from compressor.plots import pareto
+from compressor.plots import label_spots, pareto
 from compressor.report import rerender
 
 
@@ -118,3 +118,9 @@ def test_a_runtime_row_does_not_repeat_its_stages_notes_and_q4_0_is_explained():
     assert len(stage_notes([torch_row, gguf_row])) == 1
     assert any("4.5 bits per Linear weight" in line for line in size_notes([torch_row, gguf_row]))
     assert not any("4.5 bits" in line for line in size_notes([torch_row]))
+
+
+def test_points_on_one_spot_share_one_label():
+    # a stage and the same codes in another runtime often land on one spot: "7, 11", not two overprinted
+    spots = label_spots([(1, 100.0, 0.46), (7, 189.0, 0.424), (11, 189.5, 0.424), (3, 386.6, 0.424)])
+    assert [label for _, label in spots] == ["1", "7, 11", "3"]
