@@ -1,7 +1,7 @@
 """Deployed as llama.cpp runs it: our integer codes as GGUF vs llama.cpp's own quantizer, against
 torch fp32 of the same float model, side by side in one run on one machine.
 
-    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 20]
+    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 20] [--fidelity-only]
 
 The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
 dequantized). Rows:
