@@ -4,9 +4,10 @@ alike, and the estimator is the minimum over the rounds (contention only ever ad
 Each figure keeps its per-round samples, so a comparison can ask whether one model was faster
 in every round and by more than the spread (`faster`), or whether the two tie within noise.
 
-Measured per model: prefill ms for P prompt tokens, decode ms/token at batch 1 (a generate of
-N tokens minus that round's prefill), tokens/s at each batch size, and memory: the weights
-plus the working memory generation adds at the largest batch. Beside it, the roofline: bytes
+Measured per model: prefill ms for P prompt tokens, decode ms/token at batch 1 (the N − 1 decode
+steps of a generate of N tokens, clocked from the first token's logits to the last's), tokens/s at
+each batch size, and memory: the weights plus the working memory generation adds at the largest
+batch. Beside it, the roofline: bytes
 read per decoded token divided by the measured memory bandwidth.
 """
 
@@ -152,9 +153,14 @@ class TorchRunner:
         self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
 
     @torch.no_grad()
-    def generate(self, ids: list[int], new_tokens: int, batch: int) -> float | None:
-        """Greedy generation; None: the decode steps are not timed apart (prefill is subtracted)."""
+    def generate(self, ids: list[int], new_tokens: int, batch: int) -> float:
+        """Greedy generation; returns the seconds of its decode steps alone. Clocked inside
+        generate: subtracting a separately timed prefill went negative when a burst of load hit
+        the prefill and not the generate."""
+        from transformers import LogitsProcessorList
+
         x = torch.tensor([ids], device=self.device).expand(batch, -1)
+        clock = _StepClock(self.device)
         self.model.generate(
             x,
             attention_mask=torch.ones_like(x),
@@ -162,7 +168,9 @@ class TorchRunner:
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=self.pad,
+            logits_processor=LogitsProcessorList([clock]),
         )
+        return clock.times[-1] - clock.times[0]
 
     def weight_bytes(self) -> int:
         return sum(stored_bytes(x) for x in list(self.model.parameters()) + list(self.model.buffers()))
@@ -175,6 +183,19 @@ class TorchRunner:
 
     def close(self) -> None:
         self.model = None
+
+
+class _StepClock:
+    """A logits processor that notes the time of each step: its first call comes right after the
+    prompt's forward pass, so last − first spans the decode steps alone."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 @dataclass
@@ -208,9 +229,9 @@ def _round(t: Timed, prompt: torch.Tensor, spec: LatencySpec, last: bool) -> Non
     runner = t.runner
     ids = _prompt(runner, prompt, spec)
     _, prefill = timed(lambda: runner.prefill(ids), runner.device)
-    decode, full = timed(lambda: runner.generate(ids, spec.new_tokens, 1), runner.device)
+    decode, _ = timed(lambda: runner.generate(ids, spec.new_tokens, 1), runner.device)
     t.prefill.append(prefill)
-    t.decode.append((decode if decode is not None else full - prefill) / (spec.new_tokens - 1))
+    t.decode.append(decode / (spec.new_tokens - 1))
     sizes = runner.batch_sizes(spec)
     for b in sizes:
         measured = last and b == max(sizes) and runner.device.type == "cuda"

@@ -2,6 +2,7 @@
 hand against the model's own log-likelihoods."""
 
 import math
+import time
 
 import torch
 from conftest import save_with_tokenizer, tiny_llama
@@ -42,6 +43,23 @@ def test_models_timed_in_interleaved_rounds_report_every_field():
         assert figures["decode_ms_range"] == [min(figures["decode_ms_samples"]), max(figures["decode_ms_samples"])]
     session = out["session"]
     assert session["rounds"] == 3 and session["models"] == 2 and len(session["load_average_before"]) == 3
+
+
+def test_decode_time_is_clocked_inside_generate_not_left_over_from_a_slow_prefill(monkeypatch):
+    # a burst of load during the separately timed prefill once made decode = generate - prefill negative
+    slow = TorchRunner.prefill
+
+    def stalled(self, ids):
+        time.sleep(0.3)
+        slow(self, ids)
+
+    monkeypatch.setattr(TorchRunner, "prefill", stalled)
+    spec = LatencySpec(prompt_tokens=8, new_tokens=4, batch_sizes=[1], repeats=2, warmup=0)
+    timed = [Timed("a", "a", lambda: TorchRunner(tiny_llama(), 0))]
+    out = time_models(timed, torch.arange(20), spec, torch.device("cpu"))
+    figures = out["models"]["a"]
+    assert figures["prefill_ms"] >= 300
+    assert 0 < figures["decode_ms_per_token"] < 300
 
 
 def test_a_win_needs_every_round_and_more_than_the_spread():
