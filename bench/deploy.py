@@ -159,6 +159,8 @@ def main() -> None:
             files["llamacpp_q4_0"] = llamacpp_quantize(files["float_f32"], tmp / "lc-q4.gguf", "q4_0")
         for row, ordering in ours:
             loaded = load_pretrained(str(artifacts[ordering]), cpu, dtype="auto")
+            if row == "ours_q8_0":
+                ours8 = loaded.model  # kept for the greedy fidelity check below
             files[row] = write_gguf(
                 loaded.model,
                 loaded.tokenizer,
@@ -168,7 +170,7 @@ def main() -> None:
                 row,
             )
         fidelity = greedy_fidelity(
-            load_pretrained(str(artifacts["q8"]), cpu, dtype="auto").model,
+            ours8,
             teacher.model,
             files,
             [w[:32].tolist() for w in windows[:4]],

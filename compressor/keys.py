@@ -15,6 +15,8 @@ from .storage import digest
 
 # Bumped when what a measurement holds changes: old measurements are re-taken, artifacts kept.
 MEASURE_VERSION = 2
+# Bumped when how latency is timed changes (2: decode clocked inside generate): old timings are re-taken.
+TIMING_VERSION = 2
 
 
 def teacher_key(spec) -> str:
@@ -59,4 +61,11 @@ def measurement_key(spec, teacher: str, machine: dict) -> str:
 
 def timing_key(latency, machine: dict, artifacts: list[str]) -> str:
     """Models timed together, in interleaved rounds: their set, the settings and the machine."""
-    return digest({"latency": latency.model_dump(mode="json"), "machine": machine, "models": sorted(artifacts)})
+    return digest(
+        {
+            "latency": latency.model_dump(mode="json"),
+            "machine": machine,
+            "models": sorted(artifacts),
+            "timing": TIMING_VERSION,
+        }
+    )

@@ -7,8 +7,7 @@ in every round and by more than the spread (`faster`), or whether the two tie wi
 Measured per model: prefill ms for P prompt tokens, decode ms/token at batch 1 (the N − 1 decode
 steps of a generate of N tokens, clocked from the first token's logits to the last's), tokens/s at
 each batch size, and memory: the weights plus the working memory generation adds at the largest
-batch. Beside it, the roofline: bytes
-read per decoded token divided by the measured memory bandwidth.
+batch. Beside it, the roofline: bytes read per decoded token divided by the measured memory bandwidth.
 """
 
 from __future__ import annotations
