@@ -56,3 +56,37 @@ def save(name: str, figures: dict, markdown: str | None = None) -> Path:
     if markdown is not None:
         (REPORTS / f"{name}.md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
     return REPORTS / f"{name}.json"
+
+
+# what a foreign client is asked to continue, greedily (bench/vllm_cpu.py, bench/gptqmodel_cpu.py)
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", "In 1998, the company")
+
+
+def client_venv(path: Path, requirements: list[str], drop: list[str] = ()) -> Path:
+    """The python of a venv of its own for a client whose pins clash with ours (made once)."""
+    import subprocess
+
+    python = path / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run([str(path / "bin" / "pip"), "install", "-q", *requirements], check=True)
+        if drop:
+            subprocess.run([str(path / "bin" / "pip"), "uninstall", "-q", "-y", *drop], check=True)
+    return python
+
+
+def greedy(loaded, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Our artifact's greedy continuation of each prompt (token ids), one at a time."""
+    import torch
+
+    rows = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = loaded.model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=loaded.tokenizer.eos_token_id,
+            )
+        rows.append(out[0, len(ids) :].tolist())
+    return rows

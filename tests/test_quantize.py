@@ -179,6 +179,81 @@ def test_a_gptq_export_loads_in_plain_transformers_exactly_as_measured(tmp_path,
     assert ppl == pytest.approx(quantized["metrics"]["heldout_ppl"], rel=1e-6)
 
 
+def _unpack_gptq(f, name: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q - zero [out, in], scale [out, in]) of one Linear of a GPTQ "v1" checkpoint, read the way
+    AutoGPTQ's format documents it: codes packed 32/bits to an int32 along the input rows, zero
+    points along the outputs, stored minus one."""
+    qweight, qzeros, scale, g_idx = (f.get_tensor(f"{name}.{t}") for t in ("qweight", "qzeros", "scales", "g_idx"))
+    k, mask = 32 // bits, 2**bits - 1
+    shifts = torch.arange(k) * bits
+    q = ((qweight.long().unsqueeze(1) >> shifts.view(1, k, 1)) & mask).reshape(-1, qweight.shape[1])
+    z = ((qzeros.long().unsqueeze(2) >> shifts.view(1, 1, k)) & mask).reshape(qzeros.shape[0], -1) + 1
+    g = g_idx.long()
+    return (q - z[g]).t(), scale.float()[g].t()
+
+
+@pytest.mark.parametrize("name, bits", [("gptq-int4-actorder", 4), ("qat-int4", 4), ("rtn-int8", 8)])
+def test_a_gptq_checkpoint_holds_the_stage_integers_packed(name, bits, tmp_path, write_recipe, tiny_teacher_folder):
+    from safetensors import safe_open
+
+    from compressor.quantized import integer_weight
+
+    stage = METHODS[name][0] if name in METHODS else {"quantize": {"method": "rtn", "bits": 8, "group_size": None}}
+    record = run(load_recipe(write_recipe(_quick(stage))), tmp_path / "run")
+    out = tmp_path / "gptq"
+    assert main(["export", str(tmp_path / "run"), "--format", "gptq", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = {"gptq-int4-actorder": 64, "qat-int4": 32, "rtn-int8": -1}[name]
+    assert config | {"meta": None} == {
+        "quant_method": "gptq", "bits": bits, "group_size": group, "sym": True, "desc_act": False,
+        "checkpoint_format": "gptq", "true_sequential": True, "pack_dtype": "int32", "meta": None,
+    }  # fmt: skip
+    artifact = load_pretrained(record["stages"][1]["artifact"], CPU, dtype="auto").model
+    linears = {n: m for n, m in artifact.named_modules() if n.endswith("_proj")}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.endswith("_proj.weight")]  # no float copy beside the codes
+        for n, m in linears.items():
+            codes, scales, _ = integer_weight(m)
+            centred, scale = _unpack_gptq(f, n, bits)
+            assert torch.equal(centred, codes.long()), n  # the stage's integers, exactly
+            want = scales.repeat_interleave(codes.shape[1] // scales.shape[1], 1)
+            torch.testing.assert_close(scale, want.half().float(), rtol=0, atol=0)  # fp16 scales, the only change
+            # per weight: the code, plus an fp16 scale and a packed zero point per group; g_idx (one
+            # int32 per input column, 32/out bits: 0.06 on a 576-wide model) is left out
+            per_group = codes.shape[1] // scales.shape[1]
+            stored_bits = 8 * sum(f.get_tensor(f"{n}.{t}").nbytes for t in ("qweight", "qzeros", "scales"))
+            assert stored_bits == codes.numel() * (bits + (16 + bits) / per_group), n
+
+
+def test_gptq_export_refuses_what_has_no_gptq_form(tmp_path, write_recipe, tiny_teacher_folder, capsys):
+    run(load_recipe(write_recipe(_quick(METHODS["rtn-int8-dynamic"][0]))), tmp_path / "w8a8")
+    run(load_recipe(write_recipe(_quick({"prune": {"targets": {"mlp": 0.5}}}), "f.yaml")), tmp_path / "float")
+    capsys.readouterr()
+    for folder, words in (("w8a8", "GPTQ checkpoints are weight-only"), ("float", "holds our integer grid")):
+        assert main(["export", str(tmp_path / folder), "--format", "gptq", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_gptq_export_loads_through_optimum_and_gptqmodel(tmp_path, write_recipe, tiny_teacher_folder):
+    """The maintained loader of the format (transformers -> optimum -> GPTQModel) computes what
+    our artifact computes. Both packages are optional: `bench/gptqmodel_cpu.py` builds them in a
+    venv of their own and runs this check on SmolLM2."""
+    pytest.importorskip("gptqmodel", reason="gptqmodel is not installed (bench/gptqmodel_cpu.py builds it)")
+    pytest.importorskip("optimum", reason="optimum is not installed")
+    from transformers import AutoModelForCausalLM
+
+    record = run(load_recipe(write_recipe(_quick(METHODS["qat-int4"][0]))), tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--format", "gptq", "--out", str(tmp_path / "gptq")]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", dtype=torch.float16, device_map="cpu")
+    ours = load_pretrained(record["stages"][1]["artifact"], CPU, dtype="auto").model
+    ids = torch.tensor([[5, 9, 33, 2, 17, 80, 4, 4]])
+    with torch.inference_mode():
+        a, b = ours(ids).logits, theirs(ids).logits.float()
+    assert (a - b).abs().max() < 0.05 and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def _fresh_logits(folder: Path, ids: list[list[int]]) -> torch.Tensor:
     code = (
         "import json, sys, torch; from transformers import AutoModelForCausalLM\n"
@@ -209,6 +284,30 @@ def test_qat_converts_to_exactly_what_it_trained_with(bits, group, acts, tmp_pat
     ids = torch.tensor([[3, 7, 11, 200, 5, 9]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, stored(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_qat_from_gptq_starts_where_gptq_ends(tmp_path, write_recipe, tiny_teacher_folder):
+    """`init: gptq`: with a learning rate too small to move a weight, QAT stores GPTQ's integers."""
+    from compressor.quantized import integer_weight
+
+    gptq_stage = METHODS["gptq-int4-actorder"][0]
+    still = {**QAT, "steps": 1, "lr": 1.0e-12, "bits": 4, "group_size": 64}
+    qat_stage = {"qat": {**still, "init": "gptq", "calibration": gptq_stage["quantize"]["calibration"]}}
+    runs = [
+        run(load_recipe(write_recipe(_quick(st), f"{i}.yaml")), tmp_path / str(i))
+        for i, st in enumerate((gptq_stage, qat_stage))
+    ]
+    (_, ptq), (_, qat) = (r["stages"] for r in runs)
+    assert qat["info"]["init_scales_kept"] > 0.9
+    ptq_model, qat_model = (load_pretrained(r["artifact"], CPU, dtype="auto").model for r in (ptq, qat))
+    qat_linears = dict(qat_model.named_modules())
+    same = total = 0
+    for name, m in ptq_model.named_modules():
+        if name.endswith("_proj"):
+            a, b = integer_weight(m)[0], integer_weight(qat_linears[name])[0]
+            same, total = same + int((a == b).sum()), total + a.numel()
+    assert same / total > 0.97  # all but the groups whose largest code GPTQ moved off -8
+    assert qat["metrics"]["heldout_ppl"] == pytest.approx(ptq["metrics"]["heldout_ppl"], rel=0.02)
 
 
 def test_sizes_count_integer_storage_not_the_logical_float_shape(tmp_path):

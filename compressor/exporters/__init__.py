@@ -16,9 +16,12 @@ from ..storage import atomic_dir, read_json
 from .base import Export, Exporter
 from .compressed_tensors import CompressedTensorsExporter
 from .gguf import GGUFExporter
+from .gptq import GPTQExporter
 from .hf import HFExporter
 
-EXPORTERS: dict[str, Exporter] = {e.name: e for e in (HFExporter(), GGUFExporter(), CompressedTensorsExporter())}
+EXPORTERS: dict[str, Exporter] = {
+    e.name: e for e in (HFExporter(), GGUFExporter(), CompressedTensorsExporter(), GPTQExporter())
+}
 
 
 def pick_stage(record: dict, name: str | None) -> int:

@@ -333,6 +333,7 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
     drops_widths = any(target[k] < shape[k] for k in widths)
     scores = importance(model, cfg, batches, n_batches, need_blocks=drops_layers, need_widths=drops_widths)
 
+    kept = list(range(shape["num_hidden_layers"]))
     if drops_layers:
         order = sorted(range(shape["num_hidden_layers"]), key=lambda i: scores.block[i], reverse=True)
         kept = sorted(order[: target["num_hidden_layers"]])
@@ -368,6 +369,7 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         rounding=notes,
         params_before=before,
         params_after=count_params(model),
+        kept_layers=kept,
         shape={k: getattr(model.config, k) for k in shape},
     )
     return model

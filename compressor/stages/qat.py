@@ -3,21 +3,48 @@ INT8/INT4 grid in the forward pass (straight-through gradients to the float weig
 with dynamic INT8 activations, while the model is distilled from the teacher with every knob
 of `compressor.kd` (the teacher chosen as in `recover`). Then the weights are converted to the
 same stored format `quantize` produces, so export and measurement treat both alike.
+
+`init: gptq` starts the training from GPTQ's solution instead of the float weights (whose first
+forward is round-to-nearest): the weights are set to GPTQ's dequantized codes, so training
+starts where `quantize: {method: gptq}` ends and only has to improve on it. The grid's scales are
+recomputed from the weights as training moves them; `info.init_scales_kept` says for what share
+of the groups GPTQ's own scales are the ones the first step computes with.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch.nn.utils import parametrize
 
+from ..data import Calibration
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
-from ..quant import FakeQuant, fake_quant_activations
+from ..quant import FakeQuant, fake_quant_activations, scales
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
+from . import quantize
 from .base import StageContext, StageKind
 
 
 class Config(Recovery, Scheme):
-    pass
+    init: Literal["rtn", "gptq"] = Field("rtn", description="where training starts: the float weights, or GPTQ's")
+    calibration: Calibration = Field(Calibration(samples=64), description="init gptq: its calibration blocks")
+
+
+def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
+    """Set the Linear weights to GPTQ's dequantized codes (act-order, as `quantize` runs it);
+    returns the share of groups whose recomputed scale is GPTQ's."""
+    scheme = {k: getattr(cfg, k) for k in ("bits", "group_size", "activations", "lm_head", "calibration")}
+    found = quantize.run_gptq(
+        model, quantize.Config(method="gptq", act_order=True, **scheme), ctx.train_blocks(ctx.seq_len), ctx.device
+    )
+    linears = quantized_linears(model, cfg.lm_head)
+    kept = [
+        torch.isclose(scales(linears[name].weight, cfg.bits, cfg.group_size).cpu(), s).float()
+        for name, (_, s) in found.items()
+    ]
+    return float(torch.cat([k.flatten() for k in kept]).mean())
 
 
 class QAT(StageKind):
@@ -34,6 +61,8 @@ class QAT(StageKind):
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         model, teacher, cfg = recovery_start(model, ctx)
+        if cfg.init == "gptq":
+            ctx.info["init_scales_kept"] = gptq_start(model, cfg, ctx)
         linears = quantized_linears(model, cfg.lm_head)
         hooks = []
         for m in linears.values():
