@@ -103,8 +103,9 @@ def main() -> None:
     lines = [
         "# Distillation lab on SmolLM2-135M",
         "",
-        f"Regenerate: `python bench/smollm2_lab.py --steps {args.steps}` (2 CPU threads). Student: 15 of the "
-        f"teacher's 30 layers ({out['student_params']:,} of {out['teacher_params']:,} parameters); "
+        f"Regenerate: `python bench/smollm2_lab.py --steps {args.steps} --alpha {args.alpha:g}` (2 CPU threads). "
+        f"Student: the 15 of the teacher's 30 layers with the highest block influence, {out['student_layers']} "
+        f"({out['student_params']:,} of {out['teacher_params']:,} parameters); "
         f"{args.steps} steps × {args.batch} × {args.seq} tokens of WikiText-2 valid = {out['tokens']:,} tokens for "
         f"each student, same batches; token perplexity on {out['heldout_tokens']:,} tokens of WikiText-2 test.",
         "",
@@ -112,8 +113,10 @@ def main() -> None:
         "|---|---|",
         f"| teacher (SmolLM2-135M-Instruct, Q4_1 release dequantized) | {out['teacher_ppl']:.2f} |",
         f"| half-depth student, before training | {out['student_init_ppl']:.1f} |",
+        f"| (15 evenly spaced layers instead, before training) | {out['student_init_ppl_evenly_spaced']:.1f} |",
         f"| student, cross-entropy only | {out['ce_ppl']:.2f} |",
-        f"| student, KD (forward KL, T = 1) | {out['kd_ppl']:.2f} ({100 * out['kd_vs_ce']:+.1f}% vs CE) |",
+        f"| student, KD (forward KL, T = 1, weight {args.alpha:g}; CE on labels {1 - args.alpha:g}) | "
+        f"{out['kd_ppl']:.2f} ({100 * out['kd_vs_ce']:+.1f}% vs CE) |",
         "",
         f"KD step {out['kd_seconds_per_step']:.1f} s vs CE step {out['ce_seconds_per_step']:.1f} s "
         f"({out['kd_step_over_ce_step']:.2f}×, the teacher's forward included; timed over the last "

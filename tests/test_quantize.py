@@ -331,6 +331,7 @@ def test_sizes_count_integer_storage_not_the_logical_float_shape(tmp_path):
         ([{"quantize": {"method": "bnb", "activations": "int8"}}], "bnb quantizes weights only"),
         ([{"quantize": {"method": "rtn", "lm_head": True}}], "tied to the embeddings"),
         ([{"quantize": {"method": "gptq", "damp": 1.5}}], "damp"),
+        ([{"qat": {"steps": 2, "calibration": {"samples": 8}}}], "only init: gptq calibrates"),
         (
             [{"quantize": {"method": "rtn"}}, {"prune": {"targets": {"mlp": 0.5}}}],
             "stages[1].prune: cannot follow stages[0].quantize",

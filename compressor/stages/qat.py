@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.nn.utils import parametrize
 
 from ..data import Calibration
@@ -30,6 +30,12 @@ from .base import StageContext, StageKind
 class Config(Recovery, Scheme):
     init: Literal["rtn", "gptq"] = Field("rtn", description="where training starts: the float weights, or GPTQ's")
     calibration: Calibration = Field(Calibration(samples=64), description="init gptq: its calibration blocks")
+
+    @model_validator(mode="after")
+    def _calibrated(self) -> "Config":
+        if "calibration" in self.model_fields_set and self.init != "gptq":
+            raise ValueError("calibration: only init: gptq calibrates (init is rtn)")
+        return self
 
 
 def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
