@@ -42,12 +42,13 @@ def model_card(job: Export, usage: list[str], requirements: list[str], seen: lis
     record, upto = job.record, job.index
     chain = record["stages"][: upto + 1]
     stage = chain[-1]
+    built = [s for s in chain if s.get("runtime", "torch") == "torch"]  # one row per stage (a run may add llama.cpp's)
     recipe = Path(record.get("recipe_path") or "")
     lines = [
         f"# {record['recipe']} — {stage['name']}",
         "",
         f"Made by `compressor` from `{chain[0].get('source', 'the teacher')}` through: "
-        + " → ".join(f"{s['name']} ({s['kind']})" for s in chain),
+        + " → ".join(f"{s['name']} ({s['kind']})" for s in built),
         "",
         *[f"> {note}" for note in record.get("notes", [])],
         "",
@@ -72,7 +73,7 @@ def model_card(job: Export, usage: list[str], requirements: list[str], seen: lis
         "",
         "## Stage details",
         "",
-        *[f"- {s['name']}: {s.get('info', {})}" for s in chain[1:]],
+        *[f"- {s['name']}: {s.get('info', {})}" for s in built[1:]],
         "",
     ]
     if recipe.is_file():

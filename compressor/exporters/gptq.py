@@ -26,6 +26,8 @@ from ..models import decoder_layers
 from .base import Export, Exporter
 from .integer import read_integer_model, require_integer_grid, write_folder
 
+LOADERS = ["optimum==2.3.0", "gptqmodel==7.6.0"]  # what loaded it here (bench/gptqmodel_cpu.py); 7.7 needs torch 2.14
+
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [rows, cols] -> int32 [rows / k, cols]: k = 32/bits consecutive rows per word,
@@ -103,4 +105,4 @@ class GPTQExporter(Exporter):
             "vllm serve <this folder>   # vLLM and TGI read GPTQ checkpoints",
             "```",
         ]
-        write_folder(job, out, got, tensors, config, usage, ["optimum", "gptqmodel"])
+        write_folder(job, out, got, tensors, config, usage, LOADERS)
