@@ -86,7 +86,8 @@ def test_value_hessians_are_the_attention_outputs_error_of_a_value_perturbation(
 
 
 def test_gptq_quantizes_every_linear_and_gives_the_model_back_its_attention():
-    from compressor.stages.quantize import Config, run_gptq
+    from compressor.gptq_model import run_gptq
+    from compressor.stages.quantize import Config
 
     model = tiny_llama(layers=2)
     before = model.config._attn_implementation

@@ -13,6 +13,7 @@ of the groups GPTQ's own scales are the ones the first step computes with.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -20,10 +21,10 @@ from pydantic import Field, model_validator
 from torch.nn.utils import parametrize
 
 from ..data import Calibration
+from ..gptq_model import DAMP, run_gptq
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
 from ..quant import FakeQuant, fake_quant_activations, scales
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
-from . import quantize
 from .base import StageContext, StageKind
 
 
@@ -41,10 +42,15 @@ class Config(Recovery, Scheme):
 def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
     """Set the Linear weights to GPTQ's dequantized codes (act-order, as `quantize` runs it);
     returns the share of groups whose recomputed scale is GPTQ's."""
-    scheme = {k: getattr(cfg, k) for k in ("bits", "group_size", "activations", "lm_head", "calibration")}
-    found = quantize.run_gptq(
-        model, quantize.Config(method="gptq", act_order=True, **scheme), ctx.train_blocks(ctx.seq_len), ctx.device
+    settings = SimpleNamespace(
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        lm_head=cfg.lm_head,
+        calibration=cfg.calibration,
+        act_order=True,
+        damp=DAMP,
     )
+    found = run_gptq(model, settings, ctx.train_blocks(ctx.seq_len), ctx.device)
     linears = quantized_linears(model, cfg.lm_head)
     kept = [
         torch.isclose(scales(linears[name].weight, cfg.bits, cfg.group_size).cpu(), s).float()
