@@ -63,16 +63,18 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time", 
 
 
 def client_venv(path: Path, requirements: list[str], drop: list[str] = ()) -> Path:
-    """The python of a venv of its own for a client whose pins clash with ours (made once)."""
+    """The python of a venv of its own for a client whose pins clash with ours (made once: a
+    marker naming the requirements is written last, so an install cut short is redone)."""
     import subprocess
 
-    python = path / "bin" / "python"
-    if not python.is_file():
+    marker, wanted = path / "installed.json", json.dumps([requirements, list(drop)])
+    if not marker.is_file() or marker.read_text() != wanted:
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
         subprocess.run([str(path / "bin" / "pip"), "install", "-q", *requirements], check=True)
         if drop:
             subprocess.run([str(path / "bin" / "pip"), "uninstall", "-q", "-y", *drop], check=True)
-    return python
+        marker.write_text(wanted)
+    return path / "bin" / "python"
 
 
 def greedy(loaded, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

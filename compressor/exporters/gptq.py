@@ -24,20 +24,9 @@ import torch
 from .. import UserError
 from ..models import decoder_layers
 from .base import Export, Exporter
-from .integer import read_integer_model, require_integer_grid, write_folder
+from .integer import pack_int32, read_integer_model, require_integer_grid, write_folder
 
 LOADERS = ["optimum==2.3.0", "gptqmodel==7.6.0"]  # what loaded it here (bench/gptqmodel_cpu.py); 7.7 needs torch 2.14
-
-
-def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [rows, cols] -> int32 [rows / k, cols]: k = 32/bits consecutive rows per word,
-    the first in the lowest bits."""
-    k = 32 // bits
-    rows, cols = q.shape
-    lanes = q.to(torch.int64).view(rows // k, k, cols)
-    shifts = (torch.arange(k, dtype=torch.int64) * bits).view(1, k, 1)
-    words = (lanes << shifts).sum(1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
 
 
 def gptq_tensors(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: int | None) -> dict[str, torch.Tensor]:
@@ -48,8 +37,8 @@ def gptq_tensors(codes: torch.Tensor, scales: torch.Tensor, bits: int, group: in
     zeros = torch.full((groups, out), offset - 1, dtype=torch.int64)  # "gptq" (v1) stores zero - 1
     g_idx = torch.arange(n_in, dtype=torch.int32) // (group or n_in)
     return {
-        "qweight": pack_rows((codes.to(torch.int64) + offset).t().contiguous(), bits),
-        "qzeros": pack_rows(zeros.t().contiguous(), bits).t().contiguous(),
+        "qweight": pack_int32(codes.to(torch.int64) + offset, bits).t().contiguous(),  # packed along the inputs
+        "qzeros": pack_int32(zeros, bits),
         "scales": scales.t().contiguous().to(torch.float16),
         "g_idx": g_idx,
     }

@@ -19,6 +19,15 @@ from ..models import Loaded
 from .base import Export, model_card
 
 
+def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [..., n] -> int32 [..., n * bits / 32]: 32/bits consecutive codes per word,
+    the first in the lowest bits (compressed-tensors and GPTQ both lay words out so)."""
+    k = 32 // bits
+    lanes = q.to(torch.int64).view(*q.shape[:-1], q.shape[-1] // k, k)
+    words = (lanes << (torch.arange(k, dtype=torch.int64) * bits)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+
+
 def require_integer_grid(job: Export, fmt: str) -> str:
     """The stage's kernel, when it computes with our symmetric integer grid; else one line."""
     kernel = job.stage["metrics"].get("kernel", "")
@@ -76,9 +85,9 @@ def read_integer_model(job: Export) -> IntegerModel:
         linears[name] = (codes, scales)
     # a Linear only one group wide has a single scale per row whatever the group size
     groups = {c.shape[1] // s.shape[1] for c, s in linears.values() if s.shape[1] > 1}
-    group = groups.pop() if len(groups) == 1 else None
-    per_row = [c.shape[1] for c, s in linears.values() if s.shape[1] == 1]
-    if len(found) != 1 or groups or (group is not None and any(n != group for n in per_row)):
+    group = next(iter(groups), None)
+    one_wide = {c.shape[1] for c, s in linears.values() if s.shape[1] == 1}
+    if len(found) != 1 or len(groups) > 1 or (group is not None and one_wide - {group}):
         raise UserError(f"stage {job.stage['name']!r}: its Linear layers hold several integer schemes; one is written")
     bits, acts = found.pop()
     return IntegerModel(loaded, linears, bits, group, acts)
