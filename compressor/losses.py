@@ -2,9 +2,10 @@
 
 Logits are the memory wall of KD: batch x seq x vocab, for student and teacher, plus their
 softmaxes and gradients. `kd_loss` never builds them whole: it takes the final hidden states
-and projects, compares and back-propagates one chunk of tokens at a time (the chunk is
-recomputed in backward), so peak memory is O(chunk x vocab). `kd_loss_naive` is the same
-formula on whole logits; tests hold the two equal, value and gradients.
+and projects, compares and differentiates one chunk of tokens at a time during the forward
+pass, keeping only the gradients of the hidden states and of the head, so peak memory is
+O(chunk x vocab) and each head runs once. `kd_loss_naive` is the same formula on whole
+logits; tests hold the two equal, value and gradients.
 
 Per token:  alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, label)
 with D one of forward KL(t||s), reverse KL(s||t), generalized JSD(beta), total variation.
@@ -18,7 +19,6 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
@@ -99,9 +99,100 @@ def shift_labels(input_ids: torch.Tensor, pad_mask: torch.Tensor | None = None) 
     return labels
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product [N, V] x [N, V] -> [N] as a batched matmul: no [N, V] temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).flatten()
+
+
+def _logit_grad(
+    s_logits: torch.Tensor, t_logits: torch.Tensor | None, labels: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed loss of a chunk of valid tokens (no -100 labels) and its gradient w.r.t. the
+    student's logits [N, V].
+
+    Forward KL (top-k or not) and cross-entropy have closed forms, alpha T (q_T - p) and
+    (1 - alpha)(q - onehot), computed in a few in-place passes over [N, V]: on a CPU those passes,
+    not the head's matmuls, were most of a KD step under autograd. The other divergences go
+    through autograd on the chunk's logits.
+    """
+    z = _at_least_fp32(s_logits)
+    alpha, T = cfg.alpha, cfg.temperature
+    if alpha > 0 and cfg.divergence != "forward_kl":
+        with torch.enable_grad():
+            leaf = z.detach().requires_grad_(True)
+            loss = token_losses(leaf, t_logits, labels, cfg)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        return loss.detach(), grad
+    y = labels.unsqueeze(-1)
+    shared = 0 < alpha < 1 and T == 1  # one softmax serves both terms
+    logq_T = (z / T if T != 1 else z).log_softmax(-1) if alpha > 0 else None
+    logq = logq_T if shared else (z.log_softmax(-1) if alpha < 1 else None)
+    loss = z.new_zeros(())
+    if alpha > 0:
+        t = _at_least_fp32(t_logits)
+        t = t / T if T != 1 else t
+        idx = None
+        if cfg.top_k is not None and cfg.top_k < t.shape[-1]:
+            t, idx = t.topk(cfg.top_k, dim=-1)
+        t_logp = t.log_softmax(-1)
+        p = t_logp.exp()
+        s_logp = logq_T if idx is None else logq_T.gather(-1, idx)
+        loss = loss + alpha * T * T * (_dot(p, t_logp) - _dot(p, s_logp)).sum()
+    if alpha < 1:
+        loss = loss - (1 - alpha) * logq.gather(-1, y).sum()
+    # the log-probabilities become probabilities in place, then the gradient
+    if shared:
+        grad = logq.exp_()
+    else:
+        grad = logq_T.exp_().mul_(alpha * T) if alpha > 0 else None
+        if alpha < 1:
+            q = logq.exp_().mul_(1 - alpha)
+            grad = q if grad is None else grad.add_(q)
+    if alpha > 0:  # d/dz of alpha T^2 KL(p || q_T) = alpha T (q_T - p)
+        if idx is None:
+            grad.sub_(p, alpha=alpha * T)
+        else:
+            grad.scatter_add_(-1, idx, p.mul_(-alpha * T))
+    if alpha < 1:
+        grad.scatter_add_(-1, y, grad.new_full(y.shape, -(1 - alpha)))
+    return loss, grad
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Projects, compares and differentiates one chunk of tokens at a time, in forward: what
+    backward needs is then only d/d(hidden) [N, H] and d/d(head) [V, H], never the logits, and
+    no chunk is computed twice (a checkpointed chunk redoes both heads and the loss)."""
+
+    @staticmethod
+    def forward(ctx, s_flat, weight, bias, t_flat, t_head, labels, cfg):
+        total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
+        g_h = torch.empty_like(s_flat)
+        g_w = torch.zeros_like(weight, dtype=torch.float32)
+        g_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        for start in range(0, labels.numel(), cfg.chunk_tokens):
+            part = slice(start, start + cfg.chunk_tokens)
+            h = s_flat[part]
+            t_logits = t_head(t_flat[part]) if t_flat is not None else None
+            loss, g = _logit_grad(F.linear(h, weight, bias), t_logits, labels[part], cfg)
+            total += loss
+            g_h[part] = (g.to(weight.dtype) @ weight).to(g_h.dtype)
+            g_w.addmm_(g.T, h.to(torch.float32))
+            if g_b is not None:
+                g_b += g.sum(0)
+        ctx.save_for_backward(g_h, g_w, g_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_h, g_w, g_b = ctx.saved_tensors
+        scale = grad_out.to(torch.float32)
+        g_b = (g_b * scale).to(g_b.dtype) if g_b is not None else None
+        return g_h * scale.to(g_h.dtype), (g_w * scale), g_b, None, None, None, None
+
+
 def kd_loss(
     s_hidden: torch.Tensor,
-    s_head: Callable[[torch.Tensor], torch.Tensor],
+    s_head: torch.nn.Linear,
     t_hidden: torch.Tensor | None,
     t_head: Callable[[torch.Tensor], torch.Tensor] | None,
     labels: torch.Tensor,
@@ -116,18 +207,8 @@ def kd_loss(
     n = y.numel()
     if n == 0:
         return s_hidden.sum() * 0.0
-
-    def chunk(sh: torch.Tensor, th: torch.Tensor | None, yy: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t_logits = t_head(th) if th is not None else None
-        return token_losses(s_head(sh), t_logits, yy, cfg)
-
-    total = s_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, cfg.chunk_tokens):
-        part = slice(start, start + cfg.chunk_tokens)
-        th = t_flat[part] if t_flat is not None else None
-        total = total + checkpoint(chunk, s_flat[part], th, y[part], use_reentrant=False)
-    return total / n
+    # Function.forward runs without autograd: the teacher's head needs no no_grad of its own
+    return _ChunkedHeadLoss.apply(s_flat, s_head.weight, s_head.bias, t_flat, t_head, y, cfg) / n
 
 
 def hidden_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str) -> torch.Tensor:

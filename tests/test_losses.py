@@ -80,26 +80,30 @@ def test_temperature_squared_scaling_and_alpha_mix():
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("top_k", [None, 7])
-def test_chunked_equals_naive_value_and_gradients(kind, top_k):
+@pytest.mark.parametrize("temperature,alpha", [(2.0, 0.7), (1.0, 0.5), (1.5, 1.0), (1.0, 0.0)])
+def test_chunked_equals_naive_value_and_gradients(kind, top_k, temperature, alpha):
+    """The chunked loss differentiates in forward (closed form for forward KL and CE, autograd on
+    the chunk's logits otherwise); it must match autograd through whole logits, head bias and an
+    upstream gradient other than 1 included."""
     torch.manual_seed(4)
     B, L, H, V = 2, 9, 16, 40
-    head_s, head_t = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
+    head_s, head_t = torch.nn.Linear(H, V), torch.nn.Linear(H, V, bias=False)
     hs = torch.randn(B, L, H, requires_grad=True)
     ht = torch.randn(B, L, H)
     labels = shift_labels(torch.randint(0, V, (B, L)))
     labels[0, 3] = -100  # an ignored position
-    cfg = LossConfig(divergence=kind, temperature=2.0, alpha=0.7, top_k=top_k, chunk_tokens=5)
+    cfg = LossConfig(divergence=kind, temperature=temperature, alpha=alpha, top_k=top_k, chunk_tokens=5)
 
     chunked = kd_loss(hs, head_s, ht, head_t, labels, cfg)
-    chunked.backward()
-    g_h, g_w = hs.grad.clone(), head_s.weight.grad.clone()
-    hs.grad, head_s.weight.grad = None, None
+    (3 * chunked).backward()
+    grads = [x.grad.clone() for x in (hs, head_s.weight, head_s.bias)]
+    hs.grad, head_s.weight.grad, head_s.bias.grad = None, None, None
 
     naive = kd_loss_naive(head_s(hs), head_t(ht).detach(), labels, cfg)
-    naive.backward()
+    (3 * naive).backward()
     torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_h, hs.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_w, head_s.weight.grad, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, (hs.grad, head_s.weight.grad, head_s.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_shift_labels_and_all_ignored():
