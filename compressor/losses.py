@@ -144,7 +144,9 @@ def _logit_grad(
     if shared:
         grad = logq.exp_()
     else:
-        grad = logq_T.exp_().mul_(alpha * T) if alpha > 0 else None
+        grad = logq_T.exp_() if alpha > 0 else None
+        if grad is not None and alpha * T != 1:
+            grad.mul_(alpha * T)
         if alpha < 1:
             q = logq.exp_().mul_(1 - alpha)
             grad = q if grad is None else grad.add_(q)
