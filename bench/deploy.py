@@ -1,7 +1,7 @@
 """Deployed as llama.cpp runs it: our integer codes as GGUF vs llama.cpp's own quantizer, against
 torch fp32 of the same float model, side by side in one run on one machine.
 
-    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 20] [--fidelity-only]
+    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 40] [--qat-lr 1e-4] [--fidelity-only]
 
 The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
 dequantized). Rows:
@@ -43,7 +43,7 @@ DATA = {
 CALIBRATION = {"calibration": {"samples": 64, "batch_size": 4}}
 
 
-def stages(qat_steps: int) -> list[dict]:
+def stages(qat_steps: int, qat_lr: float) -> list[dict]:
     return [
         {"name": "q4", "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, **CALIBRATION}},
         {"name": "q8", "quantize": {"method": "gptq", "bits": 8, "group_size": None, "act_order": True, **CALIBRATION}},
@@ -56,7 +56,7 @@ def stages(qat_steps: int) -> list[dict]:
                 **CALIBRATION,
                 "steps": qat_steps,
                 "batch_size": 4,
-                "lr": 2.0e-5,
+                "lr": qat_lr,
                 "warmup": 0.1,
                 "loss": {"divergence": "forward_kl", "temperature": 1.0, "alpha": 1.0},
                 "checkpoint_every": 10,
@@ -104,7 +104,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--qat-steps", type=int, default=20)
+    p.add_argument("--qat-steps", type=int, default=40)
+    p.add_argument("--qat-lr", type=float, default=1.0e-4)
     p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
     p.add_argument(
         "--fidelity-only",
@@ -132,7 +133,7 @@ def main() -> None:
         "seed": 0,
         "teacher": "gguf:smollm2-135m-instruct",
         "data": DATA,
-        "stages": stages(args.qat_steps),
+        "stages": stages(args.qat_steps, args.qat_lr),
         "orderings": {"q4": ["q4"], "q8": ["q8"], "qat4": ["qat4"]},
         "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": 4, "batch_size": 2}},
     }
@@ -204,6 +205,8 @@ def main() -> None:
             }
 
         out = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "threads": THREADS}
+        qat_loss = "forward KL to the float model, T = 1"
+        out["qat"] = {"steps": args.qat_steps, "lr": args.qat_lr, "init": "gptq", "loss": qat_loss}
         float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
         out["torch_fp32"] = {**quality(reference), "bytes": float_bytes}
         for row, path in files.items():
@@ -360,6 +363,12 @@ def markdown(out: dict) -> str:
         )
     lines += [
         "",
+        (
+            f"- ours_qat_q4_0: QAT started from GPTQ's codes, {out['qat']['steps']} steps × 4 × 512 WikiText-2 valid "
+            f"tokens at lr {out['qat']['lr']:g}, {out['qat']['loss']}."
+            if "qat" in out
+            else "- ours_qat_q4_0: QAT started from GPTQ's codes, 20 steps at lr 2e-5."
+        ),
         f"- INT4 Linear weights: {out['int4_linear_bits_per_param']:.2f} bits/param; the whole Q4_0 file "
         f"{out['total_bits_per_param_ours_q4_0']:.2f} bits/param with Q8_0 embeddings.",
         "- Greedy output of our Q8_0 GGUF in llama.cpp vs our INT8 artifact in torch: "
