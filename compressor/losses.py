@@ -142,14 +142,15 @@ def _logit_grad(
         loss = loss - (1 - alpha) * logq.gather(-1, y).sum()
     # the log-probabilities become probabilities in place, then the gradient
     if shared:
+        grad = logq.exp_()  # alpha q + (1 - alpha) q
+    elif alpha == 0:
         grad = logq.exp_()
     else:
-        grad = logq_T.exp_() if alpha > 0 else None
-        if grad is not None and alpha * T != 1:
+        grad = logq_T.exp_()
+        if alpha * T != 1:
             grad.mul_(alpha * T)
         if alpha < 1:
-            q = logq.exp_().mul_(1 - alpha)
-            grad = q if grad is None else grad.add_(q)
+            grad.add_(logq.exp_(), alpha=1 - alpha)
     if alpha > 0:  # d/dz of alpha T^2 KL(p || q_T) = alpha T (q_T - p)
         if idx is None:
             grad.sub_(p, alpha=alpha * T)
@@ -182,14 +183,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if g_b is not None:
                 g_b += g.sum(0)
         ctx.save_for_backward(g_h, g_w, g_b)
+        ctx.head_dtype = weight.dtype  # gradients are accumulated in fp32, returned in the head's dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         g_h, g_w, g_b = ctx.saved_tensors
         scale = grad_out.to(torch.float32)
-        g_b = (g_b * scale).to(g_b.dtype) if g_b is not None else None
-        return g_h * scale.to(g_h.dtype), (g_w * scale), g_b, None, None, None, None
+        g_w = (g_w * scale).to(ctx.head_dtype)
+        g_b = (g_b * scale).to(ctx.head_dtype) if g_b is not None else None
+        return g_h * scale.to(g_h.dtype), g_w, g_b, None, None, None, None
 
 
 def kd_loss(

@@ -106,6 +106,17 @@ def test_chunked_equals_naive_value_and_gradients(kind, top_k, temperature, alph
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_loss_in_bf16_returns_gradients_in_the_head_dtype():
+    """Accumulated in fp32, the head's gradient comes back in its own dtype (autograd requires it)."""
+    torch.manual_seed(5)
+    head = torch.nn.Linear(16, 40, bias=True).to(torch.bfloat16)
+    hs = torch.randn(2, 6, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = shift_labels(torch.randint(0, 40, (2, 6)))
+    kd_loss(hs, head, hs.detach(), head, labels, LossConfig(temperature=2.0, alpha=0.5, chunk_tokens=4)).backward()
+    assert hs.grad.dtype == head.weight.grad.dtype == head.bias.grad.dtype == torch.bfloat16
+    assert torch.isfinite(head.weight.grad.float()).all() and head.weight.grad.abs().sum() > 0
+
+
 def test_shift_labels_and_all_ignored():
     ids = torch.tensor([[5, 6, 7]])
     assert shift_labels(ids).tolist() == [[6, 7, -100]]
