@@ -205,8 +205,8 @@ def main() -> None:
             }
 
         out = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "threads": THREADS}
-        qat_loss = "forward KL to the float model, T = 1"
-        out["qat"] = {"steps": args.qat_steps, "lr": args.qat_lr, "init": "gptq", "loss": qat_loss}
+        qat = next(s["qat"] for s in recipe["stages"] if "qat" in s)
+        out["qat"] = {k: qat[k] for k in ("init", "steps", "batch_size", "lr", "loss")}
         float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
         out["torch_fp32"] = {**quality(reference), "bytes": float_bytes}
         for row, path in files.items():
@@ -339,6 +339,7 @@ def disagreements(out: dict, label: str) -> int:
 
 
 def markdown(out: dict) -> str:
+    qat = out["qat"]
     rows = ["torch_fp32", "llamacpp_q8_0", "ours_q8_0", "llamacpp_q4_0", "ours_q4_0", "ours_qat_q4_0"]
     lines = [
         "# Deployed in llama.cpp: our codes vs llama.cpp's own quantizer",
@@ -363,12 +364,9 @@ def markdown(out: dict) -> str:
         )
     lines += [
         "",
-        (
-            f"- ours_qat_q4_0: QAT started from GPTQ's codes, {out['qat']['steps']} steps × 4 × 512 WikiText-2 valid "
-            f"tokens at lr {out['qat']['lr']:g}, {out['qat']['loss']}."
-            if "qat" in out
-            else "- ours_qat_q4_0: QAT started from GPTQ's codes, 20 steps at lr 2e-5."
-        ),
+        f"- ours_qat_q4_0: QAT started from GPTQ's codes, {qat['steps']} steps × {qat['batch_size']} × 512 "
+        f"WikiText-2 valid tokens at lr {qat['lr']:g}, {qat['loss']['divergence']} to the float model at "
+        f"T = {qat['loss']['temperature']:g} (weight {qat['loss']['alpha']:g}).",
         f"- INT4 Linear weights: {out['int4_linear_bits_per_param']:.2f} bits/param; the whole Q4_0 file "
         f"{out['total_bits_per_param_ours_q4_0']:.2f} bits/param with Q8_0 embeddings.",
         "- Greedy output of our Q8_0 GGUF in llama.cpp vs our INT8 artifact in torch: "

@@ -141,10 +141,8 @@ def _logit_grad(
     if alpha < 1:
         loss = loss - (1 - alpha) * logq.gather(-1, y).sum()
     # the log-probabilities become probabilities in place, then the gradient
-    if shared:
-        grad = logq.exp_()  # alpha q + (1 - alpha) q
-    elif alpha == 0:
-        grad = logq.exp_()
+    if shared or alpha == 0:
+        grad = logq.exp_()  # q (shared: alpha q + (1 - alpha) q)
     else:
         grad = logq_T.exp_()
         if alpha * T != 1:
