@@ -1,7 +1,7 @@
 """Deployed as llama.cpp runs it: our integer codes as GGUF vs llama.cpp's own quantizer, against
 torch fp32 of the same float model, side by side in one run on one machine.
 
-    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 40] [--qat-lr 2e-4] [--fidelity-only]
+    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 80] [--qat-lr 2e-4] [--fidelity-only]
 
 The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
 dequantized). Rows:
@@ -104,7 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--qat-steps", type=int, default=40)
+    p.add_argument("--qat-steps", type=int, default=80)
     p.add_argument("--qat-lr", type=float, default=2.0e-4)
     p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
     p.add_argument(
