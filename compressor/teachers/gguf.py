@@ -13,7 +13,9 @@ the packages' own requirements are not needed for the file).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import struct
 from pathlib import Path
 
@@ -166,9 +168,12 @@ def convert(path: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    # transformers' GGUF reader draws a tqdm bar with `disable=` passed explicitly, which neither
+    # TQDM_DISABLE nor its disable_progress_bar() reaches: what it writes to stderr is dropped here.
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: transformers cannot read this GGUF: {first}") from None
