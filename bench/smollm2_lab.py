@@ -20,12 +20,20 @@ near 10^6, ~50x worse; that figure is measured beside. The reference lab this mi
 gpt2-medium 24.87, distilgpt2 46.13 before and 36.41 after KD.
 Writes reports/smollm2_lab.json ({teacher_ppl, student_init_ppl, ce_ppl, kd_ppl, steps, tokens,
 seconds, ...}) and reports/smollm2_lab.md.
+
+The KD/CE step ratio is measured twice: over the two trainings (each stage's own clock), and side
+by side after them, `--timing-rounds` rounds of one CE step, one KD step and the teacher's forward
+alone on the same batch, interleaved. The teacher's forward (its blocks, then its head on every
+token) over the CE step is the floor no loss code goes under.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from _reports import SHARED, load_average, prepare, save
@@ -34,6 +42,57 @@ TRAIN_TEXTS = {  # name -> (file under ../shared/data, what the report calls it,
     "tinystories": ("tinystories/tinystories_val.txt", "TinyStories (validation, first 800 KB)", "smollm2_lab"),
     "wikitext2": ("wikitext2/wt2_tokens.valid.txt", "WikiText-2 valid", "smollm2_lab_in_domain"),
 }
+
+
+def step_timing(teacher, student, batch, loss: dict, lr: float, rounds: int) -> dict:
+    """Seconds of a CE optimiser step, a KD step (teacher forward included) and the teacher's
+    forward alone, interleaved on one batch; the student is a copy, its updates thrown away."""
+    import torch
+
+    from compressor.kd import Knobs, ce_only, kd_step
+    from compressor.losses import Workspace, head_logits
+
+    student = copy.deepcopy(student).float().train().requires_grad_(True)
+    knobs = Knobs(loss=loss, lr=lr)
+    steps = {"ce": kd_step(None, ce_only(knobs), 0, None), "kd": kd_step(teacher, knobs, 0, None)}
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95))
+    head, ws = teacher.get_output_embeddings(), Workspace()
+    chunk = knobs.loss.chunk_tokens
+
+    def optimiser_step(kind: str) -> None:
+        loss_value, _ = steps[kind](student, {"input_ids": batch}, 0)
+        loss_value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            h = teacher(input_ids=batch, output_hidden_states=True, logits_to_keep=1).hidden_states[-1].flatten(0, 1)
+            for start in range(0, h.shape[0], chunk):
+                rows = h[start : start + chunk]
+                out = ws.take("t", (rows.shape[0], head.weight.shape[0]), h.device)
+                head_logits(rows, head.weight, getattr(head, "bias", None), out)
+
+    runs = {"ce": lambda: optimiser_step("ce"), "kd": lambda: optimiser_step("kd"), "teacher_forward": teacher_forward}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():  # a warm-up round, not timed
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(round(time.perf_counter() - start, 3))
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    return {
+        "rounds": rounds,
+        "seconds": seconds,
+        "kd_over_ce": med["kd"] / med["ce"],
+        "kd_over_ce_range": [
+            min(k / c for k, c in zip(seconds["kd"], seconds["ce"])),
+            max(k / c for k, c in zip(seconds["kd"], seconds["ce"])),
+        ],
+        "floor": (med["ce"] + med["teacher_forward"]) / med["ce"],
+    }
 
 
 def main() -> None:
@@ -45,6 +104,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=32, help="WikiText-2 test blocks scored")
     p.add_argument("--lr", type=float, default=2.0e-4)
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term (the rest CE on labels)")
+    p.add_argument("--timing-rounds", type=int, default=5, help="interleaved CE/KD/teacher rounds timed after")
     args = p.parse_args()
     prepare()
     import torch
@@ -87,7 +147,15 @@ def main() -> None:
         with torch.no_grad():
             evenly = keep_layers(teacher, evenly_spaced(teacher.config.num_hidden_layers, 15))
             evenly_ppl = token_perplexity(evenly, heldout, batch_size=4)
-    half = next(s for s in record["stages"] if s["name"] == "half")
+        half = next(s for s in record["stages"] if s["name"] == "half")
+        timing = step_timing(
+            teacher,
+            keep_layers(teacher, half["info"]["kept_layers"]),
+            session.heldout()[: args.batch],
+            kd_loss,
+            args.lr,
+            args.timing_rounds,
+        )
     rows = {s["ordering"]: s for s in record["stages"] if s["name"] in ("ce", "kd")}
     ce, kd = rows["ce"]["info"], rows["kd"]["info"]
     out = {
@@ -109,6 +177,7 @@ def main() -> None:
         "heldout_tokens": rows["kd"]["metrics"]["heldout_tokens"],
         "lr": args.lr,
         "kd_alpha": args.alpha,
+        "step_timing": timing,
     }
     out["load_average"] = load_average()
     out["seconds"] = round(args.steps * (out["ce_seconds_per_step"] + out["kd_seconds_per_step"]), 1)  # both trainings
@@ -137,6 +206,13 @@ def main() -> None:
         f"({out['kd_step_over_ce_step']:.2f}×, the teacher's forward included; timed over the last "
         f"{out['steps_timed']['ce']} CE and {out['steps_timed']['kd']} KD steps, a resumed run timing only what "
         f"it ran; load average {out['load_average'][0]} at the end).",
+        "",
+        f"Side by side after the trainings ({timing['rounds']} interleaved rounds on one batch of "
+        f"{args.batch} × {args.seq} tokens, medians): CE step {statistics.median(timing['seconds']['ce']):.1f} s, "
+        f"KD step {statistics.median(timing['seconds']['kd']):.1f} s, the teacher's forward alone "
+        f"{statistics.median(timing['seconds']['teacher_forward']):.1f} s: KD/CE {timing['kd_over_ce']:.2f}× "
+        f"(rounds {timing['kd_over_ce_range'][0]:.2f}–{timing['kd_over_ce_range'][1]:.2f}×); the teacher's forward "
+        f"alone puts the floor at {timing['floor']:.2f}× (CE step + teacher forward, over CE step).",
     ]
     save(report, out, "\n".join(lines))
     print("\n".join(lines))

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .data import Batches, Sequences, continue_prompts, teacher_sequences
-from .losses import LossConfig, hidden_loss, kd_loss, shift_labels
+from .losses import LossConfig, Workspace, hidden_loss, kd_loss, shift_labels
 from .models import count_params
 from .seeds import epoch_seed
 from .train import Batch, LossFn, TrainConfig, train
@@ -111,6 +111,7 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     on_policy = cfg.on_policy if cfg.on_policy is not None and cfg.on_policy.fraction > 0 else None
     student_loss = cfg.loss.model_copy(update={"alpha": 1.0})  # on student samples: divergence only
+    workspace = Workspace()  # the loss's [chunk, vocab] buffers, allocated once for the whole training
 
     def step(model: torch.nn.Module, batch: Batch, step_index: int):
         ids = batch["input_ids"]
@@ -135,9 +136,10 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
             s_out.hidden_states[-1],
             _unwrap(model).get_output_embeddings(),
             t_final,
-            (lambda h: t_head(h.to(t_head.weight.dtype))) if t_head is not None else None,
+            t_head,
             labels,
             loss_cfg,
+            workspace,
         )
         if cfg.hidden is not None:
             mask = labels != -100

@@ -104,38 +104,79 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).flatten()
 
 
+class Workspace:
+    """[chunk, V] fp32 buffers reused from chunk to chunk and, held by a training step, from step
+    to step. On a CPU a fresh 200 MB tensor costs more in page faults than the softmax pass that
+    fills it (1024 x 49152: 77 ms to allocate, 35 ms to fill), and inside a training step, beside
+    the student's activations, a SmolLM2 KD step's loss took 1 to 2.5 s longer with fresh tensors
+    than with these (measured 2026-11-28, 2 threads)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """Buffer `name` as an fp32 [rows, cols] tensor on `device`; contents undefined."""
+        rows, cols = shape
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != device:
+            self._buffers.pop(name, None)  # the old one goes before the new one is allocated
+            buf = self._buffers[name] = torch.empty(rows, cols, dtype=torch.float32, device=device)
+        return buf[:rows]
+
+
+def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """A head's logits of hidden states `h` [N, H], in fp32, written into `out` [N, V]."""
+    h = h.to(device=weight.device, dtype=weight.dtype)
+    if weight.dtype == torch.float32:
+        torch.matmul(h, weight.t(), out=out)
+        if bias is not None:
+            out.add_(bias)
+    else:  # half-precision heads compute in their dtype, as the model would
+        out.copy_(F.linear(h, weight, bias))
+    return out
+
+
 def _logit_grad(
-    s_logits: torch.Tensor, t_logits: torch.Tensor | None, labels: torch.Tensor, cfg: LossConfig
+    z: torch.Tensor,
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor] | None,
+    labels: torch.Tensor,
+    cfg: LossConfig,
+    ws: Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed loss of a chunk of valid tokens (no -100 labels) and its gradient w.r.t. the
-    student's logits [N, V].
+    student's logits z [N, V] (fp32, a workspace buffer this overwrites). `teacher_logits(out)`
+    writes the teacher's logits into `out` and returns it.
 
     Forward KL (top-k or not) and cross-entropy have closed forms, alpha T (q_T - p) and
-    (1 - alpha)(q - onehot), computed in a few in-place passes over [N, V]: on a CPU those passes,
-    not the head's matmuls, were most of a KD step under autograd. The other divergences go
-    through autograd on the chunk's logits.
+    (1 - alpha)(q - onehot), computed in a few in-place passes over workspace buffers: on a CPU
+    those passes and their allocations, not the head's matmuls, were most of a KD step's loss
+    under autograd. The other divergences go through autograd on the chunk's logits.
     """
-    z = _at_least_fp32(s_logits)
     alpha, T = cfg.alpha, cfg.temperature
     if alpha > 0 and cfg.divergence != "forward_kl":
+        t = teacher_logits(ws.take("t", z.shape, z.device))
         with torch.enable_grad():
             leaf = z.detach().requires_grad_(True)
-            loss = token_losses(leaf, t_logits, labels, cfg)
+            loss = token_losses(leaf, t, labels, cfg)
             (grad,) = torch.autograd.grad(loss, leaf)
         return loss.detach(), grad
     y = labels.unsqueeze(-1)
     shared = 0 < alpha < 1 and T == 1  # one softmax serves both terms
-    logq_T = (z / T if T != 1 else z).log_softmax(-1) if alpha > 0 else None
-    logq = logq_T if shared else (z.log_softmax(-1) if alpha < 1 else None)
+    logq = torch.log_softmax(z, -1, out=ws.take("q", z.shape, z.device)) if alpha < 1 and not shared else None
     loss = z.new_zeros(())
     if alpha > 0:
-        t = _at_least_fp32(t_logits)
-        t = t / T if T != 1 else t
+        logq_T = torch.log_softmax(z.div_(T) if T != 1 else z, -1, out=ws.take("q_T", z.shape, z.device))
+        logq = logq_T if shared else logq
+        t = teacher_logits(z)  # z is spent: the teacher's logits take its place
+        t = t.div_(T) if T != 1 else t
         idx = None
         if cfg.top_k is not None and cfg.top_k < t.shape[-1]:
             t, idx = t.topk(cfg.top_k, dim=-1)
-        t_logp = t.log_softmax(-1)
-        p = t_logp.exp()
+            t_logp = t.log_softmax(-1)
+            p = t_logp.exp()
+        else:
+            t_logp = torch.log_softmax(t, -1, out=ws.take("p", z.shape, z.device))
+            p = torch.exp(t_logp, out=t)
         s_logp = logq_T if idx is None else logq_T.gather(-1, idx)
         loss = loss + alpha * T * T * (_dot(p, t_logp) - _dot(p, s_logp)).sum()
     if alpha < 1:
@@ -165,16 +206,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     no chunk is computed twice (a checkpointed chunk redoes both heads and the loss)."""
 
     @staticmethod
-    def forward(ctx, s_flat, weight, bias, t_flat, t_head, labels, cfg):
+    def forward(ctx, s_flat, weight, bias, t_flat, t_head, labels, cfg, ws):
         total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
         g_h = torch.empty_like(s_flat)
         g_w = torch.zeros_like(weight, dtype=torch.float32)
         g_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        t_bias = getattr(t_head, "bias", None)
         for start in range(0, labels.numel(), cfg.chunk_tokens):
             part = slice(start, start + cfg.chunk_tokens)
             h = s_flat[part]
-            t_logits = t_head(t_flat[part]) if t_flat is not None else None
-            loss, g = _logit_grad(F.linear(h, weight, bias), t_logits, labels[part], cfg)
+            z = head_logits(h, weight, bias, ws.take("z", (h.shape[0], weight.shape[0]), h.device))
+            teacher = None
+            if t_flat is not None:
+                teacher = lambda out, rows=t_flat[part]: head_logits(rows, t_head.weight, t_bias, out)  # noqa: E731
+            loss, g = _logit_grad(z, teacher, labels[part], cfg, ws)
             total += loss
             g_h[part] = (g.to(weight.dtype) @ weight).to(g_h.dtype)
             g_w.addmm_(g.T, h.to(torch.float32))
@@ -190,19 +235,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         scale = grad_out.to(torch.float32)
         g_w = (g_w * scale).to(ctx.head_dtype)
         g_b = (g_b * scale).to(ctx.head_dtype) if g_b is not None else None
-        return g_h * scale.to(g_h.dtype), g_w, g_b, None, None, None, None
+        return g_h * scale.to(g_h.dtype), g_w, g_b, None, None, None, None, None
 
 
 def kd_loss(
     s_hidden: torch.Tensor,
     s_head: torch.nn.Linear,
     t_hidden: torch.Tensor | None,
-    t_head: Callable[[torch.Tensor], torch.Tensor] | None,
+    t_head: torch.nn.Module | None,
     labels: torch.Tensor,
     cfg: LossConfig,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
-    """Mean loss over valid tokens from final hidden states [B, L, H], chunk by chunk
-    (teacher states may be None when alpha = 0: plain cross-entropy)."""
+    """Mean loss over valid tokens from final hidden states [B, L, H], chunk by chunk (teacher
+    states may be None when alpha = 0: plain cross-entropy). A training loop passes one
+    `workspace` to every step so that the chunks' buffers are allocated once."""
     y = labels.flatten()
     keep = y != -100
     s_flat, y = s_hidden.flatten(0, 1)[keep], y[keep]
@@ -210,8 +257,9 @@ def kd_loss(
     n = y.numel()
     if n == 0:
         return s_hidden.sum() * 0.0
+    ws = workspace if workspace is not None else Workspace()
     # Function.forward runs without autograd: the teacher's head needs no no_grad of its own
-    return _ChunkedHeadLoss.apply(s_flat, s_head.weight, s_head.bias, t_flat, t_head, y, cfg) / n
+    return _ChunkedHeadLoss.apply(s_flat, s_head.weight, s_head.bias, t_flat, t_head, y, cfg, ws) / n
 
 
 def hidden_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from compressor.losses import LossConfig, divergence, kd_loss, kd_loss_naive, shift_labels
+from compressor.losses import LossConfig, Workspace, divergence, kd_loss, kd_loss_naive, shift_labels
 
 
 def _direct(p: torch.Tensor, q: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
@@ -124,3 +124,28 @@ def test_shift_labels_and_all_ignored():
     head = torch.nn.Linear(4, 8)
     loss = kd_loss(h, head, h.detach(), head, torch.full((1, 3), -100), LossConfig())
     assert loss.item() == 0.0 and not math.isnan(loss.item())
+
+
+def test_a_workspace_reused_across_steps_changes_nothing():
+    """A training step hands the same buffers to every call: stale contents from a bigger call,
+    another divergence or a chunk tail must not leak into the next loss or its gradients."""
+    torch.manual_seed(6)
+    H, V = 16, 40
+    head_s, head_t = torch.nn.Linear(H, V), torch.nn.Linear(H, V, bias=False)
+    ws = Workspace()
+    calls = [
+        (2, 9, LossConfig(temperature=2.0, alpha=0.7, chunk_tokens=5)),
+        (1, 4, LossConfig(divergence="jsd", alpha=1.0, top_k=7, chunk_tokens=3)),
+        (2, 6, LossConfig(temperature=1.0, alpha=1.0, chunk_tokens=4)),
+        (3, 5, LossConfig(alpha=0.0, chunk_tokens=16)),
+    ]
+    for B, L, cfg in calls:
+        hs = torch.randn(B, L, H, requires_grad=True)
+        ht = torch.randn(B, L, H)
+        labels = shift_labels(torch.randint(0, V, (B, L)))
+        got = kd_loss(hs, head_s, ht, head_t, labels, cfg, ws)
+        (g_got,) = torch.autograd.grad(got, hs)
+        want = kd_loss(hs, head_s, ht, head_t, labels, cfg)  # a fresh workspace
+        (g_want,) = torch.autograd.grad(want, hs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
