@@ -281,7 +281,9 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
     position by position, up to their first difference, and step by step (each runtime fed the
     other's path so far: does it choose the token the other chose?). Free-running paths part for good
     at the first near-tie, so only the step-by-step figure counts how often the two disagree; the
-    median log-probability gap of the disagreements says how near those ties were."""
+    median log-probability gap of the disagreements says how near those ties were. Both runtimes
+    generate the full `n` tokens under one rule: end-of-text is never chosen (transformers'
+    `min_new_tokens` masks it; llama.cpp's loop below and the step-by-step scores mask it too)."""
     import torch
 
     from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner
@@ -295,7 +297,7 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
             mine = model.generate(
                 torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos
             )[0, len(prompt) :].tolist()
-        theirs = greedy(runner, prompt, n)
+        theirs = greedy(runner, prompt, n, eos)
         matched += sum(a == b for a, b in zip(mine, theirs))
         prefix += next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
         total += len(mine)
@@ -305,6 +307,7 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
         llamacpp_on_mine = scorer(torch.tensor([prompt + mine[:-1]]))[0, start:]
         for logits, path in ((torch_on_theirs, theirs), (llamacpp_on_mine, mine)):
             chosen = torch.tensor(path)[:, None]
+            logits[:, eos] = float("-inf")
             lp = logits.log_softmax(-1)
             gap = lp.max(-1).values - lp.gather(-1, chosen)[:, 0]
             steps += int((lp.argmax(-1) == chosen[:, 0]).sum())
@@ -320,7 +323,8 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
     }
 
 
-def greedy(runner, prompt: list[int], n: int) -> list[int]:
+def greedy(runner, prompt: list[int], n: int, eos: int) -> list[int]:
+    """llama.cpp's greedy continuation of `prompt`, `n` tokens, end-of-text masked as in torch."""
     import llama_cpp
     import numpy as np
 
@@ -328,7 +332,8 @@ def greedy(runner, prompt: list[int], n: int) -> list[int]:
     tokens = []
     vocab = runner.llm.n_vocab()
     for _ in range(n):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(runner.llm.ctx, -1), shape=(vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(runner.llm.ctx, -1), shape=(vocab,)).copy()
+        logits[eos] = -np.inf
         tokens.append(int(logits.argmax()))
         runner.llm.eval([tokens[-1]])
     return tokens
