@@ -125,9 +125,10 @@ class Workspace:
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """A head's logits of hidden states `h` [N, H], in fp32, written into `out` [N, V]."""
+    """A head's logits of hidden states `h` [N, H], in fp32, written into `out` [N, V] (the head
+    may live on another device, e.g. a teacher's: it computes there)."""
     h = h.to(device=weight.device, dtype=weight.dtype)
-    if weight.dtype == torch.float32:
+    if weight.dtype == torch.float32 and weight.device == out.device:
         torch.matmul(h, weight.t(), out=out)
         if bias is not None:
             out.add_(bias)
