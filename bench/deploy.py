@@ -281,7 +281,9 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
     position by position, up to their first difference, and step by step (each runtime fed the
     other's path so far: does it choose the token the other chose?). Free-running paths part for good
     at the first near-tie, so only the step-by-step figure counts how often the two disagree; the
-    median log-probability gap of the disagreements says how near those ties were. Both runtimes
+    median log-probability gap of the disagreements says how near those ties were. llama.cpp is also
+    checked against itself: its greedy path (one token per call) re-scored by its batched prompt path,
+    another kernel on a quantized file. Both runtimes
     generate the full `n` tokens under one rule: end-of-text is never chosen (transformers'
     `min_new_tokens` masks it; llama.cpp's loop below and the step-by-step scores mask it too)."""
     import torch
@@ -290,7 +292,7 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
 
     runner = LlamaCppRunner(gguf, THREADS, 512, 1 << 30)
     scorer = LlamaCppLogits(gguf, n_ctx=max(map(len, prompts)) + n, threads=THREADS)
-    matched = prefix = total = steps = 0
+    matched = prefix = total = steps = self_steps = 0
     gaps: list[float] = []
     for prompt in prompts:
         with torch.no_grad():
@@ -305,6 +307,9 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
         with torch.no_grad():
             torch_on_theirs = model(input_ids=torch.tensor([prompt + theirs[:-1]])).logits[0, start:].float()
         llamacpp_on_mine = scorer(torch.tensor([prompt + mine[:-1]]))[0, start:]
+        llamacpp_on_theirs = scorer(torch.tensor([prompt + theirs[:-1]]))[0, start:]
+        llamacpp_on_theirs[:, eos] = float("-inf")
+        self_steps += int((llamacpp_on_theirs.argmax(-1) == torch.tensor(theirs)).sum())
         for logits, path in ((torch_on_theirs, theirs), (llamacpp_on_mine, mine)):
             chosen = torch.tensor(path)[:, None]
             logits[:, eos] = float("-inf")
@@ -319,6 +324,7 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
         f"{label}_greedy_prefix_match": prefix / total,
         f"{label}_greedy_step_agreement": steps / (2 * total),
         f"{label}_greedy_disagreement_gap": statistics.median(gaps) if gaps else 0.0,
+        f"{label}_llamacpp_self_agreement": self_steps / total,
         "greedy_tokens": total,
     }
 
@@ -387,7 +393,11 @@ def markdown(out: dict) -> str:
         f"{out['q8_0_greedy_disagreement_gap']:.3f} between the token a runtime chose and the other's), the float "
         f"control {100 * out['f32_greedy_step_agreement']:.1f}% ({disagreements(out, 'f32')}, median gap "
         f"{out['f32_greedy_disagreement_gap']:.3f}). A free-running path parts for good at its first "
-        "disagreement, so the position-by-position figure measures where that first one falls."
+        "disagreement, so the position-by-position figure measures where that first one falls.",
+        "- llama.cpp against itself: its greedy path (decoded one token per call) re-scored by its own batched "
+        f"prompt path chooses the same tokens {100 * out['q8_0_llamacpp_self_agreement']:.1f}% of the time for the "
+        f"Q8_0 file, {100 * out['f32_llamacpp_self_agreement']:.1f}% for the F32 file: on the quantized file "
+        "llama.cpp's own two kernel paths tip near-ties apart about as often as it and torch do."
         + (
             f" (Greedy figures measured apart on {out['fidelity_measured_apart']['date']}, load average "
             f"{out['fidelity_measured_apart']['load_average'][0]}: `python bench/deploy.py --fidelity-only`.)"
