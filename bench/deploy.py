@@ -271,28 +271,31 @@ def greedy_fidelity(ours8, float_model, files: dict, prompts: list[list[int]], n
     """Fidelity of the Q8_0 export: our torch INT8 artifact vs llama.cpp running its GGUF; control: the
     float model in torch vs its F32 GGUF in llama.cpp (what the two runtimes' arithmetic alone does)."""
     return {
-        **greedy_match(ours8, files["ours_q8_0"], prompts, n, eos, "q8_0"),
+        **greedy_match(ours8, files["ours_q8_0"], prompts, n, eos, "q8_0", self_free=True),
         **greedy_match(float_model, files["float_f32"], prompts, n, eos, "f32"),
     }
 
 
-def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, label: str) -> dict:
+def greedy_match(
+    model, gguf: Path, prompts: list[list[int]], n: int, eos: int, label: str, self_free: bool = False
+) -> dict:
     """Greedy continuations of `model` in torch and of `gguf` in llama.cpp, compared three ways:
     position by position, up to their first difference, and step by step (each runtime fed the
     other's path so far: does it choose the token the other chose?). Free-running paths part for good
     at the first near-tie, so only the step-by-step figure counts how often the two disagree; the
     median log-probability gap of the disagreements says how near those ties were. llama.cpp is also
     checked against itself: its greedy path (one token per call) re-scored by its batched prompt path,
-    another kernel on a quantized file. Both runtimes
-    generate the full `n` tokens under one rule: end-of-text is never chosen (transformers'
-    `min_new_tokens` masks it; llama.cpp's loop below and the step-by-step scores mask it too)."""
+    another kernel on a quantized file, and with `self_free` also run free on that batched path (the
+    whole sequence re-evaluated as one batch at every step). Both runtimes generate the full `n` tokens
+    under one rule: end-of-text is never chosen (transformers' `min_new_tokens` masks it; llama.cpp's
+    loop below and the step-by-step scores mask it too)."""
     import torch
 
     from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner
 
     runner = LlamaCppRunner(gguf, THREADS, 512, 1 << 30)
     scorer = LlamaCppLogits(gguf, n_ctx=max(map(len, prompts)) + n, threads=THREADS)
-    matched = prefix = total = steps = self_steps = 0
+    matched = prefix = total = steps = self_steps = self_matched = 0
     gaps: list[float] = []
     for prompt in prompts:
         with torch.no_grad():
@@ -310,6 +313,9 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
         llamacpp_on_theirs = scorer(torch.tensor([prompt + theirs[:-1]]))[0, start:]
         llamacpp_on_theirs[:, eos] = float("-inf")
         self_steps += int((llamacpp_on_theirs.argmax(-1) == torch.tensor(theirs)).sum())
+        if self_free:
+            batched = greedy_batched(scorer, prompt, n, eos)
+            self_matched += sum(a == b for a, b in zip(batched, theirs))
         for logits, path in ((torch_on_theirs, theirs), (llamacpp_on_mine, mine)):
             chosen = torch.tensor(path)[:, None]
             logits[:, eos] = float("-inf")
@@ -325,6 +331,7 @@ def greedy_match(model, gguf: Path, prompts: list[list[int]], n: int, eos: int, 
         f"{label}_greedy_step_agreement": steps / (2 * total),
         f"{label}_greedy_disagreement_gap": statistics.median(gaps) if gaps else 0.0,
         f"{label}_llamacpp_self_agreement": self_steps / total,
+        **({f"{label}_llamacpp_self_match": self_matched / total} if self_free else {}),
         "greedy_tokens": total,
     }
 
@@ -342,6 +349,20 @@ def greedy(runner, prompt: list[int], n: int, eos: int) -> list[int]:
         logits[eos] = -np.inf
         tokens.append(int(logits.argmax()))
         runner.llm.eval([tokens[-1]])
+    return tokens
+
+
+def greedy_batched(scorer, prompt: list[int], n: int, eos: int) -> list[int]:
+    """llama.cpp's greedy continuation with every step's logits from its batched path: the whole
+    sequence so far evaluated afresh as one batch (no KV cache carried over)."""
+    import torch
+
+    tokens: list[int] = []
+    for _ in range(n):
+        scorer.llm.reset()
+        logits = scorer(torch.tensor([prompt + tokens]))[0, -1]
+        logits[eos] = float("-inf")
+        tokens.append(int(logits.argmax()))
     return tokens
 
 
@@ -396,8 +417,9 @@ def markdown(out: dict) -> str:
         "disagreement, so the position-by-position figure measures where that first one falls.",
         "- llama.cpp against itself: its greedy path (decoded one token per call) re-scored by its own batched "
         f"prompt path chooses the same tokens {100 * out['q8_0_llamacpp_self_agreement']:.1f}% of the time for the "
-        f"Q8_0 file, {100 * out['f32_llamacpp_self_agreement']:.1f}% for the F32 file: on the quantized file "
-        "llama.cpp's own two kernel paths tip near-ties apart about as often as it and torch do."
+        f"Q8_0 file, {100 * out['f32_llamacpp_self_agreement']:.1f}% for the F32 file; run free on each path, its "
+        f"two Q8_0 greedy paths are equal on {100 * out['q8_0_llamacpp_self_match']:.1f}% of the tokens. On the "
+        "quantized file llama.cpp's own two kernel paths tip near-ties apart about as often as it and torch do."
         + (
             f" (Greedy figures measured apart on {out['fidelity_measured_apart']['date']}, load average "
             f"{out['fidelity_measured_apart']['load_average'][0]}: `python bench/deploy.py --fidelity-only`.)"
