@@ -1,10 +1,13 @@
 """Deployed as llama.cpp runs it: our integer codes as GGUF vs llama.cpp's own quantizer, against
 torch fp32 of the same float model, side by side in one run on one machine.
 
-    python bench/deploy.py [--windows 8] [--rounds 9] [--qat-steps 80] [--qat-lr 2e-4] [--fidelity-only]
+    python bench/deploy.py [--model smollm2-135m-instruct|gemma3-270m] [--windows 8] [--rounds 9]
+                           [--qat-steps N] [--qat-lr 2e-4] [--fidelity-only]
 
 The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
-dequantized). Rows:
+dequantized; writes reports/deploy.{json,md}) or Gemma 3 270M (`gguf:gemma3-270m`, its Q4_K_M
+release dequantized; writes reports/deploy_gemma3.{json,md}, every window starting with BOS as
+the family needs). Rows:
 - torch_fp32: the float model in transformers;
 - llamacpp_q8_0 / llamacpp_q4_0: the float model written as F32 GGUF, then quantized by
   llama.cpp itself (`llama_model_quantize`, round to nearest);
@@ -19,14 +22,14 @@ the same WikiText-2 test token ids for every row; decode ms/token is batch 1 gre
 rounds, range beside it). The roofline fraction is (bytes read per token / measured copy
 bandwidth) / measured ms; the compute bound is 2 FLOP per weight at the measured fp32 matrix
 throughput of these threads, a rough stand-in for llama.cpp's int8 dot products: which one binds
-is the larger. Writes reports/deploy.json and reports/deploy.md.
+is the larger. Scores are made a slice of positions at a time (Gemma's 262k-vocabulary logits
+would not fit whole).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -41,6 +44,12 @@ DATA = {
     "seq_len": 512,
 }
 CALIBRATION = {"calibration": {"samples": 64, "batch_size": 4}}
+# teacher name -> (what it is, the report it writes, QAT steps by default: a Gemma 3 270M KD step costs
+# ~3x SmolLM2's on 2 cores, its 262k-vocabulary head being most of the model)
+MODELS = {
+    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "deploy", 80),
+    "gemma3-270m": ("Gemma 3 270M (GGUF Q4_K_M release, dequantized to fp32; Gemma Terms of Use)", "deploy_gemma3", 20),
+}
 
 
 def stages(qat_steps: int, qat_lr: float) -> list[dict]:
@@ -102,17 +111,20 @@ def compute_flops(threads: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=list(MODELS), default="smollm2-135m-instruct")
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--qat-steps", type=int, default=80)
+    p.add_argument("--qat-steps", type=int, default=None, help="default: 80 for SmolLM2, 20 for Gemma 3")
     p.add_argument("--qat-lr", type=float, default=2.0e-4)
     p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
     p.add_argument(
         "--fidelity-only",
         action="store_true",
-        help="measure only the greedy fidelity figures and merge them into the existing reports/deploy.json",
+        help="measure only the greedy fidelity figures and merge them into the existing report",
     )
     args = p.parse_args()
+    what, report, default_steps = MODELS[args.model]
+    args.qat_steps = default_steps if args.qat_steps is None else args.qat_steps
     prepare(THREADS)
     import torch
     import yaml
@@ -120,6 +132,7 @@ def main() -> None:
     from compressor.compare import compare, plan
     from compressor.exporters.gguf import write_gguf
     from compressor.latency import LatencySpec, Timed, TorchRunner, time_models
+    from compressor.measure import fidelity as scored
     from compressor.models import load_pretrained
     from compressor.pipeline import Session
     from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner, gguf_kernel
@@ -127,11 +140,11 @@ def main() -> None:
     from compressor.teachers import TeacherSpec, load_teacher
 
     cpu = torch.device("cpu")
-    spec = TeacherSpec.model_validate("gguf:smollm2-135m-instruct")
+    spec = TeacherSpec.model_validate(f"gguf:{args.model}")
     recipe = {
         "name": "deploy",
         "seed": 0,
-        "teacher": "gguf:smollm2-135m-instruct",
+        "teacher": f"gguf:{args.model}",
         "data": DATA,
         "stages": stages(args.qat_steps, args.qat_lr),
         "orderings": {"q4": ["q4"], "q8": ["q8"], "qat4": ["qat4"]},
@@ -182,40 +195,31 @@ def main() -> None:
             teacher.tokenizer.eos_token_id,
         )
         if args.fidelity_only:
-            out = json.loads((REPORTS / "deploy.json").read_text())
+            out = json.loads((REPORTS / f"{report}.json").read_text())
             out.update(fidelity)
             out["fidelity_measured_apart"] = {"date": time.strftime("%Y-%m-%d"), "load_average": load_average()}
-            save("deploy", out, markdown(out))
-            print(markdown(out))
+            save(report, out, markdown(out, args.model))
+            print(markdown(out, args.model))
             return
 
-        # quality: the same token ids for every row
-        with torch.no_grad():
-            reference = torch.cat([teacher.model(input_ids=w[None]).logits[0].float() for w in windows])
-
-        def quality(logits: torch.Tensor) -> dict:
-            target = torch.cat([w[1:] for w in windows])
-            lp = torch.cat([logits[i * 512 : (i + 1) * 512 - 1] for i in range(len(windows))]).log_softmax(-1)
-            tp = torch.cat([reference[i * 512 : (i + 1) * 512 - 1] for i in range(len(windows))]).log_softmax(-1)
+        def quality(logits) -> dict:
+            """Perplexity, KL to the float model and top-1 agreement on the same token ids for every row."""
+            got = scored(logits, teacher.model, windows, 1)
             return {
-                "ppl": math.exp(-lp.gather(-1, target[:, None]).mean().item()),
-                "kl_to_float": (tp.exp() * (tp - lp)).sum(-1).mean().item(),
-                "top1_agreement": (tp.argmax(-1) == lp.argmax(-1)).float().mean().item(),
-                "tokens": int(target.numel()),
+                "ppl": got["heldout_ppl"],
+                "kl_to_float": got["teacher_kl"],
+                "top1_agreement": got["top1_agreement"],
+                "tokens": got["heldout_tokens"],
             }
 
-        out = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "threads": THREADS}
+        out = {"model": what, "threads": THREADS}
         qat = next(s["qat"] for s in recipe["stages"] if "qat" in s)
         out["qat"] = {k: qat[k] for k in ("init", "steps", "batch_size", "lr", "loss")}
         float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
-        out["torch_fp32"] = {**quality(reference), "bytes": float_bytes}
+        out["torch_fp32"] = {**quality(teacher.model), "bytes": float_bytes}
         for row, path in files.items():
             logits = LlamaCppLogits(path, n_ctx=513, threads=THREADS)
-            out[row] = {
-                **quality(torch.cat([logits(w[None])[0] for w in windows])),
-                "bytes": path.stat().st_size,
-                "kernel": gguf_kernel(path),
-            }
+            out[row] = {**quality(logits), "bytes": path.stat().st_size, "kernel": gguf_kernel(path)}
             logits.close()
             print(row, out[row], flush=True)
 
@@ -263,8 +267,8 @@ def main() -> None:
         out["load_average"] = load_average()
     for name in ("ours_q4_0", "ours_q8_0", "ours_qat_q4_0", "llamacpp_q4_0", "llamacpp_q8_0"):
         out[name]["ppl_increase"] = out[name]["ppl"] / out["torch_fp32"]["ppl"] - 1
-    save("deploy", out, markdown(out))
-    print(markdown(out))
+    save(report, out, markdown(out, args.model))
+    print(markdown(out, args.model))
 
 
 def greedy_fidelity(ours8, float_model, files: dict, prompts: list[list[int]], n: int, eos: int) -> dict:
@@ -370,13 +374,14 @@ def disagreements(out: dict, label: str) -> int:
     return round(2 * out["greedy_tokens"] * (1 - out[f"{label}_greedy_step_agreement"]))
 
 
-def markdown(out: dict) -> str:
+def markdown(out: dict, model: str) -> str:
     qat = out["qat"]
+    command = "python bench/deploy.py" + ("" if model == "smollm2-135m-instruct" else f" --model {model}")
     rows = ["torch_fp32", "llamacpp_q8_0", "ours_q8_0", "llamacpp_q4_0", "ours_q4_0", "ours_qat_q4_0"]
     lines = [
         "# Deployed in llama.cpp: our codes vs llama.cpp's own quantizer",
         "",
-        f"Regenerate: `python bench/deploy.py` ({out['threads']} threads, {out['model']}). Same WikiText-2 test "
+        f"Regenerate: `{command}` ({out['threads']} threads, {out['model']}). Same WikiText-2 test "
         f"ids for every row ({out['torch_fp32']['tokens']} tokens); decode at batch 1, "
         f"{out['timing']['rounds']} interleaved rounds, load average {out['load_average'][0]} at the end. "
         "Embeddings Q8_0 in every GGUF row.",
@@ -422,7 +427,7 @@ def markdown(out: dict) -> str:
         "quantized file llama.cpp's own two kernel paths tip near-ties apart about as often as it and torch do."
         + (
             f" (Greedy figures measured apart on {out['fidelity_measured_apart']['date']}, load average "
-            f"{out['fidelity_measured_apart']['load_average'][0]}: `python bench/deploy.py --fidelity-only`.)"
+            f"{out['fidelity_measured_apart']['load_average'][0]}: `{command} --fidelity-only`.)"
             if "fidelity_measured_apart" in out
             else ""
         ),

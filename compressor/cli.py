@@ -200,8 +200,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument_group("required").add_argument("--out", required=True, help="output folder")
     e.add_argument(
         "--tasks",
-        help="comma-separated: our tasks, any lm-eval task, mc:FILE.json, ppl:FILE.txt "
-        "(default: stdlib_ppl,stdlib_mc)",
+        help="comma-separated: our tasks, any lm-eval task, mc:FILE.json, ppl:FILE.txt (default: stdlib_ppl,stdlib_mc)",
     )
     e.add_argument("--task-dir", action="append", default=[], help="a folder of your own task YAMLs (repeatable)")
     e.add_argument(

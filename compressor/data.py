@@ -167,19 +167,47 @@ def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:
     return torch.tensor(stream, dtype=torch.int64)
 
 
+def bos_blocks(stream: torch.Tensor, seq_len: int, bos: int) -> torch.Tensor:
+    """Blocks [N, seq_len] that each start with BOS: the stream's next seq_len - 1 tokens after
+    one, or its next seq_len when a document's own BOS comes first (remainder dropped)."""
+    rows, at, n = [], 0, stream.numel()
+    prefix = torch.tensor([bos], dtype=stream.dtype)
+    while True:
+        if at < n and int(stream[at]) == bos:
+            if at + seq_len > n:
+                break
+            rows.append(stream[at : at + seq_len])
+            at += seq_len
+        else:
+            if at + seq_len - 1 > n:
+                break
+            rows.append(torch.cat([prefix, stream[at : at + seq_len - 1]]))
+            at += seq_len - 1
+    return torch.stack(rows) if rows else stream.new_empty((0, seq_len))
+
+
 def pack(
-    docs: list[str] | Callable[[], list[str]], tokenizer, seq_len: int, cache_key: str | None = None
+    docs: list[str] | Callable[[], list[str]],
+    tokenizer,
+    seq_len: int,
+    cache_key: str | None = None,
+    bos: int | None = None,
 ) -> torch.Tensor:
     """Blocks [N, seq_len] of the token stream (remainder dropped), cached on disk by key;
-    `docs` may be a callable, so a cache hit does not even read the text."""
-    path = home() / "tokens" / f"{digest([cache_key, seq_len])}.safetensors" if cache_key else None
+    `docs` may be a callable, so a cache hit does not even read the text. With `bos` (a family
+    whose sequences must start with it: Gemma) every block starts with it."""
+    parts = [cache_key, seq_len] + ([f"bos={bos}"] if bos is not None else [])
+    path = home() / "tokens" / f"{digest(parts)}.safetensors" if cache_key else None
     if path is not None and path.is_file():
         return load_file(path)["blocks"]
     stream = tokenize_stream(docs() if callable(docs) else docs, tokenizer)
-    n = stream.numel() // seq_len
-    if n == 0:
+    if bos is None:
+        n = stream.numel() // seq_len
+        blocks = stream[: n * seq_len].view(n, seq_len).clone()
+    else:
+        blocks = bos_blocks(stream, seq_len, bos)
+    if len(blocks) == 0:
         raise UserError(f"data: only {stream.numel()} tokens, fewer than one block of seq_len {seq_len}")
-    blocks = stream[: n * seq_len].view(n, seq_len).clone()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .families import family_of
 from .models import decoder_layers
 from .progress import Bar
 from .quant import Hessians, ValueHessians, gptq
@@ -23,31 +24,32 @@ def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device) -> dict:
     names = {m: name for name, m in quantized_linears(model, cfg.lm_head).items()}
     batches = blocks[: cfg.calibration.samples].split(cfg.calibration.batch_size)
     layers = decoder_layers(model)
+    family = family_of(model)
     kv_heads = getattr(model.config, "num_key_value_heads", None) or getattr(model.config, "num_attention_heads", None)
     attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
     out = {}
     bar = Bar("gptq", len(layers) + cfg.lm_head, unit="layer")
     try:
-        inputs = _first_layer_inputs(model, layers[0], batches, device)
+        hidden, per_layer = _layer_inputs(model, layers, batches, device)
         with torch.no_grad():
-            for layer in layers:
+            for layer, calls in zip(layers, per_layer):
                 mods = {names[m]: m for m in layer.modules() if m in names}
-                value = getattr(getattr(layer, "self_attn", None), "v_proj", None)
-                value = names.get(value) if kv_heads else None
+                value = names.get(family.value(layer))
+                attn = layer.get_submodule(family.o_proj.rpartition(".")[0])
                 hessians = Hessians({k: m for k, m in mods.items() if k != value})
-                mixed = ValueHessians(layer.self_attn, mods[value], kv_heads) if value else None
-                for args, kwargs in inputs:
-                    layer(*args, **kwargs)
+                mixed = ValueHessians(attn, mods[value], kv_heads) if value else None
+                for x, (args, kwargs) in zip(hidden, calls):
+                    layer(x, *args, **kwargs)
                 found = hessians.close() | ({value: mixed.close()} if mixed else {})
                 _quantize(mods, found, cfg, out)
-                inputs = [((_hidden(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+                hidden = [_hidden(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls)]
                 bar.update(1, linears=len(out))
             if cfg.lm_head:
                 head = model.get_output_embeddings()
                 hessians = Hessians({names[head]: head})
-                for args, _ in inputs:
-                    head(model.model.norm(args[0]))
+                for x in hidden:
+                    head(model.model.norm(x))
                 _quantize({names[head]: head}, hessians.close(), cfg, out)
                 bar.update(1, linears=len(out))
     finally:
@@ -56,15 +58,25 @@ def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device) -> dict:
     return out
 
 
-def _first_layer_inputs(model, first: torch.nn.Module, batches, device) -> list[tuple[tuple, dict]]:
-    """The arguments the first decoder layer receives for each calibration batch."""
-    captured = []
+def _layer_inputs(model, layers, batches, device) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """The first decoder layer's hidden states for each calibration batch, and the other
+    arguments every layer receives (masks and rotary embeddings differ between sliding-window
+    and global layers: Gemma 3), captured in one forward pass of the float model."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
 
-    def grab(_module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Enough
+    def grab(i):
+        def hook(_module, args, kwargs):
+            if i == 0:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls[i].append((tuple(args[1:]), rest))
+            if i == len(layers) - 1:
+                raise _Enough
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -73,8 +85,9 @@ def _first_layer_inputs(model, first: torch.nn.Module, batches, device) -> list[
                 except _Enough:
                     pass
     finally:
-        handle.remove()
-    return captured
+        for h in handles:
+            h.remove()
+    return hidden, calls
 
 
 def _hidden(output) -> torch.Tensor:
@@ -95,4 +108,4 @@ def _quantize(mods: dict, hessians: dict, cfg, out: dict) -> None:
 
 
 class _Enough(Exception):
-    """Stops a calibration forward once the first decoder layer has its inputs."""
+    """Stops a calibration forward once the last decoder layer has its arguments."""

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .evaldata import user_file
@@ -26,6 +25,7 @@ from .latency import LatencySpec
 from .models import count_params
 from .progress import Bar
 from .quantized import kernel, stored_bytes
+from .scoring import Logits, scored_chunks
 from .speculative import SpeculativeSpec, speculative
 from .storage import recipe_path
 from .tasks import evaluate
@@ -156,17 +156,6 @@ def size(model: torch.nn.Module, folder: Path | None) -> dict:
 # --- fidelity --------------------------------------------------------------------------------
 
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, L] -> logits [B, L, V]
-
-
-def logits_of(model: torch.nn.Module | Logits) -> Logits:
-    """A model's next-token logits as a function of token ids: a torch module's forward, or a
-    runtime's own (llama.cpp's, for a GGUF export)."""
-    if isinstance(model, torch.nn.Module):
-        return lambda ids: model(input_ids=ids.to(model.device)).logits
-    return model
-
-
 def token_perplexity(model: torch.nn.Module | Logits, blocks: torch.Tensor, batch_size: int = 16) -> float:
     """exp(mean next-token NLL) over blocks, every block scored from its first token."""
     return fidelity(model, None, blocks, batch_size)["heldout_ppl"]
@@ -176,23 +165,26 @@ def token_perplexity(model: torch.nn.Module | Logits, blocks: torch.Tensor, batc
 def fidelity(
     model: torch.nn.Module | Logits, teacher: torch.nn.Module | Logits | None, blocks: torch.Tensor, batch_size: int
 ) -> dict:
-    """Token-level held-out perplexity; with a teacher, KL(teacher || model) and top-1 agreement."""
-    logits, teacher_logits = logits_of(model), (logits_of(teacher) if teacher is not None else None)
+    """Token-level held-out perplexity; with a teacher, KL(teacher || model) and top-1 agreement.
+    `model` and `teacher` are torch models or a runtime's logits (llama.cpp's, for a GGUF
+    export); logits are made a slice of positions at a time (scoring.py)."""
+    sources = [model] if teacher is None else [model, teacher]
     nll = kl = agree = count = 0.0
     with Bar("held-out fidelity", len(blocks), unit="block") as bar:
         for i in range(0, len(blocks), batch_size):
             ids = blocks[i : i + batch_size]
-            logp = logits(ids)[:, :-1].float().log_softmax(-1)
-            target = ids[:, 1:].to(logp.device)
-            nll += F.nll_loss(logp.flatten(0, 1), target.flatten(), reduction="sum").item()
-            count += target.numel()
-            if teacher_logits is not None:
-                t_logp = teacher_logits(ids)[:, :-1].float().log_softmax(-1).to(logp.device)
-                kl += (t_logp.exp() * (t_logp - logp)).sum().item()
-                agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            positions = [torch.arange(ids.shape[1] - 1)] * len(ids)
+            for row, pos, (logp, *rest) in scored_chunks(sources, ids, positions):
+                target = ids[row, pos + 1].to(logp.device)
+                nll -= logp.gather(-1, target[:, None]).sum().item()
+                count += len(pos)
+                if rest:
+                    t_logp = rest[0].to(logp.device)
+                    kl += (t_logp.exp() * (t_logp - logp)).sum().item()
+                    agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update(len(ids))
     out = {"heldout_ppl": math.exp(nll / count), "heldout_tokens": int(count)}
-    if teacher_logits is not None:
+    if teacher is not None:
         out.update(teacher_kl=kl / count, top1_agreement=agree / count)
     return out
 

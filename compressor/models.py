@@ -45,11 +45,15 @@ def load_pretrained(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> Loaded:
-    """`from_pretrained` of a causal LM and its tokenizer; failures become one-line errors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`from_pretrained` of a causal LM of a supported family (its config is checked before any
+    weight loads) and its tokenizer; failures become one-line errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .families import family_of
 
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     try:
+        family_of(AutoConfig.from_pretrained(path_or_id, **kwargs))
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
@@ -61,11 +65,11 @@ def load_pretrained(
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of decoder blocks of a Llama-family model (`model.model.layers`)."""
+    """The list of decoder blocks (`model.model.layers` in every supported family)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise UserError(f"{type(model).__name__}: expected a Llama-family model with model.layers")
+        raise UserError(f"{type(model).__name__}: expected a decoder with model.layers (see compressor.families)")
     return layers
 
 
@@ -78,8 +82,9 @@ def keep_layers(model: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     kept = [decoder_layers(student)[i] for i in sorted(keep)]
     student.model.layers = torch.nn.ModuleList(kept)
     for new_index, layer in enumerate(kept):
-        if hasattr(layer, "self_attn"):
-            layer.self_attn.layer_idx = new_index
+        for module in (layer, getattr(layer, "self_attn", None)):
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
     cfg = student.config
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = [cfg.layer_types[i] for i in sorted(keep)]
@@ -130,7 +135,8 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 # the dimensions stages are checked against; a shape also carries model_type,
-# tie_word_embeddings and head_dim when they are known (parameter counts depend on them)
+# tie_word_embeddings and head_dim when they are known (parameter counts depend on them), and the
+# context and attention windows (what a runtime can compute as transformers does)
 SHAPE_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -153,5 +159,13 @@ def shape_of(config: dict) -> dict | None:
     raw.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
     if not all(raw.get(k) is not None for k in SHAPE_KEYS):
         return None
-    extra = {k: raw[k] for k in ("model_type", "tie_word_embeddings", "head_dim") if raw.get(k) is not None}
+    known = (
+        "model_type",
+        "tie_word_embeddings",
+        "head_dim",
+        "max_position_embeddings",
+        "sliding_window",
+        "layer_types",
+    )
+    extra = {k: raw[k] for k in known if raw.get(k) is not None}
     return {**extra, **{k: raw[k] for k in SHAPE_KEYS}}

@@ -19,6 +19,7 @@ import torch
 
 from . import FORMAT_VERSION, keys
 from .data import TextSource, documents, load_documents, pack
+from .families import sequence_bos
 from .latency import Timed, TorchRunner, time_models
 from .measure import EvalSpec, measure, measure_deployed
 from .models import Loaded, load_pretrained, resolve_device
@@ -29,6 +30,7 @@ from .report import write_report
 from .runtimes import RUNTIMES
 from .stages import StageContext
 from .storage import Store, digest, home, output_folder, read_json, write_json
+from .tasks import scoring_length
 from .teachers import TeacherSpec, load_teacher
 
 
@@ -75,6 +77,7 @@ class Session:
                 self.start.tokenizer,
                 seq_len,
                 cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}",
+                bos=sequence_bos(self.start.model.config, self.start.tokenizer),
             )
             if split == "train" and data.max_train_tokens:
                 blocks = blocks[: max(1, data.max_train_tokens // seq_len)]
@@ -113,8 +116,7 @@ class Session:
 
     def n_ctx(self, model_config) -> int:
         """Context a runtime needs: the longest of lm-eval's windows and the held-out blocks."""
-        longest = self.spec.eval.max_length or getattr(model_config, "max_position_embeddings", 2048)
-        return max(longest, self.spec.data.seq_len) + 1
+        return max(scoring_length(self.spec.eval, model_config), self.spec.data.seq_len) + 1
 
     def deployed(self, row: StageRecord, folder: Path, load) -> list[StageRecord]:
         """Rows of `row`'s model as each other runtime of eval.runtimes runs it."""
@@ -371,7 +373,8 @@ def evaluate_model(
     with output_folder(out):
         loaded = load(model_ref)
         teacher = load(teacher_ref).model if teacher_ref else None
-        blocks = pack(load_documents(heldout), loaded.tokenizer, seq_len)
+        bos = sequence_bos(loaded.model.config, loaded.tokenizer)
+        blocks = pack(load_documents(heldout), loaded.tokenizer, seq_len, bos=bos)
         start = time.time()
         metrics = measure(loaded.model, loaded.tokenizer, loaded.folder, spec, blocks, teacher, seed)
         measure_s = round(time.time() - start, 2)

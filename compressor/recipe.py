@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import UserError
 from .data import TextSource
+from .families import family_of
 from .measure import EvalSpec
 from .picks import Floor, floor_check
 from .stages import STAGES, StageKind
@@ -230,6 +232,20 @@ def _check_black_box(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -
             )
 
 
+def _check_runtimes(path: Path, spec: RecipeModel, shape: dict, where: str) -> None:
+    """What a runtime of eval.runtimes cannot compute for a model of this shape (the context it
+    is asked for: the longest lm-eval window or held-out block)."""
+    from .runtimes import RUNTIMES
+    from .tasks import scoring_length
+
+    windows = scoring_length(spec.eval, SimpleNamespace(**shape)) if spec.eval.tasks else 0
+    context = max(windows, spec.data.seq_len)
+    for name in spec.eval.runtimes:
+        why = RUNTIMES[name].refuses(shape, context) if name in RUNTIMES else None
+        if why:
+            raise _fail(path, where, f"runtime {name}: {why}")
+
+
 def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
     teacher = spec.teacher.shape() if spec.teacher.has_logits else None
     shape = spec.base.shape() if spec.base is not None else teacher
@@ -237,14 +253,22 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
         raise _fail(
             path, "base", f"vocabulary of {shape['vocab_size']} differs from the teacher's {teacher['vocab_size']}"
         )
+    for where, model in (("teacher", teacher), ("base", shape if spec.base is not None else None)):
+        if model and "model_type" in model:
+            try:
+                family_of(model)
+            except UserError as exc:
+                raise _fail(path, where, str(exc)) from None
     teacher = teacher or shape
     if shape is None:
         return  # a hub model: checked when loaded
+    _check_runtimes(path, spec, shape, "eval.runtimes")
     for stage in stages:
         try:
             shape = stage.impl.check(stage.config, shape, teacher)
         except ValueError as exc:
             raise _fail(path, f"stages[{stage.index}].{stage.kind}", str(exc)) from None
+        _check_runtimes(path, spec, shape, f"stages[{stage.index}].{stage.kind}")
 
 
 def load_recipe(path: str | Path, check_tasks: bool = True) -> Recipe:

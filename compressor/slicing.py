@@ -1,13 +1,16 @@
-"""Exact structural surgery on Llama-family models (Llama, Mistral, Qwen2/3-style blocks).
+"""Exact structural surgery on every supported decoder family (`compressor.families`).
 
 Each function keeps a subset of heads, MLP channels, hidden channels or layers by slicing the
-weights that carry them and rewrites the config to match, so `save_pretrained` ->
-`from_pretrained` rebuilds exactly the pruned model and `generate` with a KV cache works.
+weights that carry them (biases too) and rewrites the config to match, so `save_pretrained` ->
+`from_pretrained` rebuilds exactly the pruned model and `generate` with a KV cache works. The
+family says where the projections live: a fused Linear (Phi-3's `qkv_proj`, `gate_up_proj`)
+keeps the same heads or channels in each of its row blocks; q/k norms are one head wide and
+stay; every norm over the hidden width is sliced (Gemma's four).
 
 Why not torch-pruning's dependency graph: with attention heads or hidden size in play its
 `get_all_groups` never finishes on transformers 5 Llama (a cycle through the rotary
 `rotate_half` ops, VainF/Torch-Pruning#527); for MLP channels alone it works, but one exact,
-tested slicing path for every target is simpler than two.
+tested slicing path for every target and family is simpler than two.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .families import Rows, family_of
 from .models import decoder_layers, head_dim
 
 
@@ -32,6 +36,29 @@ def _linear(old: nn.Linear, out_idx: torch.Tensor | None = None, in_idx: torch.T
     return new
 
 
+def _replace(layer: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` where `old` sits inside `layer`."""
+    for name, module in layer.named_modules():
+        if module is old:
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+            return
+    raise LookupError(f"{type(old).__name__} is not inside this layer")
+
+
+def _keep_rows(layer: nn.Module, kept: list[tuple[Rows, torch.Tensor]]) -> None:
+    """Keep rows `idx` of each logical projection; the projections that share one fused Linear
+    are sliced together, each block of rows in its place."""
+    by_linear: dict[int, list[tuple[Rows, torch.Tensor]]] = {}
+    for rows, idx in kept:
+        by_linear.setdefault(id(rows.linear), []).append((rows, idx))
+    for parts in by_linear.values():
+        parts.sort(key=lambda p: p[0].start)
+        linear = parts[0][0].linear
+        out_idx = torch.cat([rows.start + idx for rows, idx in parts])
+        _replace(layer, linear, _linear(linear, out_idx=out_idx))
+
+
 def _rows(heads: torch.Tensor, size: int) -> torch.Tensor:
     """Row indices of whole heads of `size` rows each."""
     return (heads[:, None] * size + torch.arange(size)[None]).flatten()
@@ -41,12 +68,13 @@ def keep_mlp_channels(model: nn.Module, keep: list[torch.Tensor]) -> None:
     """Keep, in every layer l, the intermediate channels keep[l] (same count in each layer)."""
     sizes = {len(k) for k in keep}
     assert len(sizes) == 1, "every layer keeps the same number of channels (one intermediate_size)"
+    family = family_of(model)
     for layer, idx in zip(decoder_layers(model), keep):
-        mlp = layer.mlp
         idx = idx.sort().values
-        mlp.gate_proj = _linear(mlp.gate_proj, out_idx=idx)
-        mlp.up_proj = _linear(mlp.up_proj, out_idx=idx)
-        mlp.down_proj = _linear(mlp.down_proj, in_idx=idx)
+        parts = family.parts(layer, model.config)
+        _keep_rows(layer, [(parts["gate"], idx), (parts["up"], idx)])
+        down = layer.get_submodule(family.down_proj)
+        _replace(layer, down, _linear(down, in_idx=idx))
     model.config.intermediate_size = sizes.pop()
 
 
@@ -57,6 +85,7 @@ def keep_heads(model: nn.Module, keep_kv: list[torch.Tensor], keep_q: list[torch
     head h // (n_q / n_kv)); they are reordered group by group to keep that mapping.
     """
     cfg = model.config
+    family = family_of(model)
     hd, group = head_dim(cfg), cfg.num_attention_heads // cfg.num_key_value_heads
     counts = {(len(kv), len(q)) for kv, q in zip(keep_kv, keep_q)}
     assert len(counts) == 1, "every layer keeps the same number of heads"
@@ -70,22 +99,22 @@ def keep_heads(model: nn.Module, keep_kv: list[torch.Tensor], keep_q: list[torch
     for layer, kv, q in zip(decoder_layers(model), keep_kv, keep_q):
         kv = kv.sort().values
         ordered = torch.cat([torch.sort(q[(q // group) == g]).values for g in kv])
-        assert len(ordered) == n_q and all(
-            ((q // group) == g).sum() == n_q // n_kv for g in kv
-        ), "each kept KV group keeps the same number of its own query heads"
-        attn = layer.self_attn
-        attn.q_proj = _linear(attn.q_proj, out_idx=_rows(ordered, hd))
-        attn.k_proj = _linear(attn.k_proj, out_idx=_rows(kv, hd))
-        attn.v_proj = _linear(attn.v_proj, out_idx=_rows(kv, hd))
-        attn.o_proj = _linear(attn.o_proj, in_idx=_rows(ordered, hd))
-        for name in ("num_heads", "num_attention_heads"):
+        assert len(ordered) == n_q and all(((q // group) == g).sum() == n_q // n_kv for g in kv), (
+            "each kept KV group keeps the same number of its own query heads"
+        )
+        parts = family.parts(layer, cfg)
+        _keep_rows(layer, [(parts["q"], _rows(ordered, hd)), (parts["k"], _rows(kv, hd)), (parts["v"], _rows(kv, hd))])
+        o_proj = layer.get_submodule(family.o_proj)
+        _replace(layer, o_proj, _linear(o_proj, in_idx=_rows(ordered, hd)))
+        attn = layer.get_submodule(family.o_proj.rpartition(".")[0])
+        for name, value in (
+            ("num_heads", n_q),
+            ("num_attention_heads", n_q),
+            ("num_key_value_heads", n_kv),
+            ("num_key_value_groups", n_q // n_kv),
+        ):
             if hasattr(attn, name):
-                setattr(attn, name, n_q)
-        for name in ("num_key_value_heads",):
-            if hasattr(attn, name):
-                setattr(attn, name, n_kv)
-        if hasattr(attn, "num_key_value_groups"):
-            attn.num_key_value_groups = n_q // n_kv
+                setattr(attn, name, value)
     cfg.head_dim = hd  # explicit, or RoPE derives it from the new hidden/heads ratio on reload
     cfg.num_attention_heads, cfg.num_key_value_heads = n_q, n_kv
 
@@ -101,26 +130,29 @@ def _norm(norm: nn.Module, idx: torch.Tensor) -> None:
 
 def keep_hidden(model: nn.Module, idx: torch.Tensor) -> None:
     """Keep the residual-stream channels idx everywhere: embeddings, every norm, every
-    projection that reads or writes the stream, and the (tied or untied) LM head."""
+    projection that reads or writes the stream, and the (tied or untied) LM head.
+
+    A family that scales its embeddings by √hidden (Gemma) gets √(new hidden) on reload, since
+    transformers derives it from the config: the embedding rows are rescaled to keep their
+    product, and with a tied head the final norm's effective weight is divided by the same
+    factor, so the logits are unchanged."""
     idx = idx.sort().values
     cfg = model.config
+    family = family_of(model)
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight
     )
+    old_scale = family.embed_scale(cfg)
     emb = model.get_input_embeddings()
     emb.weight = nn.Parameter(emb.weight.data.index_select(1, idx.to(emb.weight.device)).clone())
     emb.embedding_dim = len(idx)
     for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.q_proj = _linear(attn.q_proj, in_idx=idx)
-        attn.k_proj = _linear(attn.k_proj, in_idx=idx)
-        attn.v_proj = _linear(attn.v_proj, in_idx=idx)
-        attn.o_proj = _linear(attn.o_proj, out_idx=idx)
-        mlp.gate_proj = _linear(mlp.gate_proj, in_idx=idx)
-        mlp.up_proj = _linear(mlp.up_proj, in_idx=idx)
-        mlp.down_proj = _linear(mlp.down_proj, out_idx=idx)
-        _norm(layer.input_layernorm, idx)
-        _norm(layer.post_attention_layernorm, idx)
+        for linear in family.readers(layer, cfg):
+            _replace(layer, linear, _linear(linear, in_idx=idx))
+        for linear in family.writers(layer):
+            _replace(layer, linear, _linear(linear, out_idx=idx))
+        for name in family.hidden_norms:
+            _norm(layer.get_submodule(name), idx)
     _norm(model.model.norm, idx)
     head = model.get_output_embeddings()
     if tied:
@@ -129,3 +161,15 @@ def keep_hidden(model: nn.Module, idx: torch.Tensor) -> None:
         model.set_output_embeddings(_linear(head, in_idx=idx))
     cfg.head_dim = head_dim(cfg)
     cfg.hidden_size = len(idx)
+    new_scale = family.embed_scale(cfg)
+    if new_scale != old_scale:
+        factor = old_scale / new_scale
+        with torch.no_grad():
+            emb.weight.mul_(factor)
+            if tied:  # the head reads the rescaled rows: the final norm gives the factor back
+                norm = model.model.norm.weight
+                norm.copy_((family.norm_offset + norm) / factor - family.norm_offset)
+        if hasattr(emb, "embed_scale"):
+            emb.embed_scale.fill_(new_scale)
+        if hasattr(emb, "scalar_embed_scale"):
+            emb.scalar_embed_scale = new_scale

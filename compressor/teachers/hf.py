@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 from .. import UserError
+from ..families import family_of
 from ..models import load_pretrained, resolve_dtype
 from ..storage import digest, file_hashes
 from .base import Source
@@ -21,8 +23,14 @@ class HFSource(Source):
 
     def validate(self) -> None:
         looks_local = self.is_path(self.target) or Path(self.target).exists()
-        if looks_local and not (Path(self.target) / "config.json").is_file():
+        config = Path(self.target) / "config.json"
+        if looks_local and not config.is_file():
             raise ValueError(f"no model folder (with config.json) at {self.target}")
+        if looks_local:
+            try:
+                family_of(json.loads(config.read_text()))
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
 
     def identity(self) -> str:
         if Path(self.target).is_dir():
