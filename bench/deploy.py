@@ -2,7 +2,7 @@
 torch fp32 of the same float model, side by side in one run on one machine.
 
     python bench/deploy.py [--model smollm2-135m-instruct|gemma3-270m] [--windows 8] [--rounds 9]
-                           [--qat-steps N] [--qat-lr 2e-4] [--fidelity-only]
+                           [--qat-steps N] [--qat-lr LR] [--fidelity-only]
 
 The float model is SmolLM2-135M-Instruct (`gguf:smollm2-135m-instruct`, its Q4_1 release
 dequantized; writes reports/deploy.{json,md}) or Gemma 3 270M (`gguf:gemma3-270m`, its Q4_K_M
@@ -44,11 +44,17 @@ DATA = {
     "seq_len": 512,
 }
 CALIBRATION = {"calibration": {"samples": 64, "batch_size": 4}}
-# teacher name -> (what it is, the report it writes, QAT steps by default: a Gemma 3 270M KD step costs
-# ~3x SmolLM2's on 2 cores, its 262k-vocabulary head being most of the model)
+# teacher name -> (what it is, the report it writes, QAT steps and lr by default). A Gemma 3 270M KD step
+# costs ~4x SmolLM2's on 2 cores (its 262k-vocabulary head is most of the model), and one AdamW step at
+# SmolLM2's 2e-4 wrecks it (held-out KL 0.45 -> 3.98 for the pruned model of stacks/gemma3.yaml; 5e-6: 0.41)
 MODELS = {
-    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "deploy", 80),
-    "gemma3-270m": ("Gemma 3 270M (GGUF Q4_K_M release, dequantized to fp32; Gemma Terms of Use)", "deploy_gemma3", 20),
+    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "deploy", 80, 2.0e-4),
+    "gemma3-270m": (
+        "Gemma 3 270M (GGUF Q4_K_M release, dequantized to fp32; Gemma Terms of Use)",
+        "deploy_gemma3",
+        20,
+        5.0e-6,
+    ),
 }
 
 
@@ -115,7 +121,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--qat-steps", type=int, default=None, help="default: 80 for SmolLM2, 20 for Gemma 3")
-    p.add_argument("--qat-lr", type=float, default=2.0e-4)
+    p.add_argument("--qat-lr", type=float, default=None, help="default: 2e-4 for SmolLM2, 5e-6 for Gemma 3")
     p.add_argument("--generate", type=int, default=64, help="greedy tokens per prompt (4 prompts)")
     p.add_argument(
         "--fidelity-only",
@@ -123,8 +129,9 @@ def main() -> None:
         help="measure only the greedy fidelity figures and merge them into the existing report",
     )
     args = p.parse_args()
-    what, report, default_steps = MODELS[args.model]
+    what, report, default_steps, default_lr = MODELS[args.model]
     args.qat_steps = default_steps if args.qat_steps is None else args.qat_steps
+    args.qat_lr = default_lr if args.qat_lr is None else args.qat_lr
     prepare(THREADS)
     import torch
     import yaml
@@ -159,14 +166,15 @@ def main() -> None:
         teacher = load_teacher(spec, cpu)
         windows = Session(variants[0][1], Store()).heldout()[: args.windows]
         files = {
-            "float_f32": write_gguf(
+            f"float_{kind}": write_gguf(
                 teacher.model,
                 teacher.tokenizer,
                 spec.folder(),
-                tmp / "f32.gguf",
-                {"weights": "f32", "embeddings": "f32"},
-                "float",
+                tmp / f"{kind}.gguf",
+                {"weights": kind, "embeddings": kind},
+                kind,
             )
+            for kind in ("f32", "f16")
         }
         ours = (("ours_q8_0", "q8"), ("ours_q4_0", "q4"), ("ours_qat_q4_0", "qat4"))
         if args.fidelity_only:
@@ -212,7 +220,7 @@ def main() -> None:
                 "tokens": got["heldout_tokens"],
             }
 
-        out = {"model": what, "threads": THREADS}
+        out = {"model": what, "threads": THREADS, "heldout_check": independent_check(teacher, windows)}
         qat = next(s["qat"] for s in recipe["stages"] if "qat" in s)
         out["qat"] = {k: qat[k] for k in ("init", "steps", "batch_size", "lr", "loss")}
         float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
@@ -261,14 +269,38 @@ def main() -> None:
         q4 = [t for t in GGUFReader(files["ours_q4_0"]).tensors if t.tensor_type.name == "Q4_0"]
         out["int4_linear_bits_per_param"] = 8 * sum(int(t.n_bytes) for t in q4) / sum(int(t.n_elements) for t in q4)
         out["total_bits_per_param_ours_q4_0"] = 8 * out["ours_q4_0"]["bytes"] / params
-        out["embeddings"] = "Q8_0 in every GGUF row (round to nearest, llama.cpp's rule)"
+        out["embeddings"] = "Q8_0 in every quantized GGUF row (round to nearest, llama.cpp's rule); float_f16 keeps F16"
 
         out.update(fidelity)
         out["load_average"] = load_average()
-    for name in ("ours_q4_0", "ours_q8_0", "ours_qat_q4_0", "llamacpp_q4_0", "llamacpp_q8_0"):
-        out[name]["ppl_increase"] = out[name]["ppl"] / out["torch_fp32"]["ppl"] - 1
+    for name in ("float_f16", "ours_q4_0", "ours_q8_0", "ours_qat_q4_0", "llamacpp_q4_0", "llamacpp_q8_0"):
+        if name in out:
+            out[name]["ppl_increase"] = out[name]["ppl"] / out["torch_fp32"]["ppl"] - 1
     save(report, out, markdown(out, args.model))
     print(markdown(out, args.model))
+
+
+def independent_check(teacher, windows) -> dict:
+    """The float model's perplexity on the windows three ways: our bounded scorer, transformers' own
+    loss (labels = inputs), and (for a family that needs BOS) the same windows without their BOS."""
+    import math
+
+    import torch
+
+    from compressor.families import sequence_bos
+    from compressor.measure import fidelity
+
+    with torch.no_grad():
+        losses = [teacher.model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    out = {
+        "ours": fidelity(teacher.model, None, windows, 1)["heldout_ppl"],
+        "transformers_loss": math.exp(sum(losses) / len(losses)),
+        "tokens": int(windows[:, 1:].numel()),
+    }
+    bos = sequence_bos(teacher.model.config, teacher.tokenizer)
+    if bos is not None:  # the same text from its second token: what a BOS-less block scores
+        out["without_bos"] = fidelity(teacher.model, None, windows[:, 1:], 1)["heldout_ppl"]
+    return out
 
 
 def greedy_fidelity(ours8, float_model, files: dict, prompts: list[list[int]], n: int, eos: int) -> dict:
@@ -377,14 +409,15 @@ def disagreements(out: dict, label: str) -> int:
 def markdown(out: dict, model: str) -> str:
     qat = out["qat"]
     command = "python bench/deploy.py" + ("" if model == "smollm2-135m-instruct" else f" --model {model}")
-    rows = ["torch_fp32", "llamacpp_q8_0", "ours_q8_0", "llamacpp_q4_0", "ours_q4_0", "ours_qat_q4_0"]
+    rows = ["torch_fp32", "float_f16", "llamacpp_q8_0", "ours_q8_0", "llamacpp_q4_0", "ours_q4_0", "ours_qat_q4_0"]
+    rows = [r for r in rows if r in out]
     lines = [
         "# Deployed in llama.cpp: our codes vs llama.cpp's own quantizer",
         "",
         f"Regenerate: `{command}` ({out['threads']} threads, {out['model']}). Same WikiText-2 test "
         f"ids for every row ({out['torch_fp32']['tokens']} tokens); decode at batch 1, "
         f"{out['timing']['rounds']} interleaved rounds, load average {out['load_average'][0]} at the end. "
-        "Embeddings Q8_0 in every GGUF row.",
+        "Embeddings Q8_0 in every quantized GGUF row (float_f16: the float model as F16, embeddings too).",
         "",
         "| row | bytes | decode ms/tok (range) | × torch fp32 | ppl | Δ ppl | KL to float | top-1 | binds "
         "| roofline fraction |",
@@ -399,8 +432,22 @@ def markdown(out: dict, model: str) -> str:
             f"{100 * r.get('ppl_increase', 0):+.2f}% | {r['kl_to_float']:.4f} | {r['top1_agreement']:.3f} | "
             f"{r.get('binds', '–')} | {r.get('roofline_fraction', 0):.2f} |"
         )
+    check = out.get("heldout_check")
     lines += [
         "",
+        *(
+            [
+                f"- Float model's perplexity on these windows, scored independently: ours {check['ours']:.3f}, "
+                f"transformers' own loss {check['transformers_loss']:.3f}"
+                + (
+                    f"; without the BOS that starts each window {check['without_bos']:.1f} (the family needs it)."
+                    if "without_bos" in check
+                    else "."
+                )
+            ]
+            if check
+            else []
+        ),
         f"- ours_qat_q4_0: QAT started from GPTQ's codes, {qat['steps']} steps × {qat['batch_size']} × 512 "
         f"WikiText-2 valid tokens at lr {qat['lr']:g}, {qat['loss']['divergence']} to the float model at "
         f"T = {qat['loss']['temperature']:g} (weight {qat['loss']['alpha']:g}).",

@@ -195,7 +195,9 @@ def parser() -> argparse.ArgumentParser:
         _eval,
     )
     e.add_argument(
-        "model", help="builtin:NAME, hf:ID or hf:FOLDER, llama2c:FILE.bin, or a folder written by run/export"
+        "model",
+        help="builtin:NAME, hf:ID or hf:FOLDER, gguf:FILE or gguf:NAME, llama2c:FILE.bin, "
+        "or a folder written by run/export",
     )
     e.add_argument_group("required").add_argument("--out", required=True, help="output folder")
     e.add_argument(
@@ -208,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
         help="folder of the published benchmark files (default: $COMPRESSOR_DATA, else ../shared/data)",
     )
     e.add_argument("--limit", type=int, help="items per task (default: all)")
-    e.add_argument("--max-length", type=int, help="scoring context in tokens (default: the model's)")
+    e.add_argument("--max-length", type=int, help="scoring context in tokens (default: the model's, at most 2,048)")
     e.add_argument(
         "--data", default="builtin:stdlib-heldout", help="held-out text for perplexity, KL and latency prompts"
     )

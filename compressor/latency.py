@@ -18,7 +18,6 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import psutil
@@ -109,9 +108,10 @@ def kv_cache_bytes(model: torch.nn.Module, batch: int, context: int) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * head_dim(cfg) * batch * context * itemsize
 
 
-@lru_cache(maxsize=4)
 def memory_bandwidth(device_str: str) -> float:
-    """Measured copy bandwidth in bytes/s (read + write), the roofline's denominator."""
+    """Measured copy bandwidth in bytes/s (read + write), the roofline's denominator: sampled
+    between the timing rounds and the best sample kept, as decode times keep their best round (one
+    sample taken while a neighbour streams memory made the floor slower than the model)."""
     device = torch.device(device_str)
     n = (256 << 20) // 4
     src = torch.ones(n, device=device)
@@ -288,7 +288,7 @@ def _fits(models: list[Timed], device: torch.device) -> bool:
 
 def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, device: torch.device) -> dict:
     """Time every model in interleaved rounds; {"models": {key: figures}, "session": {...}}."""
-    bandwidth = memory_bandwidth(str(device))
+    bandwidths = []  # sampled after each round, at the rounds' threads
     resident = _fits(models, device)
     load_before = os.getloadavg()
     start = time.time()
@@ -308,7 +308,9 @@ def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, de
                 if not resident and r < spec.repeats - 1:
                     t.drop()
                 bar.update(1, model=t.name)
+            bandwidths.append(memory_bandwidth(str(device)))
         bar.close()
+        bandwidth = max(bandwidths)
         figures = {}
         for t in models:
             if t.runner is None:

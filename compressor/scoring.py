@@ -42,7 +42,9 @@ class BatchLogits:
 
     def _logits_of(self, row: int) -> torch.Tensor:
         if self._row[0] != row:
-            self._row = (row, self.source(self.ids[row : row + 1])[0])
+            view = getattr(self.source, "view", None)  # a runtime's own buffer, read without a copy
+            logits = view(self.ids[row].tolist()) if view else self.source(self.ids[row : row + 1])[0]
+            self._row = (row, logits)
         return self._row[1]
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ file name, a user's YAMLs name files beside them. Stock lm-eval task names pass 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -282,17 +283,19 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
                     f"(eval.max_length, default the model's max_position_embeddings up to {DEFAULT_MAX_LENGTH}): "
                     "raise it (rotary models extrapolate, less accurately) or leave the task out"
                 )
-            bar = self.bar
-
-            def advance(n: int) -> None:
-                if bar is not None:
-                    bar.update(min(n, bar.total - bar.done))
-
             pairs = [(ctx, cont) for _, ctx, cont in requests]
             # lm-eval's windows leave room for the BOS put in front of them
             length = self.max_length + (1 if bos is not None else 0)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            out = loglikelihoods(source, pairs, length, self.batch_size, bos, pad, advance)
+            own = self.bar is None and self.quiet  # a perplexity task's windows: counted here
+            with Bar("lm-eval perplexity", len(pairs), unit="window") if own else contextlib.nullcontext() as bar:
+                bar = bar or self.bar
+
+                def advance(n: int) -> None:
+                    if bar is not None:
+                        bar.update(min(n, bar.total - bar.done))
+
+                out = loglikelihoods(source, pairs, length, self.batch_size, bos, pad, advance)
             for (key, _, _), answer in zip(requests, out):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)

@@ -104,6 +104,17 @@ def save_with_tokenizer(model, folder: Path) -> Path:
     return folder
 
 
+def llama_cpp_logits(path, ids: list[int], n_ctx: int = 256) -> torch.Tensor:
+    """llama.cpp's logits [L, V] for one sequence of token ids from a GGUF file."""
+    from compressor.runtimes.llamacpp import LlamaCppLogits
+
+    logits = LlamaCppLogits(path, n_ctx=n_ctx, threads=2)
+    try:
+        return logits(torch.tensor([ids]))[0]
+    finally:
+        logits.close()
+
+
 def recipe(*stages: dict, name: str = "t", **extra) -> dict:
     """A recipe on the tiny built-in teacher with fast evaluation; `extra` replaces top-level keys."""
     out = {

@@ -1,10 +1,12 @@
 """Every supported decoder family, on tiny random models built from their configs: exact surgery,
 llama.cpp computing what torch computes, exported integers equal to ours, reloads, refusals."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
-from conftest import recipe
+from conftest import llama_cpp_logits, recipe
 
 from compressor.cli import main
 from compressor.families import FAMILIES, family_of
@@ -163,16 +165,6 @@ def test_gemma_hidden_pruning_keeps_the_embedding_scale_and_the_tied_logits():
     assert float(emb.embed_scale) == pytest.approx(32**0.5)  # what a reload derives from the config
 
 
-def _gguf_logits(path, ids):
-    from compressor.runtimes.llamacpp import LlamaCppLogits
-
-    logits = LlamaCppLogits(path, n_ctx=128, threads=2)
-    try:
-        return logits(torch.tensor([ids]))[0]
-    finally:
-        logits.close()
-
-
 def _kl(ours, theirs):
     p, q = ours.log_softmax(-1), theirs.log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1).mean().item()
@@ -192,7 +184,7 @@ def test_an_f32_gguf_of_every_family_gives_torchs_logits_in_llama_cpp(model_type
     assert len(ids) > 2 * 8  # longer than Gemma's test window: its sliding layers matter
     with torch.no_grad():
         ours = loaded.model(torch.tensor([ids])).logits[0]
-    theirs = _gguf_logits(path, ids)
+    theirs = llama_cpp_logits(path, ids)
     # the same function: llama.cpp keeps keys and values in f16 (its default KV cache), which
     # alone moves these logits by ~1e-3 (KL < 1e-6 measured); a wrong norm offset, rotary
     # layout, window, rope base or bias moves KL by orders of magnitude more (0.01 to 10)
@@ -243,7 +235,7 @@ def test_quantized_exports_hold_our_codes_and_run_in_llama_cpp(model_type, folde
             ours = reloaded.model(torch.tensor([ids])).logits[0]
         # llama.cpp rounds activations to 8-bit blocks in its quantized dot products; torch does not
         # (KL ≤ 1.3e-3 measured on these models)
-        assert _kl(ours, _gguf_logits(path, ids)) < 5e-3, (model_type, name)
+        assert _kl(ours, llama_cpp_logits(path, ids)) < 5e-3, (model_type, name)
 
 
 def _family_recipe(teacher: str, *stages, runtimes=("torch", "llama.cpp")) -> dict:
@@ -274,6 +266,17 @@ def test_every_family_runs_prune_and_gptq_and_is_measured_in_both_runtimes(
     assert rows[("quantize", "llama.cpp")]["kernel"].startswith("llama.cpp Q4_0")
     ratio = rows[("quantize", "llama.cpp")]["heldout_ppl"] / rows[("quantize", "torch")]["heldout_ppl"]
     assert abs(ratio - 1) < 0.02, (model_type, ratio)
+    # every export of the quantized stage: GGUF and GPTQ written, compressed-tensors loaded back in
+    # transformers (biases of quantized Linears kept: Qwen2's)
+    for fmt in ("gguf", "gptq", "compressed-tensors", "hf"):
+        assert main(["export", str(tmp_path / "run"), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0, fmt
+    if importlib.util.find_spec("compressed_tensors") is not None:
+        from transformers import AutoModelForCausalLM
+
+        artifact = load_pretrained(record["stages"][-2]["artifact"], CPU, dtype="auto").model
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors", dtype=torch.float32)
+        ours, theirs = _logits(artifact), _logits(loaded)
+        assert _kl(ours[0], theirs[0]) < 1e-3, model_type  # the same integers; scales, biases, norms in fp16
 
 
 def _foreign(tmp_path, kind: str):
@@ -355,3 +358,22 @@ def test_a_bos_family_starts_every_block_and_scored_window_with_bos(folder_of):
     logp = _logits(model, ids)[0].log_softmax(-1)
     want = logp[-2, 41] + logp[-1, 42]
     assert got == pytest.approx(float(want), abs=1e-4)
+
+
+def test_scoring_holds_a_bounded_slice_of_logits_and_equals_whole_logits(monkeypatch):
+    from compressor import scoring
+    from compressor.measure import fidelity
+
+    model, teacher = tiny("qwen3"), tiny("qwen3", seed=1)
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 4 * 512 * 8)  # 8 positions of a 512-token vocabulary
+    widest = []
+    for m in (model, teacher):
+        head = m.get_output_embeddings()
+        head.register_forward_hook(lambda _m, args, out: widest.append(args[0].shape[0]))
+    got = fidelity(model, teacher, IDS, batch_size=2)
+    assert max(widest) == 8
+    lp, tp = _logits(model)[:, :-1].log_softmax(-1), _logits(teacher)[:, :-1].log_softmax(-1)
+    nll = -lp.gather(-1, IDS[:, 1:, None]).mean()
+    assert got["heldout_ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
+    assert got["teacher_kl"] == pytest.approx(float((tp.exp() * (tp - lp)).sum(-1).mean()), rel=1e-4)
+    assert got["top1_agreement"] == pytest.approx(float((tp.argmax(-1) == lp.argmax(-1)).float().mean()))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, needs_shared_data, recipe
+from conftest import SHARED_DATA, llama_cpp_logits, needs_shared_data, recipe
 
 from compressor.cli import main
 from compressor.models import load_pretrained
@@ -27,16 +27,6 @@ def _quick(*stages, **eval_fields) -> dict:
     r = recipe(*stages)
     r["eval"].update(tasks=[], latency={"enabled": False}, **eval_fields)
     return r
-
-
-def _llama_logits(path, ids):
-    from compressor.runtimes.llamacpp import LlamaCppLogits
-
-    logits = LlamaCppLogits(path, n_ctx=256, threads=2)
-    try:
-        return logits(torch.tensor([ids]))[0]
-    finally:
-        logits.close()
 
 
 def _export(run_dir, out, *flags):
@@ -63,7 +53,7 @@ def test_a_quantized_stage_reaches_llama_cpp_with_its_own_integers(tmp_path, wri
     llm.close()
     with torch.no_grad():
         ours = loaded.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    theirs = _llama_logits(path, ids).log_softmax(-1)
+    theirs = llama_cpp_logits(path, ids).log_softmax(-1)
     kl = (ours.exp() * (ours - theirs)).sum(-1).mean().item()
     assert kl < 1e-3 and (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
     card = (path.parent / "README.md").read_text()
@@ -77,7 +67,7 @@ def test_a_float_stage_in_f32_gives_torchs_logits(tmp_path, write_recipe, tiny_t
     ids = loaded.tokenizer(TEXT).input_ids
     with torch.no_grad():
         ours = loaded.model(torch.tensor([ids])).logits[0]
-    theirs = _llama_logits(path, ids)
+    theirs = llama_cpp_logits(path, ids)
     assert (theirs - ours).abs().max() < 1e-2 and torch.equal(theirs.argmax(-1), ours.argmax(-1))
     p, q = ours.log_softmax(-1), theirs.log_softmax(-1)
     assert (p.exp() * (p - q)).sum(-1).mean() < 1e-5  # the same model, up to float summation order
@@ -216,3 +206,26 @@ def test_a_quantized_stage_as_compressed_tensors_is_four_bits_and_loads_in_trans
         main(["export", str(tmp_path / "float"), "--format", "compressed-tensors", "--out", str(tmp_path / "x")]) == 2
     )
     assert "holds our integer grid" in capsys.readouterr().err
+
+
+def test_a_named_file_split_over_packages_is_joined_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from compressor import UserError
+    from compressor.teachers import gguf as source
+
+    monkeypatch.setenv("COMPRESSOR_HOME", str(tmp_path / "home"))
+    parts = [tmp_path / f"m.gguf.part0{i}" for i in range(3)]
+    for i, p in enumerate(parts):
+        p.write_bytes(bytes([i]) * (1000 + i))
+    whole = b"".join(p.read_bytes() for p in parts)
+    sha = hashlib.sha256(whole).hexdigest()
+    path = source.joined(parts, "m.gguf", sha)
+    assert path.read_bytes() == whole and path.parent.parent == tmp_path / "home" / "gguf"
+    parts[0].write_bytes(b"changed")  # joined once: the cache is what is read from now on
+    assert source.joined(parts, "m.gguf", sha).read_bytes() == whole
+    with pytest.raises(UserError, match="do not have sha256"):
+        source.joined(parts, "n.gguf", "0" * 64)
+    assert not list((tmp_path / "home" / "gguf").glob("0000*/n.gguf"))  # nothing half-written is kept
+    with pytest.raises(UserError, match="chunk files missing"):
+        source.joined([tmp_path / "absent"], "o.gguf", None)

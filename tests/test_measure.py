@@ -4,6 +4,7 @@ hand against the model's own log-likelihoods."""
 import math
 import time
 
+import pytest
 import torch
 from conftest import save_with_tokenizer, tiny_llama
 
@@ -93,3 +94,27 @@ def test_stdlib_mc_data_is_deterministic_minimal_pairs():
             assert sorted(choice.split()) == sorted(true.split())
     assert len({r["label"] for r in rows}) == 4
     assert (generated_data_dir() / "stdlib_mc.jsonl").is_file()
+
+
+def test_our_bounded_loglikelihoods_equal_lm_evals_own(tmp_path):
+    """scoring.loglikelihoods replaces HFLM._loglikelihood_tokens: same inputs (left truncation,
+    right padding, longest first), same (log-likelihood, is greedy) per request."""
+    from lm_eval.models.huggingface import HFLM
+
+    from compressor.scoring import loglikelihoods
+
+    model = tiny_llama(seed=4)
+    save_with_tokenizer(model, tmp_path)
+    from transformers import AutoTokenizer
+
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tmp_path), batch_size=3, max_length=12)
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for n_ctx, n_cont in ((3, 1), (5, 2), (10, 4), (1, 1), (14, 3), (7, 12)):  # some longer than 12: truncated
+        ctx, cont = torch.randint(1, 512, (n_ctx,), generator=g).tolist(), torch.randint(1, 512, (n_cont,), generator=g)
+        requests.append(((None, None), ctx, cont.tolist()))
+    with torch.no_grad():
+        theirs = HFLM._loglikelihood_tokens(lm, requests, disable_tqdm=True)
+    ours = loglikelihoods(model, [(c, t) for _, c, t in requests], max_length=12, batch_size=3)
+    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and greedy_a == greedy_b

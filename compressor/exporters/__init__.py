@@ -25,12 +25,15 @@ EXPORTERS: dict[str, Exporter] = {
 
 
 def pick_stage(record: dict, name: str | None) -> int:
-    names = [s["name"] for s in record["stages"]]
+    """The row of the stage to export (default: the last): its torch row, which holds the artifact
+    (a run measured in other runtimes too has a row per runtime)."""
+    built = [i for i, s in enumerate(record["stages"]) if s.get("runtime", "torch") == "torch"]
+    names = [record["stages"][i]["name"] for i in built]
     if name is None:
-        return len(names) - 1
+        return built[-1]
     if name not in names:
         raise UserError(f"--stage: no stage {name!r} in this run; stages: {', '.join(names)}")
-    return names.index(name)
+    return built[names.index(name)]
 
 
 def export(run_dir: Path, out: Path, stage: str | None = None, fmt: str = "hf", **options) -> Path:

@@ -4,7 +4,7 @@ module and one line here. A model of any other type is refused before any work."
 from __future__ import annotations
 
 from .. import UserError
-from .base import Family, Rows, config_get, head_width
+from .base import Family, Rows, config_get
 from .gemma3 import Gemma3
 from .llama import Llama
 from .mistral import Mistral
@@ -44,4 +44,4 @@ def sequence_bos(config, tokenizer) -> int | None:
     return bos if bos is not None and family_of(config).bos_first else None
 
 
-__all__ = ["FAMILIES", "Family", "Rows", "config_get", "family_of", "head_width", "sequence_bos"]
+__all__ = ["FAMILIES", "Family", "Rows", "config_get", "family_of", "sequence_bos"]

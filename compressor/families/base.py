@@ -19,8 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-ATTENTION = ("q", "k", "v")
-MLP = ("gate", "up")
+from ..models import head_dim
 
 
 def config_get(config, key: str, default=None):
@@ -29,13 +28,6 @@ def config_get(config, key: str, default=None):
         return config.get(key, default)
     value = getattr(config, key, default)
     return default if value is None else value
-
-
-def head_width(config) -> int:
-    """Width of one attention head (an explicit head_dim wins: Gemma 3's 256 at hidden 640)."""
-    return config_get(config, "head_dim") or config_get(config, "hidden_size") // config_get(
-        config, "num_attention_heads"
-    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +69,7 @@ class Family:
     head_norms: ClassVar[dict[str, str]] = {}  # q/k norms over one head's width
     norm_offset: ClassVar[float] = 0.0  # a norm computes x̂ · (offset + w): 1 for Gemma
     bos_first: ClassVar[bool] = False  # every sequence must start with BOS (measured, calibrated, trained)
+    rope_types: ClassVar[tuple[str, ...]] = ()  # rope scalings beyond "default" that export exactly
     # llama.cpp
     gguf_interleaved_rotary: ClassVar[bool] = False  # NORM rope (pairs): HF's q/k rows are permuted
     gguf_heads_fill_hidden: ClassVar[bool] = False  # its graph assumes heads × head_dim == hidden
@@ -104,8 +97,6 @@ class Family:
             return "final_logit_softcapping (logits are assumed to be the head's output)"
         return None
 
-    rope_types: ClassVar[tuple[str, ...]] = ()  # rope scalings beyond "default" that export exactly
-
     def rope(self, config, layer_type: str = "full_attention") -> dict:
         """The rope parameters of a layer type (transformers 5 nests them per type for Gemma 3)."""
         params = config_get(config, "rope_parameters") or {}
@@ -121,7 +112,7 @@ class Family:
 
     def parts(self, layer: nn.Module, config) -> dict[str, Rows]:
         """q, k, v, gate and up as rows of the layer's Linears."""
-        hd, n_q = head_width(config), config_get(config, "num_attention_heads")
+        hd, n_q = head_dim(config), config_get(config, "num_attention_heads")
         n_kv = config_get(config, "num_key_value_heads") or n_q
         out = {}
         if "qkv" in self.fused:
@@ -162,7 +153,7 @@ class Family:
 
     def gguf_refusal(self, config) -> str | None:
         """Why llama.cpp's graph for this architecture cannot run this config, or None."""
-        hd, n_q = head_width(config), config_get(config, "num_attention_heads")
+        hd, n_q = head_dim(config), config_get(config, "num_attention_heads")
         if self.gguf_heads_fill_hidden and n_q * hd != config_get(config, "hidden_size"):
             return (
                 f"llama.cpp's {self.gguf_arch} graph needs num_attention_heads × head_dim = hidden_size "
@@ -180,7 +171,7 @@ class Family:
 
     def gguf_metadata(self, config) -> dict:
         """llama.cpp's hyperparameter keys (without the architecture prefix) for this config."""
-        hd = head_width(config)
+        hd = head_dim(config)
         n_q = config_get(config, "num_attention_heads")
         rope = self.rope(config)
         out = {

@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from .base import Family, config_get, head_width
+from ..models import head_dim
+from .base import Family, config_get
 
 
 class Gemma3(Family):
@@ -35,8 +36,8 @@ class Gemma3(Family):
 
     def problems(self, config) -> str | None:
         scalar = config_get(config, "query_pre_attn_scalar")
-        if scalar is not None and scalar != head_width(config):
-            return f"query_pre_attn_scalar {scalar} ≠ head_dim {head_width(config)} (Gemma 3 27B's scaling)"
+        if scalar is not None and scalar != head_dim(config):
+            return f"query_pre_attn_scalar {scalar} ≠ head_dim {head_dim(config)} (Gemma 3 27B's scaling)"
         if config_get(config, "attn_logit_softcapping"):
             return "attn_logit_softcapping"
         if config_get(config, "use_bidirectional_attention"):

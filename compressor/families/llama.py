@@ -8,7 +8,8 @@ import math
 
 import numpy as np
 
-from .base import Family, head_width
+from ..models import head_dim
+from .base import Family
 
 
 class Llama(Family):
@@ -22,7 +23,7 @@ class Llama(Family):
         rope = self.rope(config)
         if rope.get("rope_type") != "llama3":
             return {}
-        return {"rope_freqs.weight": llama3_rope_factors(rope, head_width(config))}
+        return {"rope_freqs.weight": llama3_rope_factors(rope, head_dim(config))}
 
 
 def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:

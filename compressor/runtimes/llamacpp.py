@@ -64,17 +64,27 @@ class LlamaCppLogits:
         rows = ids.tolist()
         out = np.empty((len(rows), len(rows[0]), self.llm.n_vocab()), dtype=np.float32)
         for b, row in enumerate(rows):
-            if len(row) > self.n_ctx:
-                raise UserError(f"llama.cpp: a sequence of {len(row)} tokens exceeds its context of {self.n_ctx}")
-            done = self.llm.input_ids[: self.llm.n_tokens].tolist()
-            common = 0
-            while common < min(len(done), len(row)) and done[common] == row[common]:
-                common += 1
-            if common < len(row):
-                self.llm.n_tokens = common
-                self.llm.eval(row[common:])
+            self._eval(row)
             out[b] = self.llm.scores[: len(row)]
         return torch.from_numpy(out)
+
+    def view(self, row: list[int]) -> torch.Tensor:
+        """Logits [L, V] of one row as a view of llama.cpp's own buffer, valid until the next call:
+        what bounded scoring reads (a 262k vocabulary makes a copy of 1,024 positions 1 GB)."""
+        self._eval(row)
+        return torch.from_numpy(self.llm.scores[: len(row)])
+
+    def _eval(self, row: list[int]) -> None:
+        """Evaluate `row`, reusing the KV cache of the prefix it shares with the last one."""
+        if len(row) > self.n_ctx:
+            raise UserError(f"llama.cpp: a sequence of {len(row)} tokens exceeds its context of {self.n_ctx}")
+        done = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        common = 0
+        while common < min(len(done), len(row)) and done[common] == row[common]:
+            common += 1
+        if common < len(row):
+            self.llm.n_tokens = common
+            self.llm.eval(row[common:])
 
     def close(self) -> None:
         self.llm.close()

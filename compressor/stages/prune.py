@@ -269,7 +269,9 @@ def _calibration_pass(model, batches, n_batches: int, taylor: bool, activation: 
                 ids = batches(b)["input_ids"].to(model.device)
                 acc["tokens"] += ids.numel()
                 with torch.set_grad_enabled(grads_on):
-                    out = model(input_ids=ids, labels=ids if grads_on else None)
+                    # without gradients only the hooks' activations count: the head runs on one position
+                    # (with a 262k vocabulary it is most of a forward pass)
+                    out = model(input_ids=ids, labels=ids) if grads_on else model(input_ids=ids, logits_to_keep=1)
                 if grads_on:
                     out.loss.backward()
                 bar.update(1)

@@ -215,7 +215,8 @@ class GGUFSource(Source):
         kind = read_header(self.file())[0].get("general.file_type")
         kinds = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 15: "Q4_K_M", 17: "Q5_K_M"}
         return [
-            f"The teacher is {what}, dequantized to fp32 (GGUF file type {kinds.get(kind, kind)}): its weights "
+            f"The teacher is {what} ({self.file().name}), dequantized to fp32 (GGUF file type "
+            f"{kinds.get(kind, kind)}): its weights "
             "already lie on that file's grid, not the original bf16 release. Re-quantizing to a 4-bit grid starts "
             "from a model that already sits on one, which flatters every quantization figure of this teacher."
         ] + ([PUBLISHED[self.target]] if self.target in PUBLISHED else [])
