@@ -266,12 +266,16 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
             adds BOS itself puts a second one after it, which is then scored as text
             (lm-eval issue #3333): score each document's own tokens after a single BOS."""
             self.add_bos_token, saved = False, self.add_bos_token
-            if self.quiet:
+            bar = contextlib.nullcontext()
+            if self.quiet:  # its windows come in batches, a call each: one bar counts them all
+                windows = sum(-(-len(self.tok_encode(r.args[0])) // self.max_length) for r in requests)
                 say(f"lm-eval: perplexity of {len(requests)} documents")
-            try:
-                return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
-            finally:
-                self.add_bos_token = saved
+                bar = Bar("lm-eval perplexity", windows, unit="window")
+            with bar as self.bar:
+                try:
+                    return super().loglikelihood_rolling(requests, disable_tqdm or self.quiet)
+                finally:
+                    self.add_bos_token, self.bar = saved, None
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):  # rolling forces False
             """Every log-likelihood, scored in bounded memory (scoring.py) from the torch model or
@@ -287,15 +291,13 @@ def evaluate(model, tokenizer, spec, seed: int = 0, logits=None) -> tuple[dict[s
             # lm-eval's windows leave room for the BOS put in front of them
             length = self.max_length + (1 if bos is not None else 0)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            own = self.bar is None and self.quiet  # a perplexity task's windows: counted here
-            with Bar("lm-eval perplexity", len(pairs), unit="window") if own else contextlib.nullcontext() as bar:
-                bar = bar or self.bar
+            bar = self.bar
 
-                def advance(n: int) -> None:
-                    if bar is not None:
-                        bar.update(min(n, bar.total - bar.done))
+            def advance(n: int) -> None:
+                if bar is not None:
+                    bar.update(min(n, bar.total - bar.done))
 
-                out = loglikelihoods(source, pairs, length, self.batch_size, bos, pad, advance)
+            out = loglikelihoods(source, pairs, length, self.batch_size, bos, pad, advance)
             for (key, _, _), answer in zip(requests, out):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
