@@ -220,11 +220,12 @@ def main() -> None:
                 "tokens": got["heldout_tokens"],
             }
 
-        out = {"model": what, "threads": THREADS, "heldout_check": independent_check(teacher, windows)}
+        out = {"model": what, "threads": THREADS}
         qat = next(s["qat"] for s in recipe["stages"] if "qat" in s)
         out["qat"] = {k: qat[k] for k in ("init", "steps", "batch_size", "lr", "loss")}
         float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
         out["torch_fp32"] = {**quality(teacher.model), "bytes": float_bytes}
+        out["heldout_check"] = independent_check(teacher, windows, out["torch_fp32"]["ppl"])
         for row, path in files.items():
             logits = LlamaCppLogits(path, n_ctx=513, threads=THREADS)
             out[row] = {**quality(logits), "bytes": path.stat().st_size, "kernel": gguf_kernel(path)}
@@ -280,9 +281,10 @@ def main() -> None:
     print(markdown(out, args.model))
 
 
-def independent_check(teacher, windows) -> dict:
-    """The float model's perplexity on the windows three ways: our bounded scorer, transformers' own
-    loss (labels = inputs), and (for a family that needs BOS) the same windows without their BOS."""
+def independent_check(teacher, windows, ours: float) -> dict:
+    """The float model's perplexity on the windows three ways: ours (the torch_fp32 row's, from our
+    bounded scorer), transformers' own loss (labels = inputs), and (for a family that needs BOS) the
+    same windows without their BOS."""
     import math
 
     import torch
@@ -293,7 +295,7 @@ def independent_check(teacher, windows) -> dict:
     with torch.no_grad():
         losses = [teacher.model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     out = {
-        "ours": fidelity(teacher.model, None, windows, 1)["heldout_ppl"],
+        "ours": ours,
         "transformers_loss": math.exp(sum(losses) / len(losses)),
         "tokens": int(windows[:, 1:].numel()),
     }
@@ -417,7 +419,12 @@ def markdown(out: dict, model: str) -> str:
         f"Regenerate: `{command}` ({out['threads']} threads, {out['model']}). Same WikiText-2 test "
         f"ids for every row ({out['torch_fp32']['tokens']} tokens); decode at batch 1, "
         f"{out['timing']['rounds']} interleaved rounds, load average {out['load_average'][0]} at the end. "
-        "Embeddings Q8_0 in every quantized GGUF row (float_f16: the float model as F16, embeddings too).",
+        "Embeddings Q8_0 in every "
+        + (
+            "quantized GGUF row (float_f16: the float model as F16, embeddings too)."
+            if "float_f16" in out
+            else "GGUF row."
+        ),
         "",
         "| row | bytes | decode ms/tok (range) | × torch fp32 | ppl | Δ ppl | KL to float | top-1 | binds "
         "| roofline fraction |",
@@ -432,22 +439,15 @@ def markdown(out: dict, model: str) -> str:
             f"{100 * r.get('ppl_increase', 0):+.2f}% | {r['kl_to_float']:.4f} | {r['top1_agreement']:.3f} | "
             f"{r.get('binds', '–')} | {r.get('roofline_fraction', 0):.2f} |"
         )
-    check = out.get("heldout_check")
+    lines.append("")
+    if check := out.get("heldout_check"):  # absent from reports made before it was measured
+        without = check.get("without_bos")
+        lines.append(
+            f"- Float model's perplexity on these windows, scored independently: ours {check['ours']:.3f}, "
+            f"transformers' own loss {check['transformers_loss']:.3f}"
+            + (f"; without the BOS that starts each window {without:.1f} (the family needs it)." if without else ".")
+        )
     lines += [
-        "",
-        *(
-            [
-                f"- Float model's perplexity on these windows, scored independently: ours {check['ours']:.3f}, "
-                f"transformers' own loss {check['transformers_loss']:.3f}"
-                + (
-                    f"; without the BOS that starts each window {check['without_bos']:.1f} (the family needs it)."
-                    if "without_bos" in check
-                    else "."
-                )
-            ]
-            if check
-            else []
-        ),
         f"- ours_qat_q4_0: QAT started from GPTQ's codes, {qat['steps']} steps × {qat['batch_size']} × 512 "
         f"WikiText-2 valid tokens at lr {qat['lr']:g}, {qat['loss']['divergence']} to the float model at "
         f"T = {qat['loss']['temperature']:g} (weight {qat['loss']['alpha']:g}).",
