@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
+STARTED = time.time()  # the bench's start: its report records the wall time since
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
 SHARED = ROOT.parent / "shared" / "data"
@@ -51,6 +53,8 @@ def load_average() -> list[float]:
 
 
 def save(name: str, figures: dict, markdown: str | None = None) -> Path:
+    """reports/<name>.json (with the bench's wall time so far, `wall_seconds`) and .md."""
+    figures = {**figures, "wall_seconds": round(time.time() - STARTED, 1)}
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
     if markdown is not None:

@@ -141,13 +141,23 @@ def _sub(sub, name: str, summary: str, description: str, fn=None, example: str |
     return p
 
 
+def _docs() -> str:
+    """Where the documentation is: the checkout's docs/ when installed from one, else the repository's."""
+    local = Path(__file__).resolve().parents[1] / "docs"
+    if (local / "recipes.md").is_file():
+        return f"{local}/ (one page per concept: recipes, teachers, distillation, export, measurement, ...)"
+    return "docs/ in the compressor source repository (one page per concept; its README.md lists them)"
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(
         prog="compressor",
         description="Stack distillation, pruning and quantization; measure every stage.",
-        epilog="example: compressor run stacks/quickstart.yaml   (then: compressor <command> --help)",
+        epilog="example: compressor run stacks/quickstart.yaml   (then: compressor <command> --help)\n\n"
+        f"docs: {_docs()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"compressor {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 
 from .families import family_of
+from .ggml import Blocks, type_for_row
+from .ggml.grid import GgmlGrid
 from .models import decoder_layers
 from .progress import Bar
-from .quant import Hessians, ValueHessians, gptq
+from .quant import Hessians, IntGrid, ValueHessians, gptq
 from .quantized import quantized_linears
 
 DAMP = 0.01  # dampening, as a fraction of the mean Hessian diagonal
@@ -100,11 +102,25 @@ def _quantize(mods: dict, hessians: dict, cfg, out: dict) -> None:
     for name, h in hessians.items():
         m = mods[name]
         rows = zip(m.weight.chunk(len(h)), h) if h.dim() == 3 else [(m.weight, h)]
-        parts = [gptq(w, part, cfg.bits, cfg.group_size, cfg.act_order, cfg.damp) for w, part in rows]
+        parts = [gptq(w, part, grid(cfg, w), cfg.act_order, cfg.damp) for w, part in rows]
+        if isinstance(parts[0], Blocks):  # a GGUF type: the file's fields and codes
+            blocks = Blocks.cat(parts, dim=0)
+            m.weight.data = blocks.dequantize().to(m.weight)
+            out[name] = blocks
+            continue
         codes, s = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         g = codes.shape[1] // s.shape[1]
         m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight)
         out[name] = (codes.cpu(), s.cpu())
+
+
+def grid(cfg, w: torch.Tensor):
+    """The grid a weight is quantized on: the GGUF type `cfg.type` names (llama.cpp's fallback
+    for rows its blocks do not tile), or our INT grid of `cfg.bits` and `cfg.group_size`."""
+    name = getattr(cfg, "type", None)
+    if name is None:
+        return IntGrid(cfg.bits, cfg.group_size)
+    return GgmlGrid(type_for_row(name, w.shape[1]), w.shape[0], w.shape[1])
 
 
 class _Enough(Exception):

@@ -149,8 +149,21 @@ def size(model: torch.nn.Module, folder: Path | None) -> dict:
         "bytes": on_disk,
         "bits_per_param": round(8 * on_disk / params, 3),
         "loaded_bytes": loaded,
-        "kernel": kernel(model),
+        "kernel": kernel(model) + ggml_note(folder),
     }
+
+
+def ggml_note(folder: Path | None) -> str:
+    """For a stage on GGUF types: torch computes with the blocks' values in float; say which."""
+    from .quantized import GGML_FILE
+
+    if folder is None or not (Path(folder) / GGML_FILE).is_file():
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / GGML_FILE), framework="pt") as f:
+        types = sorted({v for k, v in f.metadata().items() if k.startswith("type:")})
+    return f" (the values of GGUF {'/'.join(types)} blocks)"
 
 
 # --- fidelity --------------------------------------------------------------------------------

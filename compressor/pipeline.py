@@ -205,6 +205,8 @@ class Session:
         with self.store.build(key, manifest) as tmp:
             model.save_pretrained(tmp)
             source.tokenizer.save_pretrained(tmp)
+            for name, write in ctx.files.items():
+                write(tmp / name)
         return self.store.get(key, verify=False)
 
 

@@ -71,38 +71,60 @@ class FakeQuant(torch.nn.Module):
         return fake_quant(w, self.bits, self.group)
 
 
-def gptq(
-    w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int | None, act_order: bool, damp: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+class IntGrid:
+    """Our symmetric INT4/INT8 grid as GPTQ walks it: scales fixed from the weights before any
+    error feedback (static groups), so they stay valid when act_order visits a group's columns
+    out of order."""
+
+    span = None  # fitted once, up front
+
+    def __init__(self, bits: int, group: int | None):
+        self.bits, self.group = bits, group
+
+    def start(self, w: torch.Tensor, first: int, importance: torch.Tensor) -> None:
+        self.s = scales(w, self.bits, self.group)
+        self.col_scale = self.s.repeat_interleave(w.shape[1] // self.s.shape[1], dim=1)
+        self.codes = torch.zeros_like(w)
+
+    def column(self, j: int, col: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = qrange(self.bits)
+        q = torch.clamp(torch.round(col * (1.0 / self.col_scale[:, j])), qmin, qmax)
+        self.codes[:, j] = q
+        return q * self.col_scale[:, j]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes, self.s
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: float):
     """GPTQ (Frantar et al. 2022) for one Linear: quantize columns one by one, spreading each
     column's rounding error over the columns not yet quantized through the inverse Hessian of the
-    layer's inputs. Returns (codes [out, in], scales [out, in/group]); groups keep their natural
-    column order even with act_order, so the result is stored like RTN's."""
+    layer's inputs. `grid` rounds a column to the values the stored format will dequantize to
+    (IntGrid, or a GGUF type's ggml.grid.GgmlGrid); a grid with a `span` has its fields fitted
+    when GPTQ reaches each span in natural order, from the weights as earlier error feedback left
+    them, and once up front under act_order. Returns `grid.result()`; groups keep their natural
+    column order even with act_order, so the result is stored like round to nearest's."""
     w = w.detach().float().clone()
     n_in = w.shape[1]
-    g = n_in if group is None else group
     h = hessian.float().to(w.device).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    # scales come from the weights before any error feedback (static groups): they stay valid
-    # when act_order visits a group's columns out of order
-    s = scales(w, bits, group)
+    importance = torch.diag(h).clone()
+    static = act_order or grid.span is None
+    if static:
+        grid.start(w, 0, importance)
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n_in, device=w.device)
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n_in, device=w.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros_like(w)
-    col_scale = s.repeat_interleave(g, dim=1)[:, order]
-    qmin, qmax = qrange(bits)
-    for i in range(n_in):
+    for i, j in enumerate(order.tolist()):
+        if not static and j % grid.span == 0:  # natural order: column i is column j
+            grid.start(w[:, j : j + grid.span], j, importance[j : j + grid.span])
         col, d = w[:, i], hinv[i, i]
-        q = torch.clamp(torch.round(col * (1.0 / col_scale[:, i])), qmin, qmax)
-        codes[:, i] = q
-        err = (col - q * col_scale[:, i]) / d
+        err = (col - grid.column(j, col)) / d
         w[:, i + 1 :] -= err[:, None] * hinv[i, i + 1 :][None, :]
-    codes = codes[:, torch.argsort(order)]
-    return codes, s
+    return grid.result()
 
 
 def average_into(hessian: torch.Tensor, seen: int, gram: torch.Tensor, n: int) -> int:
@@ -134,6 +156,29 @@ class Hessians:
         for h in self.handles:
             h.remove()
         return self.sums
+
+
+class Importance:
+    """Mean squared input of each column of chosen Linear modules over calibration batches: the
+    Hessian's diagonal without the rest of it, what llama.cpp's imatrix holds per tensor."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]):
+        self.sums = {name: torch.zeros(m.in_features, device=m.weight.device) for name, m in modules.items()}
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            self.sums[name] += (x * x).sum(0)
+            self.counts[name] += x.shape[0]
+
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {name: s / max(self.counts[name], 1) for name, s in self.sums.items()}
 
 
 class ValueHessians:

@@ -139,6 +139,52 @@ def rtn_codes(model: torch.nn.Module, cfg: Scheme) -> dict:
     return out
 
 
+GGML_FILE = "ggml.safetensors"  # a stage on GGUF types: each tensor's blocks as the file holds them
+
+
+def write_ggml(path, found: dict) -> None:
+    """`found` (module name -> ggml.Blocks) as raw GGUF bytes [rows, bytes per row], each tensor's
+    type in the metadata: what the GGUF exporter writes, untouched."""
+    from safetensors.torch import save_file
+
+    from .ggml import pack
+
+    tensors = {f"{name}.weight": torch.from_numpy(pack(b)) for name, b in found.items()}
+    types = {f"{name}.weight": b.type.name for name, b in found.items()}
+    shapes = {f"{name}.weight": f"{b.shape[0]}x{b.shape[1]}" for name, b in found.items()}
+    meta = {"format": "compressor-ggml-1", **{f"type:{k}": v for k, v in types.items()}}
+    meta |= {f"shape:{k}": v for k, v in shapes.items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_ggml(folder) -> dict:
+    """{tensor name: ggml.Blocks} of a stage on GGUF types; {} for any other artifact."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from .ggml import unpack
+
+    path = Path(folder) / GGML_FILE
+    if not path.is_file():
+        return {}
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        for key in f.keys():
+            rows, n = (int(v) for v in meta[f"shape:{key}"].split("x"))
+            out[key] = unpack(meta[f"type:{key}"], f.get_tensor(key).numpy(), (rows, n))
+    return out
+
+
+def ggml_summary(found: dict) -> dict:
+    """{type: tensor count} of a stage's GGUF blocks."""
+    counts: dict[str, int] = {}
+    for b in found.values():
+        counts[b.type.name] = counts.get(b.type.name, 0) + 1
+    return counts
+
+
 # --- reading back ----------------------------------------------------------------------------------
 
 

@@ -197,11 +197,11 @@ def test_eval_measures_an_artifact_folder_and_report_rerenders(first_run, tmp_pa
     assert "unknown task 'nope_task'" in capsys.readouterr().err
 
 
-def test_the_readme_states_the_run_json_contract_the_code_writes():
-    """The README's run.json contract names exactly the required keys of compressor.record."""
-    readme = (REPO / "README.md").read_text()
-    block = readme[readme.index("`run.json` (the contract scripts read") :]
-    block = block[: block.index("\n\n")]
+def test_the_docs_state_the_run_json_contract_the_code_writes():
+    """docs/measurement.md's run.json contract names exactly the required keys of compressor.record."""
+    page = (REPO / "docs" / "measurement.md").read_text()
+    block = page[page.index("`run.json` (the contract scripts read") :]
+    block = block.split("\n\n")[0]
     for schema in (RunRecord, StageRecord, Metrics):
         for key in schema.__required_keys__:
-            assert f'"{key}"' in block, f"README run.json contract lacks {key!r} ({schema.__name__})"
+            assert f'"{key}"' in block, f"docs/measurement.md's run.json contract lacks {key!r} ({schema.__name__})"

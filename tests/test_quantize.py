@@ -15,7 +15,7 @@ from compressor.cli import main
 from compressor.measure import fidelity
 from compressor.models import load_pretrained
 from compressor.pipeline import Session, run
-from compressor.quant import fake_quant, gptq, scales, to_grid
+from compressor.quant import IntGrid, fake_quant, gptq, scales, to_grid
 from compressor.quantized import kernel, quantized_linears, stored_bytes
 from compressor.recipe import load_recipe
 from compressor.storage import Store
@@ -56,7 +56,7 @@ def test_round_to_nearest_writes_the_bytes_llama_cpps_own_quantizer_writes(bits)
 
 def test_gptq_with_identity_hessian_is_round_to_nearest():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
-    codes, s = gptq(w, torch.eye(64), 4, 32, act_order=False, damp=0.01)
+    codes, s = gptq(w, torch.eye(64), IntGrid(4, 32), act_order=False, damp=0.01)
     torch.testing.assert_close(codes, to_grid(w, scales(w, 4, 32), 4))
     torch.testing.assert_close(s, scales(w, 4, 32))
 
@@ -105,7 +105,7 @@ def test_gptq_beats_rtn_on_the_layer_output_error(act_order):
     w = torch.randn(32, 128, generator=g)
     x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g)  # correlated inputs
     h = 2 * x.T @ x / len(x)
-    codes, s = gptq(w, h, 4, 32, act_order=act_order, damp=0.01)
+    codes, s = gptq(w, h, IntGrid(4, 32), act_order=act_order, damp=0.01)
     gptq_w = codes * s.repeat_interleave(32, dim=1)
     rtn_w = fake_quant(w, 4, 32)
     err = lambda q: ((x @ (w - q).T) ** 2).mean().item()  # noqa: E731

@@ -11,7 +11,9 @@ Weights (`--weights`): a quantized stage is written from its own integers, exact
 grid (symmetric, code c in [-8, 7], one scale per group of a multiple of 32 or per row; Q4_0's
 rule, so the scale is negative when a group's largest weight is positive) is GGUF's Q4_0 block
 (d = scale, q = c + 8) and our INT8 grid is Q8_0 (d = scale, q = c); the only change is the
-scale rounded to fp16. So GPTQ's and QAT's integers reach llama.cpp untouched.
+scale rounded to fp16. So GPTQ's and QAT's integers reach llama.cpp untouched. A stage on a
+GGUF type (`quantize: {type: Q4_K}`) carries its blocks in `ggml.safetensors`: they are written
+as they are, byte for byte.
 A float stage is written as F16 (default) or F32. What cannot map exactly is refused with the
 setting that would: bitsandbytes formats, a group size that does not tile 32-weight blocks.
 Embeddings (`--embeddings`): F16 (default), F32 or Q8_0 (round to nearest, llama.cpp's rule:
@@ -127,12 +129,19 @@ def _float(w: torch.Tensor, kind: str) -> np.ndarray:
     return w.detach().float().numpy().astype(np.float16 if kind == "f16" else np.float32)
 
 
-def tensor_data(module, name: str, weights: str, permute: torch.Tensor | None) -> tuple[np.ndarray, object]:
-    """(array, GGML type, or None for a plain float array) of a Linear's weight."""
+def tensor_data(
+    module, name: str, weights: str, permute: torch.Tensor | None, blocks=None
+) -> tuple[np.ndarray, object]:
+    """(array, GGML type, or None for a plain float array) of a Linear's weight; `blocks` (the
+    stage's ggml.Blocks of it, if it has them) are written as they are."""
     from gguf import GGMLQuantizationType as T
 
+    from ..ggml import pack
     from ..quantized import integer_weight
 
+    if blocks is not None and weights == "auto":
+        data = pack(blocks)
+        return (data[permute.numpy()] if permute is not None else data), T[blocks.type.name]
     w = module.weight
     stored = type(w).__name__ not in ("Tensor", "Parameter")
     found = integer_weight(module) if weights == "auto" and stored else None
@@ -161,9 +170,12 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     from gguf import GGMLQuantizationType as T
 
     from ..families import family_of
+    from ..quantized import read_ggml
     from .gguf_vocab import vocabulary
 
     cfg = model.config
+    found = read_ggml(folder)
+    full_name = {m: n for n, m in model.named_modules()}
     check_config(cfg)
     family = family_of(cfg)
     weights = options.get("weights") or "auto"
@@ -173,13 +185,15 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     writer.add_name(name)
     for key, value in family.gguf_metadata(cfg).items():
         _add(writer, f"{arch}.{key}", value)
-    types = set()
+    kinds: dict[str, int] = {}
     for key, value in vocabulary(folder, tokenizer).items():
         _add(writer, key, value)
 
     def add(tensor_name: str, data: np.ndarray, kind=None) -> None:
         writer.add_tensor(tensor_name, data, raw_dtype=kind)
-        types.add(kind.name if kind is not None else data.dtype.name)
+        if data.ndim == 2:  # a matrix: what the file type names
+            kind_name = kind.name if kind is not None else {"float16": "F16", "float32": "F32"}[data.dtype.name]
+            kinds[kind_name] = kinds.get(kind_name, 0) + 1
 
     def norm(tensor_name: str, module) -> None:  # llama.cpp multiplies by the stored weight itself
         add(tensor_name, (module.weight.detach().float() + family.norm_offset).numpy())
@@ -197,7 +211,8 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
         for hf, short in family.gguf_linears.items():
             module = layer.get_submodule(hf)
             permute = rotary_rows(module.out_features, rows[short]) if short in rows else None
-            data, kind = tensor_data(module, f"layers.{i}.{hf}", weights, permute)
+            blocks = found.get(f"{full_name[module]}.weight")
+            data, kind = tensor_data(module, f"layers.{i}.{hf}", weights, permute, blocks)
             add(f"blk.{i}.{short}.weight", data, kind)
             if module.bias is not None:
                 bias = module.bias.detach().float()
@@ -205,11 +220,11 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     norm("output_norm.weight", model.model.norm)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
-        data, kind = tensor_data(head, "lm_head", weights, None)
+        data, kind = tensor_data(head, "lm_head", weights, None, found.get(f"{full_name[head]}.weight"))
         add("output.weight", data, kind)
     for tensor_name, data in family.gguf_extra_tensors(cfg).items():
         add(tensor_name, data)
-    writer.add_file_type(_file_type(types))
+    writer.add_file_type(_file_type(kinds))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -217,12 +232,18 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     return path
 
 
-def _file_type(types: set[str]) -> int:
+def _file_type(kinds: dict[str, int]) -> int:
+    """llama.cpp's file type: its name for the most common matrix type (a label: each tensor
+    carries its own type)."""
     from gguf import LlamaFileType as F
 
-    for name, kind in (("Q4_0", F.MOSTLY_Q4_0), ("Q8_0", F.MOSTLY_Q8_0), ("float16", F.MOSTLY_F16)):
-        if name in types:
-            return kind
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
+    names |= {"Q3_K": "MOSTLY_Q3_K_S"}
+    ranked = sorted(kinds, key=lambda k: -kinds[k])
+    for kind in ranked:
+        member = names.get(kind, f"MOSTLY_{kind}")
+        if member in F.__members__:
+            return F[member]
     return F.ALL_F32
 
 

@@ -35,6 +35,7 @@ class StageContext:
     seq_len: int
     cache_key: str  # identifies (teacher, data): prefix of the names of cached data
     info: dict = field(default_factory=dict)  # facts the stage reports (sizes, roundings, ...)
+    files: dict = field(default_factory=dict)  # artifact files besides the model: name -> write(path)
 
     @cached_property
     def teacher(self):

@@ -1,0 +1,51 @@
+"""A GGUF type as GPTQ walks it: fields (fp16 d, sub-block integers) fitted per block from the
+weights as error feedback has left them, weighted by the Hessian's diagonal (the importance
+llama.cpp's imatrix estimates), and each column rounded to the value the file will dequantize
+to, computed in the same float32 order as `Blocks.dequantize`."""
+
+from __future__ import annotations
+
+import torch
+
+from .fit import fields, level_codes
+from .types import Blocks, GgmlType
+
+
+class GgmlGrid:
+    def __init__(self, t: GgmlType, rows: int, n_in: int):
+        self.t, self.span = t, t.block
+        self.q = torch.zeros(rows, n_in, dtype=torch.uint8)
+        self.parts: list[tuple[int, Blocks]] = []
+
+    def start(self, w: torch.Tensor, first: int, importance: torch.Tensor) -> None:
+        """Fit the fields of columns [first, first + w.shape[1]) (all of them under act_order)."""
+        blocks = fields(self.t, w, importance)
+        self.parts.append((first, blocks))
+        scale, bias = blocks.scale_bias()
+        sub = self.t.sub
+        if first == 0 and w.shape[1] == self.q.shape[1]:
+            self.scale, self.bias = scale, bias
+        else:  # a span: write its sub-blocks into the whole row's
+            if first == 0:
+                n = self.q.shape[1] // sub
+                self.scale = torch.zeros(self.q.shape[0], n)
+                self.bias = None if bias is None else torch.zeros(self.q.shape[0], n)
+            self.scale[:, first // sub : first // sub + scale.shape[1]] = scale
+            if bias is not None:
+                self.bias[:, first // sub : first // sub + bias.shape[1]] = bias
+        self.levels = self.t.level_tensor()
+
+    def column(self, j: int, col: torch.Tensor) -> torch.Tensor:
+        s = self.scale[:, j // self.t.sub]
+        b = None if self.bias is None else self.bias[:, j // self.t.sub]
+        y = col if b is None else col - b
+        q = level_codes(self.t, torch.where(s != 0, y / s.where(s != 0, torch.ones_like(s)), torch.zeros_like(y)))
+        self.q[:, j] = q
+        value = s * self.levels[q.long()]
+        return value if b is None else value + b
+
+    def result(self) -> Blocks:
+        """The tensor's Blocks: the fitted fields of every span, side by side, and the codes."""
+        blocks = Blocks.cat([b for _, b in sorted(self.parts, key=lambda p: p[0])], dim=1)
+        blocks.q = self.q
+        return blocks
