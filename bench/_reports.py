@@ -48,6 +48,44 @@ def available(names: str, setups: dict) -> list[tuple[str, dict]]:
     return out
 
 
+# the real-model benches' text: calibration and training on WikiText-2 valid, scoring on its test split
+WIKITEXT = {
+    "train": str(SHARED / "wikitext2" / "wt2_tokens.valid.txt"),
+    "heldout": str(SHARED / "wikitext2" / "wt2_tokens.test.txt"),
+    "seq_len": 512,
+}
+
+
+def build_on_wikitext(name: str, model: str, stages: list[dict], windows: int, tmp: Path):
+    """Each stage of `stages` built on its own from the named GGUF teacher (as one plan through the
+    shared artifact store, $COMPRESSOR_HOME: a rerun reuses what exists); returns ({stage name:
+    artifact folder}, the float teacher loaded on the CPU, the first `windows` held-out blocks)."""
+    import torch
+    import yaml
+
+    from compressor.compare import compare, plan
+    from compressor.pipeline import Session
+    from compressor.storage import Store
+    from compressor.teachers import TeacherSpec, load_teacher
+
+    recipe = {
+        "name": name,
+        "seed": 0,
+        "teacher": f"gguf:{model}",
+        "data": WIKITEXT,
+        "stages": stages,
+        "orderings": {s["name"]: [s["name"]] for s in stages},
+        "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": 2, "batch_size": 2}},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    variants = plan([str(path)])
+    record = compare(variants, tmp / "runs", Store())
+    artifacts = {s["ordering"]: Path(s["artifact"]) for s in record["stages"][1:] if s["runtime"] == "torch"}
+    teacher = load_teacher(TeacherSpec.model_validate(f"gguf:{model}"), torch.device("cpu"))
+    return artifacts, teacher, Session(variants[0][1], Store()).heldout()[:windows]
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -35,14 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _reports import REPORTS, SHARED, load_average, prepare, save
+from _reports import REPORTS, build_on_wikitext, load_average, prepare, save
 
 THREADS = 2
-DATA = {
-    "train": str(SHARED / "wikitext2" / "wt2_tokens.valid.txt"),
-    "heldout": str(SHARED / "wikitext2" / "wt2_tokens.test.txt"),
-    "seq_len": 512,
-}
 CALIBRATION = {"calibration": {"samples": 64, "batch_size": 4}}
 # teacher name -> (what it is, the report it writes, QAT steps and lr by default). A Gemma 3 270M KD step
 # costs ~4x SmolLM2's on 2 cores (its 262k-vocabulary head is most of the model), and one AdamW step at
@@ -134,37 +129,20 @@ def main() -> None:
     args.qat_lr = default_lr if args.qat_lr is None else args.qat_lr
     prepare(THREADS)
     import torch
-    import yaml
 
-    from compressor.compare import compare, plan
     from compressor.exporters.gguf import write_gguf
     from compressor.latency import LatencySpec, Timed, TorchRunner, time_models
     from compressor.measure import fidelity as scored
     from compressor.models import load_pretrained
-    from compressor.pipeline import Session
     from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner, gguf_kernel
-    from compressor.storage import Store
-    from compressor.teachers import TeacherSpec, load_teacher
+    from compressor.teachers import TeacherSpec
 
     cpu = torch.device("cpu")
     spec = TeacherSpec.model_validate(f"gguf:{args.model}")
-    recipe = {
-        "name": "deploy",
-        "seed": 0,
-        "teacher": f"gguf:{args.model}",
-        "data": DATA,
-        "stages": stages(args.qat_steps, args.qat_lr),
-        "orderings": {"q4": ["q4"], "q8": ["q8"], "qat4": ["qat4"]},
-        "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": 4, "batch_size": 2}},
-    }
+    built = stages(args.qat_steps, args.qat_lr)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "deploy.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        variants = plan([str(tmp / "deploy.yaml")])
-        record = compare(variants, tmp / "runs", Store())  # artifacts cached in $COMPRESSOR_HOME
-        artifacts = {s["ordering"]: Path(s["artifact"]) for s in record["stages"][1:]}
-        teacher = load_teacher(spec, cpu)
-        windows = Session(variants[0][1], Store()).heldout()[: args.windows]
+        artifacts, teacher, windows = build_on_wikitext("deploy", args.model, built, args.windows, tmp)
         files = {
             f"float_{kind}": write_gguf(
                 teacher.model,
@@ -221,7 +199,7 @@ def main() -> None:
             }
 
         out = {"model": what, "threads": THREADS}
-        qat = next(s["qat"] for s in recipe["stages"] if "qat" in s)
+        qat = next(s["qat"] for s in built if "qat" in s)
         out["qat"] = {k: qat[k] for k in ("init", "steps", "batch_size", "lr", "loss")}
         float_bytes = sum(p.numel() * p.element_size() for p in teacher.model.parameters())
         out["torch_fp32"] = {**quality(teacher.model), "bytes": float_bytes}

@@ -17,13 +17,18 @@ from .quantized import quantized_linears
 DAMP = 0.01  # dampening, as a fraction of the mean Hessian diagonal
 
 
-def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device) -> dict:
+def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device, types: dict | None = None) -> dict:
     """GPTQ codes and scales for every quantized Linear, decoder layer by decoder layer: each
     layer's calibration inputs are the outputs of the layers before it, already quantized, and
     are computed once (the layer's own inputs are kept, not recomputed from the embeddings).
     Value projections are fitted per KV head to the inputs as attention mixes them
-    (quant.ValueHessians), so calibration runs with eager attention."""
-    names = {m: name for name, m in quantized_linears(model, cfg.lm_head).items()}
+    (quant.ValueHessians), so calibration runs with eager attention. `types` ({module name: GGUF
+    type}) quantizes the Linear layers it names, each on its type, instead of `cfg`'s grid."""
+    if types is None:
+        names = {m: name for name, m in quantized_linears(model, cfg.lm_head).items()}
+    else:
+        names = {m: n for n, m in model.named_modules() if n in types and isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()
     batches = blocks[: cfg.calibration.samples].split(cfg.calibration.batch_size)
     layers = decoder_layers(model)
     family = family_of(model)
@@ -31,7 +36,7 @@ def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device) -> dict:
     attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
     out = {}
-    bar = Bar("gptq", len(layers) + cfg.lm_head, unit="layer")
+    bar = Bar("gptq", len(layers) + (head in names), unit="layer")
     try:
         hidden, per_layer = _layer_inputs(model, layers, batches, device)
         with torch.no_grad():
@@ -44,15 +49,14 @@ def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device) -> dict:
                 for x, (args, kwargs) in zip(hidden, calls):
                     layer(x, *args, **kwargs)
                 found = hessians.close() | ({value: mixed.close()} if mixed else {})
-                _quantize(mods, found, cfg, out)
+                _quantize(mods, found, cfg, out, types)
                 hidden = [_hidden(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls)]
                 bar.update(1, linears=len(out))
-            if cfg.lm_head:
-                head = model.get_output_embeddings()
+            if head in names:
                 hessians = Hessians({names[head]: head})
                 for x in hidden:
                     head(model.model.norm(x))
-                _quantize({names[head]: head}, hessians.close(), cfg, out)
+                _quantize({names[head]: head}, hessians.close(), cfg, out, types)
                 bar.update(1, linears=len(out))
     finally:
         model.set_attn_implementation(attention)
@@ -96,13 +100,14 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _quantize(mods: dict, hessians: dict, cfg, out: dict) -> None:
+def _quantize(mods: dict, hessians: dict, cfg, out: dict, types: dict | None) -> None:
     """GPTQ each Linear on its Hessian (a stack of them: one per block of rows, e.g. per KV head);
     the layer then computes with the quantized weights."""
     for name, h in hessians.items():
         m = mods[name]
         rows = zip(m.weight.chunk(len(h)), h) if h.dim() == 3 else [(m.weight, h)]
-        parts = [gptq(w, part, grid(cfg, w), cfg.act_order, cfg.damp) for w, part in rows]
+        kind = None if types is None else types[name]
+        parts = [gptq(w, part, grid(cfg, w, kind), cfg.act_order, cfg.damp) for w, part in rows]
         if isinstance(parts[0], Blocks):  # a GGUF type: the file's fields and codes
             blocks = Blocks.cat(parts, dim=0)
             m.weight.data = blocks.dequantize().to(m.weight)
@@ -114,13 +119,12 @@ def _quantize(mods: dict, hessians: dict, cfg, out: dict) -> None:
         out[name] = (codes.cpu(), s.cpu())
 
 
-def grid(cfg, w: torch.Tensor):
-    """The grid a weight is quantized on: the GGUF type `cfg.type` names (llama.cpp's fallback
-    for rows its blocks do not tile), or our INT grid of `cfg.bits` and `cfg.group_size`."""
-    name = getattr(cfg, "type", None)
-    if name is None:
+def grid(cfg, w: torch.Tensor, kind: str | None):
+    """The grid a weight is quantized on: the GGUF type `kind` (llama.cpp's fallback for rows its
+    blocks do not tile), or our INT grid of `cfg.bits` and `cfg.group_size`."""
+    if kind is None:
         return IntGrid(cfg.bits, cfg.group_size)
-    return GgmlGrid(type_for_row(name, w.shape[1]), w.shape[0], w.shape[1])
+    return GgmlGrid(type_for_row(kind, w.shape[1]), w.shape[0], w.shape[1])
 
 
 class _Enough(Exception):

@@ -147,7 +147,9 @@ def test_gptq_on_every_type_is_what_the_gguf_file_holds_and_llama_cpp_runs(name,
 
     model, save = wide_folder
     blocks = torch.randint(1, 512, (8, 32), generator=torch.Generator().manual_seed(3))
-    found = run_gptq(model, Config(method="gptq", type=name, calibration={"samples": 8}), blocks, CPU)
+    cfg = Config(method="gptq", type=name, calibration={"samples": 8})
+    types = {n: name for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    found = run_gptq(model, cfg, blocks, CPU, types=types)
     assert {b.type.name for b in found.values()} == {name}
     folder = save(model, name)
     write_ggml(folder / GGML_FILE, found)
@@ -212,3 +214,88 @@ def test_rows_k_types_do_not_tile_fall_back_and_a_clash_or_misfit_is_one_line(tm
     gptq_importance = recipe({"quantize": {"method": "gptq", "type": "Q4_0", "importance": True}})
     assert main(["validate", str(write_recipe(gptq_importance, "c.yaml"))]) == 2
     assert "gptq always weighs by its Hessian" in capsys.readouterr().err
+
+
+def test_llama_cpps_mix_rules_on_smollm2_and_gemma_shapes():
+    from compressor.ggml.mixes import preset_types, use_more_bits
+    from compressor.ggml.model import shape_tensors
+
+    smol = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9}
+    smol |= {"num_key_value_heads": 3, "head_dim": 64, "tie_word_embeddings": True}
+    types = preset_types("Q4_K_M", shape_tensors(smol), smol, imatrix=True)
+    assert types["token_embd"] == "Q8_0"  # tied: the output's rule, and 576 does not tile Q4_K's blocks
+    assert types["blk.0.attn_q"] == "Q5_0" and types["blk.0.ffn_down"] == "Q6_K"  # fallback; first eighth
+    assert [types[f"blk.{i}.attn_v"] for i in (0, 3, 4, 5)] == ["Q8_0", "Q5_0", "Q5_0", "Q8_0"]  # Q6_K falls back
+    assert [use_more_bits(i, 30) for i in range(8)] == [True, True, True, False, False, True, False, False]
+    gemma = {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4}
+    gemma |= {"num_key_value_heads": 1, "head_dim": 256, "tie_word_embeddings": True}
+    q2 = preset_types("Q2_K", shape_tensors(gemma), gemma, imatrix=True)
+    assert q2["blk.5.attn_v"] == "Q5_0" and q2["blk.5.ffn_down"] == "Q3_K"  # n_gqa 4: Q4_K, falls back
+    assert q2["blk.5.attn_output"] == "Q3_K" and q2["token_embd"] == "Q8_0"
+    iq4 = preset_types("IQ4_XS", shape_tensors(gemma), gemma, imatrix=False)
+    assert iq4["blk.0.ffn_down"] == "Q5_K" and iq4["blk.9.ffn_down"] == "IQ4_XS" and iq4["blk.0.attn_q"] == "IQ4_NL"
+
+
+def test_a_mix_quantizes_the_embedding_too_and_the_file_holds_every_block(wide_folder, tmp_path, write_recipe):
+    pytest.importorskip("llama_cpp")
+    from conftest import recipe
+
+    from compressor.cli import main
+    from compressor.pipeline import run
+    from compressor.recipe import load_recipe
+
+    model, save = wide_folder
+    r = recipe({"quantize": {"method": "gptq", "mix": "Q4_K_M", "calibration": {"samples": 4}}})
+    r["teacher"] = f"hf:{save(model, 'teacher')}"
+    r["eval"].update(tasks=[], latency={"enabled": False}, runtimes=["torch", "llama.cpp"])
+    record = run(load_recipe(write_recipe(r)), tmp_path / "run")
+    info = record["stages"][2]["info"]
+    # of 2 layers the last gets more bits in attn_v and ffn_down; the tied embedding takes the output's Q6_K
+    assert info["gguf_allocation"]["attn_v"] == info["gguf_allocation"]["ffn_down"] == {"Q4_K": 1, "Q6_K": 1}
+    assert info["gguf_allocation"]["token_embd"] == {"Q6_K": 1} and info["gguf_allocation"]["attn_q"] == {"Q4_K": 2}
+    in_torch, in_llama = record["stages"][2]["metrics"], record["stages"][3]["metrics"]
+    assert abs(in_llama["teacher_kl"] - in_torch["teacher_kl"]) < 0.1 * in_torch["teacher_kl"]  # the same weights
+    out = tmp_path / "gguf"
+    assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(next(out.glob("*.gguf")))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert embd.tensor_type.name == "Q6_K"
+    from compressor.models import load_pretrained
+
+    loaded = load_pretrained(record["stages"][2]["artifact"], CPU, dtype="auto")
+    stored = gguf.quants.dequantize(np.array(embd.data), embd.tensor_type)
+    assert np.array_equal(bits(stored), bits(loaded.model.get_input_embeddings().weight.detach().numpy()))
+    with pytest.raises(Exception, match="type and mix"):
+        load_recipe(write_recipe(recipe({"quantize": {"method": "gptq", "mix": "Q4_K_M", "type": "Q4_K"}}), "x.yaml"))
+
+
+def test_the_budget_buys_the_largest_error_drop_per_byte_and_refuses_what_cannot_fit():
+    from compressor.ggml.budget import allocate
+
+    sizes = {"a": {"Q2_K": 10, "Q4_K": 20, "Q8_0": 40}, "b": {"Q2_K": 10, "Q4_K": 20, "Q8_0": 40}}
+    errors = {"a": {"Q2_K": 100.0, "Q4_K": 10.0, "Q8_0": 1.0}, "b": {"Q2_K": 5.0, "Q4_K": 1.0, "Q8_0": 0.1}}
+    assert allocate(errors, sizes, 20) == {"a": "Q2_K", "b": "Q2_K"}
+    assert allocate(errors, sizes, 30) == {"a": "Q4_K", "b": "Q2_K"}  # a's drop per byte is 9, b's 0.4
+    assert allocate(errors, sizes, 80) == {"a": "Q8_0", "b": "Q8_0"}
+    with pytest.raises(ValueError, match="smallest mix is 20 bytes"):
+        allocate(errors, sizes, 19)
+
+
+def test_a_byte_budget_picks_types_per_matrix_and_meets_it(wide_folder, tmp_path, write_recipe, capsys):
+    from conftest import recipe
+
+    from compressor.cli import main
+    from compressor.pipeline import run
+    from compressor.recipe import load_recipe
+
+    model, save = wide_folder
+    teacher = f"hf:{save(model, 'teacher')}"
+    r = recipe({"quantize": {"method": "rtn", "target_bits": 4.5, "calibration": {"samples": 4}}}, teacher=teacher)
+    r["eval"].update(tasks=[], latency={"enabled": False})
+    record = run(load_recipe(write_recipe(r)), tmp_path / "run")
+    info = record["stages"][1]["info"]
+    assert 4.0 < info["gguf_bits_per_weight"] <= 4.5
+    assert len(info["gguf_types"]) > 1  # a mix, not one type
+    small = recipe({"quantize": {"method": "gptq", "target_bits": 2.2}}, teacher=teacher)
+    assert main(["validate", str(write_recipe(small, "small.yaml"))]) == 2
+    assert "no mix of GGUF types is that small for this model; the smallest is 2.62" in capsys.readouterr().err

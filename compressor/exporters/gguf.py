@@ -170,6 +170,7 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     from gguf import GGMLQuantizationType as T
 
     from ..families import family_of
+    from ..ggml import pack
     from ..quantized import read_ggml
     from .gguf_vocab import vocabulary
 
@@ -199,7 +200,10 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
         add(tensor_name, (module.weight.detach().float() + family.norm_offset).numpy())
 
     emb = model.get_input_embeddings().weight.detach().float()
-    if embeddings == "q8_0":
+    emb_blocks = found.get(f"{full_name[model.get_input_embeddings()]}.weight")
+    if emb_blocks is not None:  # a mix quantized the embedding: its blocks, as they are
+        add("token_embd.weight", pack(emb_blocks), T[emb_blocks.type.name])
+    elif embeddings == "q8_0":
         add("token_embd.weight", gguf.quants.quantize(emb.numpy(), T.Q8_0), T.Q8_0)
     else:
         add("token_embd.weight", _float(emb, embeddings))

@@ -40,14 +40,15 @@ def _k_unscales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """[nb, 32k] 4-bit codes -> [nb, 16k] bytes: per 32 weights, the first 16 low, the next 16 high."""
-    q = q.reshape(q.shape[0], -1, 2, 16)
+def _nibbles(q: np.ndarray, half: int = 16) -> np.ndarray:
+    """[nb, 2·half·k] 4-bit codes -> [nb, half·k] bytes: per 2·half weights, the first half in the
+    low nibbles, the next half in the high ones (half 16: Q4_0/IQ4 blocks; 32: Q4_K/Q5_K)."""
+    q = q.reshape(q.shape[0], -1, 2, half)
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
 
-def _unnibbles(b: np.ndarray) -> np.ndarray:
-    b = b.reshape(b.shape[0], -1, 1, 16)
+def _unnibbles(b: np.ndarray, half: int = 16) -> np.ndarray:
+    b = b.reshape(b.shape[0], -1, 1, half)
     return np.concatenate([b & 15, b >> 4], axis=2).reshape(b.shape[0], -1)
 
 
@@ -81,10 +82,10 @@ def pack(blocks: Blocks) -> np.ndarray:
         scales = np.concatenate([(raw[:, :8] & 15) | ((raw[:, 8:] & 15) << 4), _bits(raw.reshape(nb, 4, 4) >> 4, 2)], 1)
         parts = [hmask, qs, scales, d]
     elif name == "Q4_K":
-        parts = [d, _f16(blocks.dmin), _k_scales(sc.astype(np.uint8), mn.astype(np.uint8)), _qs_k(q)]
+        parts = [d, _f16(blocks.dmin), _k_scales(sc.astype(np.uint8), mn.astype(np.uint8)), _nibbles(q, 32)]
     elif name == "Q5_K":
         qh = _bits((q >> 4).reshape(nb, 8, 32), 1)
-        parts = [d, _f16(blocks.dmin), _k_scales(sc.astype(np.uint8), mn.astype(np.uint8)), qh, _qs_k(q & 15)]
+        parts = [d, _f16(blocks.dmin), _k_scales(sc.astype(np.uint8), mn.astype(np.uint8)), qh, _nibbles(q & 15, 32)]
     elif name == "Q6_K":
         low = (q & 15).reshape(nb * 2, 2, 64)
         ql = (low[:, 0] | (low[:, 1] << 4)).reshape(nb, 128)
@@ -100,17 +101,6 @@ def pack(blocks: Blocks) -> np.ndarray:
     out = np.concatenate(parts, axis=1)
     assert out.shape[1] == t.bytes, (name, out.shape)
     return out.reshape(rows, -1)
-
-
-def _qs_k(q: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K low nibbles: per 64 weights, 32 bytes, the first 32 weights low, the next high."""
-    q = q.reshape(q.shape[0], -1, 2, 32)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
-
-
-def _unqs_k(b: np.ndarray) -> np.ndarray:
-    b = b.reshape(b.shape[0], -1, 1, 32)
-    return np.concatenate([b & 15, b >> 4], axis=2).reshape(b.shape[0], -1)
 
 
 def unpack(type_: GgmlType | str, data: np.ndarray, shape: tuple[int, int]) -> Blocks:
@@ -150,7 +140,7 @@ def unpack(type_: GgmlType | str, data: np.ndarray, shape: tuple[int, int]) -> B
         sc = ints((low | (high << 4)).astype(np.int16) - 32)
     elif name in ("Q4_K", "Q5_K"):
         d, dm, scales, *qh, qs = parts
-        q = _unqs_k(qs)
+        q = _unnibbles(qs, 32)
         if qh:
             q = q | (_unbits(qh[0], 1, 8).reshape(nb, 256) << 4)
         s, m = _k_unscales(scales)

@@ -1,0 +1,229 @@
+"""llama.cpp's whole ladder against ours, from the same float model, scored in llama.cpp on the same
+token ids in one run.
+
+    python bench/ladder.py [--model smollm2-135m-instruct|gemma3-270m] [--rungs Q4_K_M,IQ4_XS,...]
+                           [--ours gptq:Q4_K_M,rtn:Q8_0,...] [--windows 8] [--rounds 3]
+
+Rows:
+- `llamacpp`: each rung (llama.cpp's named mix) made by `llama-quantize` with an importance matrix
+  that `llama-imatrix` computes on the calibration text (64 × 512 tokens of WikiText-2 valid, the
+  text our own calibration reads); `llamacpp_no_imatrix`: the same rung without it. Both from the
+  float model written as F32 GGUF by our exporter. The tools build from the llama.cpp tree in the
+  llama-cpp-python source package (bench/_llamacpp_tools.py, once, ~10 min on 2 cores).
+- `ours`: a `quantize: {mix: <rung>}` stage per rung and method (the same tensor types as
+  llama.cpp's mix: every difference is the integers): `gptq` (act-order, 64 calibration blocks)
+  and `rtn` with `importance: true` (round to nearest after our importance-weighted scale search,
+  the information an imatrix holds), exported with `--format gguf` byte for byte.
+- `floor`: llama.cpp's own Q8_0 file's weights, dequantized, stored as F32: what llama.cpp's
+  arithmetic costs when the weights are exactly Q8_0's (its quantized kernels round activations to
+  8-bit blocks; an F32 file does not).
+Every row: bytes, bits per weight, perplexity, mean KL to the float model and top-1 agreement on the
+same WikiText-2 test windows (llama.cpp's logits, our scorer), and decode ms/token at batch 1, all
+files timed together in interleaved rounds at 2 threads (min, range). Writes reports/ladder.{json,md,png}
+(reports/ladder_gemma3.* for Gemma 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from _llamacpp_tools import run_tool
+from _reports import REPORTS, WIKITEXT, build_on_wikitext, load_average, prepare, save
+
+THREADS = 2
+RUNGS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q4_0", "Q3_K_M", "Q2_K")
+CALIBRATION = {"samples": 64, "batch_size": 4}
+MODELS = {
+    "smollm2-135m-instruct": ("SmolLM2-135M-Instruct (GGUF Q4_1 release, dequantized to fp32)", "ladder"),
+    "gemma3-270m": ("Gemma 3 270M (GGUF Q4_K_M release, dequantized to fp32; Gemma Terms of Use)", "ladder_gemma3"),
+}
+
+
+def our_stage(method: str, rung: str) -> dict:
+    cfg = {"method": method, "mix": rung, "calibration": CALIBRATION}
+    cfg |= {"act_order": True} if method == "gptq" else {"importance": True}
+    return {"name": f"{method}_{rung.lower()}", "quantize": cfg}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=list(MODELS), default="smollm2-135m-instruct")
+    p.add_argument("--rungs", default=",".join(RUNGS))
+    p.add_argument("--ours", default=None, help="method:rung of our stages; default: gptq and rtn on every rung")
+    p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    rungs = args.rungs.split(",")
+    every = [(m, r) for m in ("gptq", "rtn") for r in rungs]
+    pairs = [o.split(":") for o in args.ours.split(",")] if args.ours else every
+    what, report = MODELS[args.model]
+    prepare(THREADS)
+    import torch
+
+    from compressor.exporters.gguf import write_gguf
+    from compressor.latency import LatencySpec, Timed, time_models
+    from compressor.measure import fidelity as scored
+    from compressor.models import load_pretrained
+    from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner
+    from compressor.teachers import TeacherSpec, load_teacher
+
+    cpu = torch.device("cpu")
+    spec = TeacherSpec.model_validate(f"gguf:{args.model}")
+    ours = [our_stage(m, r) for m, r in pairs]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        artifacts, teacher, windows = build_on_wikitext("ladder", args.model, ours, args.windows, tmp)
+        options = {"weights": "f32", "embeddings": "f32"}
+        f32 = write_gguf(teacher.model, teacher.tokenizer, spec.folder(), tmp / "f32.gguf", options, "f32")
+        calibration = tmp / "calibration.txt"
+        calibration.write_text(Path(WIKITEXT["train"]).read_text())
+        imatrix = tmp / "imatrix.gguf"
+        print("llama-imatrix on the calibration text (64 x 512 tokens)", flush=True)
+        run_tool(
+            "llama-imatrix", "-m", str(f32), "-f", str(calibration), "-o", str(imatrix), "-c", "512", "--chunks", "64",
+            "-t", str(THREADS),
+        )  # fmt: skip
+        files: dict[str, tuple[str, Path, dict]] = {}  # row id -> (group, path, extra fields)
+        for rung in rungs:
+            for group, extra in (("llamacpp", ["--imatrix", str(imatrix)]), ("llamacpp_no_imatrix", [])):
+                path = tmp / f"{group}-{rung}.gguf"
+                run_tool("llama-quantize", *extra, str(f32), str(path), rung, str(THREADS))
+                label = f"llama.cpp {rung}" + (" (imatrix)" if extra else "")
+                files[f"{group}/{rung}"] = (group, path, {"name": label})
+        for stage in ours:
+            name = stage["name"]
+            loaded = load_pretrained(str(artifacts[name]), cpu, dtype="auto")
+            path = write_gguf(loaded.model, loaded.tokenizer, artifacts[name], tmp / f"{name}.gguf", {}, name)
+            method, rung = stage["quantize"]["method"], stage["quantize"]["mix"]
+            label = f"ours {method.upper()} {rung}" + (" (importance)" if method == "rtn" else "")
+            files[f"ours/{name}"] = ("ours", path, {"name": label, "method": method, "mix": rung})
+        if "Q8_0" in rungs:  # the floor: Q8_0's weights in F32, llama.cpp's arithmetic without its 8-bit rounding
+            q8 = TeacherSpec.model_validate(f"gguf:{files['llamacpp/Q8_0'][1]}")
+            floor = load_teacher(q8, cpu)
+            options = {"weights": "f32", "embeddings": "f32"}
+            path = write_gguf(floor.model, floor.tokenizer, q8.folder(), tmp / "floor.gguf", options, "floor")
+            files["floor"] = ("floor", path, {"name": "llama.cpp Q8_0's weights as F32"})
+
+        def row(path: Path, extra: dict) -> dict:
+            from gguf import GGUFReader
+
+            logits = LlamaCppLogits(path, n_ctx=513, threads=THREADS)
+            got = scored(logits, teacher.model, windows, 1)
+            logits.close()
+            types: dict[str, int] = {}
+            weights = 0
+            for t in GGUFReader(path).tensors:
+                if len(t.shape) == 2:
+                    types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+                    weights += int(t.n_elements)
+            size = path.stat().st_size
+            return {
+                **extra,
+                "bytes": size,
+                "bits_per_weight": 8 * size / weights,
+                "ppl": got["heldout_ppl"],
+                "kl_to_float": got["teacher_kl"],
+                "top1": got["top1_agreement"],
+                "types": types,
+            }
+
+        rows = {}
+        for key, (_, path, extra) in files.items():
+            rows[key] = row(path, extra)
+            print(key, {k: rows[key][k] for k in ("bytes", "ppl", "kl_to_float", "top1")}, flush=True)
+        float_ppl = scored(teacher.model, None, windows, 1)["heldout_ppl"]
+
+        latency = LatencySpec(
+            prompt_tokens=32, new_tokens=48, batch_sizes=[1], warmup=1, repeats=args.rounds, threads=THREADS
+        )
+        timed = [Timed(k, k, lambda p=p: LlamaCppRunner(p, THREADS, 128, 1 << 30)) for k, (_, p, _) in files.items()]
+        timing = time_models(timed, windows.flatten(), latency, cpu)
+        for key, figures in timing["models"].items():
+            rows[key].update(ms_per_token=figures["decode_ms_per_token"], ms_range=figures["decode_ms_range"])
+
+    out = {
+        "model": what,
+        "tokens": int(windows[:, 1:].numel()),
+        "threads": THREADS,
+        "float": {"ppl": float_ppl},
+        "calibration": "64 x 512 tokens of WikiText-2 valid, for llama-imatrix and for our stages",
+        "llamacpp": {k.split("/")[1]: r for k, r in rows.items() if k.startswith("llamacpp/")},
+        "llamacpp_no_imatrix": {k.split("/")[1]: r for k, r in rows.items() if k.startswith("llamacpp_no_imatrix/")},
+        "ours": [r for k, r in rows.items() if k.startswith("ours/")],
+        "floor": rows.get("floor"),
+        "timing": timing["session"],
+        "load_average": load_average(),
+    }
+    save(report, out, markdown(out))
+    plot(out, REPORTS / f"{report}.png")
+    print(markdown(out))
+
+
+def markdown(out: dict) -> str:
+    lines = [
+        f"# llama.cpp's ladder and ours: {out['model']}",
+        "",
+        "Regenerate: `python bench/ladder.py` (2 CPU threads). Every file scored in llama.cpp on the same "
+        f"{out['tokens']:,} WikiText-2 test tokens; KL and top-1 against the float model in torch "
+        f"(perplexity {out['float']['ppl']:.2f}); decode timed together in interleaved rounds. "
+        f"Calibration: {out['calibration']}.",
+        "",
+        "| file | bytes | bits/weight | ppl | Δ ppl | mean KL | top-1 | decode ms/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    every = list(out["llamacpp"].values()) + list(out["llamacpp_no_imatrix"].values()) + out["ours"]
+    every += [out["floor"]] if out.get("floor") else []
+    for r in sorted(every, key=lambda r: (-r["bytes"], r["kl_to_float"])):
+        ms = f"{r['ms_per_token']:.1f} ({r['ms_range'][0]:.1f}–{r['ms_range'][1]:.1f})" if "ms_per_token" in r else ""
+        lines.append(
+            f"| {r['name']} | {r['bytes'] / 1e6:.1f} M | {r['bits_per_weight']:.2f} | {r['ppl']:.2f} | "
+            f"{100 * (r['ppl'] / out['float']['ppl'] - 1):+.1f}% | {r['kl_to_float']:.4f} | {r['top1']:.3f} | {ms} |"
+        )
+    lines += ["", "Types per file (matrices):", ""]
+    for r in every:
+        lines.append(f"- {r['name']}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(r["types"].items())))
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = {
+        "llama.cpp, imatrix": list(out["llamacpp"].values()),
+        "llama.cpp, no imatrix": list(out["llamacpp_no_imatrix"].values()),
+        "ours, GPTQ": [r for r in out["ours"] if r["method"] == "gptq"],
+        "ours, RTN + importance": [r for r in out["ours"] if r["method"] == "rtn"],
+    }
+    for (label, rows), marker in zip(groups.items(), "osD^"):
+        if not rows:
+            continue
+        pts = sorted((r["bytes"] / 1e6, r["kl_to_float"]) for r in rows)
+        frontier, best = [], float("inf")
+        for x, y in pts:
+            if y < best:
+                frontier.append((x, y))
+                best = y
+        ax.scatter(*zip(*pts), marker=marker, label=label)
+        ax.plot(*zip(*frontier), alpha=0.5)
+    if out.get("floor"):
+        ax.axhline(out["floor"]["kl_to_float"], color="grey", linestyle=":", label="floor: Q8_0's weights as F32")
+    for r in list(out["llamacpp"].values()):
+        ax.annotate(r["name"].replace("llama.cpp ", "").replace(" (imatrix)", ""), (r["bytes"] / 1e6, r["kl_to_float"]))
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("mean KL to the float model (log)")
+    ax.set_title(out["model"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
