@@ -155,15 +155,10 @@ def size(model: torch.nn.Module, folder: Path | None) -> dict:
 
 def ggml_note(folder: Path | None) -> str:
     """For a stage on GGUF types: torch computes with the blocks' values in float; say which."""
-    from .quantized import GGML_FILE
+    from .quantized import ggml_types
 
-    if folder is None or not (Path(folder) / GGML_FILE).is_file():
-        return ""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(folder) / GGML_FILE), framework="pt") as f:
-        types = sorted({v for k, v in f.metadata().items() if k.startswith("type:")})
-    return f" (the values of GGUF {'/'.join(types)} blocks)"
+    types = ggml_types(folder) if folder is not None else []
+    return f" (the values of GGUF {'/'.join(types)} blocks)" if types else ""
 
 
 # --- fidelity --------------------------------------------------------------------------------

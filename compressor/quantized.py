@@ -177,6 +177,19 @@ def read_ggml(folder) -> dict:
     return out
 
 
+def ggml_types(folder) -> list[str]:
+    """The GGUF types a stage's blocks hold (from ggml.safetensors' metadata alone); [] for none."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(folder) / GGML_FILE
+    if not path.is_file():
+        return []
+    with safe_open(str(path), framework="pt") as f:
+        return sorted({v for k, v in f.metadata().items() if k.startswith("type:")})
+
+
 def ggml_summary(found: dict) -> dict:
     """{type: tensor count} of a stage's GGUF blocks."""
     counts: dict[str, int] = {}

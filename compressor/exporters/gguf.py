@@ -241,8 +241,8 @@ def _file_type(kinds: dict[str, int]) -> int:
     carries its own type)."""
     from gguf import LlamaFileType as F
 
-    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
-    names |= {"Q3_K": "MOSTLY_Q3_K_S"}
+    names = {"F32": "ALL_F32", "F16": "MOSTLY_F16"}  # the K types: the _S mix, all of one type
+    names |= {k: f"MOSTLY_{k}_S" for k in ("Q3_K", "Q4_K", "Q5_K")}
     ranked = sorted(kinds, key=lambda k: -kinds[k])
     for kind in ranked:
         member = names.get(kind, f"MOSTLY_{kind}")

@@ -44,8 +44,8 @@ def smallest_bits(sizes: list[tuple[int, int]], candidates=CANDIDATES) -> float:
 
 
 def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, int], budget: int) -> dict[str, str]:
-    """{matrix: type} within `budget` bytes: greedy by error drop per byte. `errors[m][type]`,
-    `sizes[m][type]`-like bytes come from `sizes[m]` as {type: bytes}."""
+    """{matrix: type} within `budget` bytes, greedy by error drop per byte; `errors[m]` and `sizes[m]`
+    map each candidate type of matrix m to its weighted error and its bytes."""
     choice = {m: min(sizes[m], key=sizes[m].get) for m in errors}
     spent = sum(sizes[m][choice[m]] for m in choice)
     if spent > budget:
@@ -67,7 +67,10 @@ def allocate(errors: dict[str, dict[str, float]], sizes: dict[str, int], budget:
 
 def sensitivities(weights: dict[str, torch.Tensor], importance: dict[str, torch.Tensor], candidates=CANDIDATES):
     """({matrix: {type: weighted error}}, {matrix: {type: bytes}}) for every candidate type."""
+    from ..progress import Bar
+
     errors, sizes = {}, {}
+    bar = Bar("sensitivity per type", len(weights), unit="matrix")
     for name, w in weights.items():
         w = w.detach().float()
         imp = importance[name].float()
@@ -76,4 +79,6 @@ def sensitivities(weights: dict[str, torch.Tensor], importance: dict[str, torch.
             q = quantize(type_for_row(kind, w.shape[1]), w, imp).dequantize()
             errors[name][kind] = float((((w - q) ** 2).sum(0) * imp).sum())
             sizes[name][kind] = _bytes(kind, w.shape[0], w.shape[1])
+        bar.update(1)
+    bar.close()
     return errors, sizes

@@ -15,6 +15,9 @@ class GgmlGrid:
     def __init__(self, t: GgmlType, rows: int, n_in: int):
         self.t, self.span = t, t.block
         self.q = torch.zeros(rows, n_in, dtype=torch.uint8)
+        self.scale = torch.zeros(rows, n_in // t.sub)
+        self.bias = torch.zeros(rows, n_in // t.sub) if t.asymmetric else None
+        self.levels = t.level_tensor()
         self.parts: list[tuple[int, Blocks]] = []
 
     def start(self, w: torch.Tensor, first: int, importance: torch.Tensor) -> None:
@@ -22,18 +25,10 @@ class GgmlGrid:
         blocks = fields(self.t, w, importance)
         self.parts.append((first, blocks))
         scale, bias = blocks.scale_bias()
-        sub = self.t.sub
-        if first == 0 and w.shape[1] == self.q.shape[1]:
-            self.scale, self.bias = scale, bias
-        else:  # a span: write its sub-blocks into the whole row's
-            if first == 0:
-                n = self.q.shape[1] // sub
-                self.scale = torch.zeros(self.q.shape[0], n)
-                self.bias = None if bias is None else torch.zeros(self.q.shape[0], n)
-            self.scale[:, first // sub : first // sub + scale.shape[1]] = scale
-            if bias is not None:
-                self.bias[:, first // sub : first // sub + bias.shape[1]] = bias
-        self.levels = self.t.level_tensor()
+        subs = slice(first // self.t.sub, first // self.t.sub + scale.shape[1])
+        self.scale[:, subs] = scale
+        if bias is not None:
+            self.bias[:, subs] = bias
 
     def column(self, j: int, col: torch.Tensor) -> torch.Tensor:
         s = self.scale[:, j // self.t.sub]

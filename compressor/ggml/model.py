@@ -59,23 +59,29 @@ def shape_sizes(shape: dict) -> list[tuple[int, int]]:
     return out + ([] if shape.get("tie_word_embeddings") else [(shape["vocab_size"], hidden)])
 
 
+def activation_importance(model: torch.nn.Module, linears: dict, blocks: torch.Tensor, batch_size: int) -> dict:
+    """{name: mean squared input per column} of `linears` over the calibration blocks, in one pass."""
+    from ..quant import Importance
+
+    hooks = Importance(linears)
+    try:
+        with torch.no_grad():
+            for batch in blocks.split(batch_size):
+                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        found = hooks.close()
+    return found
+
+
 def budgeted(model: torch.nn.Module, listed, target_bits: float, calibrate, batch_size: int) -> dict:
     """{name: type} of every listed matrix, chosen by measured sensitivity per byte to fit
     `target_bits` per weight (budget.py)."""
-    from ..progress import say
-    from ..quant import Importance
     from .budget import allocate, sensitivities
 
     modules = dict(model.named_modules())
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    hooks = Importance(linears)
-    try:
-        with torch.no_grad():
-            for batch in calibrate().split(batch_size):
-                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
-    finally:
-        importance = hooks.close()
+    importance = activation_importance(model, linears, calibrate(), batch_size)
     names = {m: n for n, m in linears.items()}
     first = next(n for n, role, layer, _ in listed if role == "attn_q" and layer == 0)
     weights, weigh = {}, {}
@@ -86,7 +92,6 @@ def budgeted(model: torch.nn.Module, listed, target_bits: float, calibrate, batc
             weigh[name] = importance[names[head]] if tied else importance[first]
         else:
             weigh[name] = importance[name]
-    say(f"measuring {len(weights)} matrices' sensitivity on each candidate type")
     errors, sizes = sensitivities(weights, weigh)
     total = sum(w.numel() for w in weights.values())
     return allocate(errors, sizes, int(target_bits * total / 8))
@@ -115,7 +120,6 @@ def quantize_model(model: torch.nn.Module, types: dict, method: str, calibrate, 
     `settings.importance`, the embedding by nothing (a lookup has no input to weigh)."""
     from ..gptq_model import run_gptq
     from ..progress import Bar
-    from ..quant import Importance
 
     modules = dict(model.named_modules())
     linears = {n: modules[n] for n in types if isinstance(modules[n], torch.nn.Linear)}
@@ -125,13 +129,7 @@ def quantize_model(model: torch.nn.Module, types: dict, method: str, calibrate, 
     else:
         importance = {}
         if getattr(settings, "importance", False):
-            hooks = Importance(linears)
-            try:
-                with torch.no_grad():
-                    for batch in calibrate().split(settings.calibration.batch_size):
-                        model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
-            finally:
-                importance = hooks.close()
+            importance = activation_importance(model, linears, calibrate(), settings.calibration.batch_size)
         with Bar("round to nearest", len(linears), unit="tensor") as bar:
             for name, m in linears.items():
                 found[name] = quantize(type_for_row(types[name], m.in_features), m.weight, importance.get(name))
