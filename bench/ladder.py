@@ -2,7 +2,8 @@
 token ids in one run.
 
     python bench/ladder.py [--model smollm2-135m-instruct|gemma3-270m] [--rungs Q4_K_M,IQ4_XS,...]
-                           [--ours gptq:Q4_K_M,rtn:Q8_0,...] [--windows 8] [--rounds 3]
+                           [--ours gptq:Q4_K_M,qat:Q4_K_M,rtn:Q8_0,...] [--qat-steps 32]
+                           [--windows 8] [--rounds 3]
 
 Rows:
 - `llamacpp`: each rung (llama.cpp's named mix) made by `llama-quantize` with an importance matrix
@@ -13,7 +14,9 @@ Rows:
 - `ours`: a `quantize: {mix: <rung>}` stage per rung and method (the same tensor types as
   llama.cpp's mix: every difference is the integers): `gptq` (act-order, 64 calibration blocks)
   and `rtn` with `importance: true` (round to nearest after our importance-weighted scale search,
-  the information an imatrix holds), exported with `--format gguf` byte for byte.
+  the information an imatrix holds), and `qat` (a `qat: {mix: <rung>, init: gptq}` stage: GPTQ's
+  solution, then distillation from the float model through the file's values, each block's stored
+  scales kept), exported with `--format gguf` byte for byte.
 - `floor`: llama.cpp's own Q8_0 file's weights, dequantized, stored as F32: what llama.cpp's
   arithmetic costs when the weights are exactly Q8_0's (its quantized kernels round activations to
   8-bit blocks; an F32 file does not).
@@ -41,10 +44,37 @@ MODELS = {
 }
 
 
-def our_stage(method: str, rung: str) -> dict:
+QAT = {"batch_size": 4, "lr": 2e-4, "loss": {"divergence": "forward_kl", "temperature": 1.0, "alpha": 1.0}}
+
+
+def our_stage(method: str, rung: str, qat_steps: int) -> dict:
+    name = f"{method}_{rung.lower()}"
+    if method == "qat":
+        cfg = {"mix": rung, "init": "gptq", "calibration": CALIBRATION, "steps": qat_steps, **QAT}
+        return {"name": name, "qat": cfg}
     cfg = {"method": method, "mix": rung, "calibration": CALIBRATION}
     cfg |= {"act_order": True} if method == "gptq" else {"importance": True}
-    return {"name": f"{method}_{rung.lower()}", "quantize": cfg}
+    return {"name": name, "quantize": cfg}
+
+
+LABELS = {"gptq": "GPTQ", "rtn": "RTN (importance)", "qat": "QAT (from GPTQ)"}
+
+
+def against_rungs(out: dict) -> dict:
+    """Per llama.cpp imatrix rung: our lowest-KL file no bigger than it, and its KL as a share of the rung's."""
+    best = {}
+    for rung, r in out["llamacpp"].items():
+        fits = [o for o in out["ours"] if o["bytes"] <= r["bytes"]]
+        if fits:
+            o = min(fits, key=lambda o: o["kl_to_float"])
+            best[rung] = {"ours": o["name"], "bytes": o["bytes"], "kl_ratio": o["kl_to_float"] / r["kl_to_float"]}
+            by_method = {}
+            for m in LABELS:
+                mine = [x for x in fits if x["method"] == m]
+                if mine:
+                    by_method[m] = min(x["kl_to_float"] for x in mine) / r["kl_to_float"]
+            best[rung]["kl_ratio_by_method"] = by_method
+    return best
 
 
 def main() -> None:
@@ -52,6 +82,7 @@ def main() -> None:
     p.add_argument("--model", choices=list(MODELS), default="smollm2-135m-instruct")
     p.add_argument("--rungs", default=",".join(RUNGS))
     p.add_argument("--ours", default=None, help="method:rung of our stages; default: gptq and rtn on every rung")
+    p.add_argument("--qat-steps", type=int, default=32, help="training steps of each qat row (batch 4 x 512)")
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
@@ -71,7 +102,7 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     spec = TeacherSpec.model_validate(f"gguf:{args.model}")
-    ours = [our_stage(m, r) for m, r in pairs]
+    ours = [our_stage(m, r, args.qat_steps) for m, r in pairs]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         artifacts, teacher, windows = build_on_wikitext("ladder", args.model, ours, args.windows, tmp)
@@ -96,9 +127,11 @@ def main() -> None:
             name = stage["name"]
             loaded = load_pretrained(str(artifacts[name]), cpu, dtype="auto")
             path = write_gguf(loaded.model, loaded.tokenizer, artifacts[name], tmp / f"{name}.gguf", {}, name)
-            method, rung = stage["quantize"]["method"], stage["quantize"]["mix"]
-            label = f"ours {method.upper()} {rung}" + (" (importance)" if method == "rtn" else "")
-            files[f"ours/{name}"] = ("ours", path, {"name": label, "method": method, "mix": rung})
+            method, rung = name.split("_", 1)[0], (stage.get("qat") or stage["quantize"])["mix"]
+            extra = {"name": f"ours {LABELS[method]} {rung}", "method": method, "mix": rung}
+            if method == "qat":
+                extra["qat"] = {k: stage["qat"][k] for k in ("steps", "batch_size", "lr", "loss")}
+            files[f"ours/{name}"] = ("ours", path, extra)
         if "Q8_0" in rungs:  # the floor: Q8_0's weights in F32, llama.cpp's arithmetic without its 8-bit rounding
             q8 = TeacherSpec.model_validate(f"gguf:{files['llamacpp/Q8_0'][1]}")
             floor = load_teacher(q8, cpu)
@@ -156,6 +189,7 @@ def main() -> None:
         "timing": timing["session"],
         "load_average": load_average(),
     }
+    out["against_rungs"] = against_rungs(out)
     save(report, out, markdown(out))
     plot(out, REPORTS / f"{report}.png")
     print(markdown(out))
@@ -181,6 +215,17 @@ def markdown(out: dict) -> str:
             f"| {r['name']} | {r['bytes'] / 1e6:.1f} M | {r['bits_per_weight']:.2f} | {r['ppl']:.2f} | "
             f"{100 * (r['ppl'] / out['float']['ppl'] - 1):+.1f}% | {r['kl_to_float']:.4f} | {r['top1']:.3f} | {ms} |"
         )
+    lines += [
+        "",
+        "Ours against each imatrix rung: the lowest-KL file of ours no bigger than it, KL as a share of the "
+        "rung's (targets: ≤ 0.7× with GPTQ, ≤ 0.5× with QAT at 4.x bits and below; ≤ 1.0× above).",
+        "",
+        "| rung | ours | KL ratio | by method |",
+        "|---|---|---|---|",
+    ]
+    for rung, b in out["against_rungs"].items():
+        methods = ", ".join(f"{LABELS[m]} {x:.2f}×" for m, x in b["kl_ratio_by_method"].items())
+        lines.append(f"| {rung} | {b['ours']} | {b['kl_ratio']:.2f}× | {methods} |")
     lines += ["", "Types per file (matrices):", ""]
     for r in every:
         lines.append(f"- {r['name']}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(r["types"].items())))
@@ -197,10 +242,9 @@ def plot(out: dict, path: Path) -> None:
     groups = {
         "llama.cpp, imatrix": list(out["llamacpp"].values()),
         "llama.cpp, no imatrix": list(out["llamacpp_no_imatrix"].values()),
-        "ours, GPTQ": [r for r in out["ours"] if r["method"] == "gptq"],
-        "ours, RTN + importance": [r for r in out["ours"] if r["method"] == "rtn"],
+        **{f"ours, {LABELS[m]}": [r for r in out["ours"] if r["method"] == m] for m in ("qat", "gptq", "rtn")},
     }
-    for (label, rows), marker in zip(groups.items(), "osD^"):
+    for (label, rows), marker in zip(groups.items(), "os*D^"):
         if not rows:
             continue
         pts = sorted((r["bytes"] / 1e6, r["kl_to_float"]) for r in rows)

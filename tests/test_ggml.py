@@ -303,3 +303,51 @@ def test_a_byte_budget_picks_types_per_matrix_and_meets_it(wide_folder, tmp_path
     small = recipe({"quantize": {"method": "gptq", "target_bits": 2.2}}, teacher=teacher)
     assert main(["validate", str(write_recipe(small, "small.yaml"))]) == 2
     assert "no mix of GGUF types is that small for this model; the smallest is 2.62" in capsys.readouterr().err
+
+
+def test_qat_on_a_gguf_type_trains_through_the_files_values_from_its_start(wide_folder, tmp_path, write_recipe):
+    """QAT keeps the starting quantization's stored fields, ends closer to the teacher than that
+    start, and its file is its artifact: llama.cpp measures what torch measures."""
+    pytest.importorskip("llama_cpp")
+    from conftest import recipe
+
+    from compressor.cli import main
+    from compressor.pipeline import run
+    from compressor.quantized import read_ggml
+    from compressor.recipe import load_recipe
+
+    model, save = wide_folder
+    teacher = f"hf:{save(model, 'teacher')}"
+    calibration = {"samples": 8}
+    start = {"quantize": {"method": "rtn", "type": "Q4_K", "importance": True, "calibration": calibration}}
+    loss = {"divergence": "forward_kl", "alpha": 1.0, "temperature": 1.0}
+    qat = {"qat": {"type": "Q4_K", "calibration": calibration, "steps": 64, "batch_size": 4, "lr": 3e-4, "loss": loss}}
+    records = []
+    for i, stage in enumerate((start, qat)):
+        r = recipe(stage, teacher=teacher)
+        r["eval"].update(tasks=[], latency={"enabled": False}, runtimes=["torch", "llama.cpp"])
+        records.append(run(load_recipe(write_recipe(r, f"{i}.yaml")), tmp_path / str(i)))
+    ptq, trained, in_llama = (
+        next(s for s in records[i]["stages"] if s["name"] == name and s["runtime"] == runtime)
+        for i, name, runtime in ((0, "quantize", "torch"), (1, "qat", "torch"), (1, "qat", "llama.cpp"))
+    )
+    assert trained["info"]["fake_quantized"] == 14 and trained["info"]["gguf_types"] == {"Q4_K": 14}
+    assert trained["metrics"]["teacher_kl"] < 0.95 * ptq["metrics"]["teacher_kl"]
+    kl = trained["metrics"]["teacher_kl"]
+    assert in_llama["runtime"] == "llama.cpp" and abs(in_llama["metrics"]["teacher_kl"] - kl) < 0.1 * kl
+    before, after = read_ggml(ptq["artifact"]), read_ggml(trained["artifact"])
+    moved = 0
+    for name, b in after.items():  # the fields are the start's; only the codes moved
+        assert torch.equal(b.d, before[name].d) and torch.equal(b.sc, before[name].sc), name
+        assert torch.equal(b.mn, before[name].mn), name
+        moved += int((b.q != before[name].q).sum())
+    assert moved > 0
+    out = tmp_path / "gguf"
+    assert main(["export", str(tmp_path / "1"), "--format", "gguf", "--out", str(out)]) == 0
+    from compressor.models import load_pretrained
+
+    loaded = load_pretrained(trained["artifact"], CPU, dtype="auto")
+    tensor = next(t for t in gguf.GGUFReader(next(out.glob("*.gguf"))).tensors if t.name == "blk.1.ffn_down.weight")
+    stored = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
+    want = loaded.model.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    assert np.array_equal(bits(stored), bits(want))

@@ -1,13 +1,18 @@
-"""A GGUF type as GPTQ walks it: fields (fp16 d, sub-block integers) fitted per block from the
-weights as error feedback has left them, weighted by the Hessian's diagonal (the importance
-llama.cpp's imatrix estimates), and each column rounded to the value the file will dequantize
-to, computed in the same float32 order as `Blocks.dequantize`."""
+"""A GGUF type as our optimisers see it, always through the values the file will dequantize to
+(the same float32 order as `Blocks.dequantize`):
+- GgmlGrid, as GPTQ walks it: fields (fp16 d, sub-block integers) fitted per block from the
+  weights as error feedback has left them, weighted by the Hessian's diagonal (the importance
+  llama.cpp's imatrix estimates), and each column rounded against them;
+- OnFields, as QAT trains on it: the fields of a starting quantization kept, every weight
+  rounded against them in the forward pass, the gradient straight through to the float weight.
+  Keeping the fields is what keeps the trained weights exact: the sub-block integers and fp16 d
+  that the forward pass used are the ones written."""
 
 from __future__ import annotations
 
 import torch
 
-from .fit import fields, level_codes
+from .fit import codes, fields, level_codes
 from .types import Blocks, GgmlType
 
 
@@ -44,3 +49,22 @@ class GgmlGrid:
         blocks = Blocks.cat([b for _, b in sorted(self.parts, key=lambda p: p[0])], dim=1)
         blocks.q = self.q
         return blocks
+
+
+class OnFields(torch.nn.Module):
+    """A parametrization of a Linear weight: computes with `start`'s stored fields and the nearest
+    level of each weight against them; `blocks(w)` is what the file holds for the weight `w`."""
+
+    def __init__(self, start: Blocks):
+        super().__init__()
+        self.start = start
+        self.scale, self.bias = start.scale_bias()
+
+    def blocks(self, w: torch.Tensor) -> Blocks:
+        q = codes(self.start.type, w.detach().float().cpu(), self.scale, self.bias)
+        s = self.start
+        return Blocks(s.type, q, s.d, s.dmin, s.sc, s.mn)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        value = self.blocks(w).dequantize().to(w)
+        return w + (value - w).detach()

@@ -9,6 +9,14 @@ forward is round-to-nearest): the weights are set to GPTQ's dequantized codes, s
 starts where `quantize: {method: gptq}` ends and only has to improve on it. The grid's scales are
 recomputed from the weights as training moves them; `info.init_scales_kept` says for what share
 of the groups GPTQ's own scales are the ones the first step computes with.
+
+GGUF types (`type:`, `mix:` or `target_bits:`, as in `quantize`): training starts from
+`quantize`'s solution on those types (`init: rtn`, with importance from the calibration blocks,
+or `init: gptq`), keeps each block's stored fields (fp16 d, sub-block scales and mins) and rounds
+every weight against them in the forward pass (ggml.grid.OnFields), so the values trained
+through are the file's; the codes are re-rounded at the end and stored as `quantize` stores
+them. The token embedding (and a head tied to it) keeps its starting quantization: a lookup has
+no rounding to train through, and the tied head's logits must be the file's.
 """
 
 from __future__ import annotations
@@ -26,16 +34,19 @@ from ..kd import Recovery, check_recovery, distill_train, recovery_start
 from ..quant import FakeQuant, fake_quant_activations, scales
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
+from .gguf_types import GgufChoice, check_gguf, choose_types, report_gguf
 
 
-class Config(Recovery, Scheme):
+class Config(Recovery, Scheme, GgufChoice):
     init: Literal["rtn", "gptq"] = Field("rtn", description="where training starts: the float weights, or GPTQ's")
     calibration: Calibration = Field(Calibration(samples=64), description="init gptq: its calibration blocks")
 
     @model_validator(mode="after")
     def _calibrated(self) -> "Config":
-        if "calibration" in self.model_fields_set and self.init != "gptq":
-            raise ValueError("calibration: only init: gptq calibrates (init is rtn)")
+        if self.gguf() is not None:
+            self.refuse_grid_fields(("bits", "group_size", "activations"))
+        elif "calibration" in self.model_fields_set and self.init != "gptq":
+            raise ValueError("calibration: only init: gptq calibrates on the INT grid (init is rtn)")
         return self
 
 
@@ -65,7 +76,10 @@ class QAT(StageKind):
     algorithm = 2  # 2: trains on and stores llama.cpp's grid (max|w| / -8)
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
-        check_scheme(cfg, shape, "torchao")
+        if cfg.gguf() is not None:
+            check_gguf(cfg, shape)
+        else:
+            check_scheme(cfg, shape, "torchao")
         return check_recovery(cfg, shape, teacher_shape)
 
     def white_box_fields(self, cfg: Config) -> str | None:
@@ -73,6 +87,8 @@ class QAT(StageKind):
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         model, teacher, cfg = recovery_start(model, ctx)
+        if cfg.gguf() is not None:
+            return on_ggml_types(model, teacher, cfg, ctx)
         if cfg.init == "gptq":
             ctx.info["init_scales_kept"] = gptq_start(model, cfg, ctx)
         linears = quantized_linears(model, cfg.lm_head)
@@ -88,3 +104,31 @@ class QAT(StageKind):
         for m in linears.values():
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
         return requantize(model, ctx.scratch / "float", torchao_config(cfg), ctx.device, rtn_codes(model, cfg))
+
+
+def on_ggml_types(model: torch.nn.Module, teacher, cfg: Config, ctx: StageContext) -> torch.nn.Module:
+    """Distill through GGUF types' values from `quantize`'s solution on them, their fields kept."""
+    from ..ggml.grid import OnFields
+    from ..ggml.model import quantize_model
+
+    calibrate = lambda: ctx.train_blocks(ctx.seq_len)[: cfg.calibration.samples]  # noqa: E731
+    listed, types = choose_types(model, cfg, calibrate, imatrix=True)
+    start = SimpleNamespace(
+        calibration=cfg.calibration, act_order=True, damp=DAMP, lm_head=cfg.lm_head, importance=True
+    )
+    found = quantize_model(model, types, cfg.init, calibrate, start)
+    ctx.info["calibration_samples"] = cfg.calibration.samples
+    modules = dict(model.named_modules())
+    trained = {n: OnFields(b) for n, b in found.items() if isinstance(modules[n], torch.nn.Linear)}
+    for name in found.keys() - trained.keys():  # the embedding, and a head tied to it
+        modules[name].weight.requires_grad_(False)
+    for name, on in trained.items():
+        parametrize.register_parametrization(modules[name], "weight", on)
+    ctx.info["fake_quantized"] = len(trained)
+    ctx.info.update(distill_train(model, teacher, cfg, ctx))
+    for name, on in trained.items():
+        found[name] = on.blocks(modules[name].parametrizations.weight.original)
+        parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+        modules[name].weight.data = found[name].dequantize().to(modules[name].weight)
+    report_gguf(found, listed, cfg, ctx)
+    return model

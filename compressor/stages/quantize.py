@@ -34,64 +34,30 @@ import torch
 from pydantic import Field, model_validator
 
 from ..data import Calibration
-from ..ggml import TYPES, ggml_type
-from ..ggml import model as ggml_model
-from ..ggml.mixes import PRESETS
 from ..gptq_model import DAMP, run_gptq
-from ..quantized import (
-    GGML_FILE,
-    Scheme,
-    bnb_config,
-    check_scheme,
-    ggml_summary,
-    requantize,
-    rtn_codes,
-    torchao_config,
-    write_ggml,
-)
+from ..quantized import Scheme, bnb_config, check_scheme, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
+from .gguf_types import GgufChoice, check_gguf, choose_types, report_gguf
 
 BACKENDS = {"rtn": ("torchao",), "gptq": ("torchao",), "bnb": ("bitsandbytes",)}
 
 
-class Config(Scheme):
+class Config(Scheme, GgufChoice):
     method: Literal["rtn", "gptq", "bnb"]
     backend: Literal["torchao", "bitsandbytes"] | None = Field(None, description="default: the method's own")
     format: Literal["nf4", "fp4"] = Field("nf4", description="bnb 4-bit data type")
     act_order: bool = Field(False, description="gptq: quantize columns by decreasing Hessian diagonal")
     damp: float = Field(DAMP, gt=0, lt=1, description="gptq: dampening, fraction of the mean Hessian diagonal")
     calibration: Calibration = Calibration(samples=64)
-    type: str | None = Field(None, description=f"one GGUF type for every Linear: {', '.join(TYPES)}")
-    mix: str | None = Field(None, description=f"llama.cpp's mix for every matrix: {', '.join(PRESETS)}")
-    target_bits: float | None = Field(
-        None, gt=2, le=8.5, description="GGUF types per matrix by measured sensitivity, to this many bits per weight"
-    )
     importance: bool = Field(False, description="rtn on GGUF types: weigh errors by calibration activations")
 
     @model_validator(mode="after")
     def _runs(self) -> "Config":
-        given = [f for f in ("type", "mix", "target_bits") if getattr(self, f) is not None]
-        if len(given) > 1:
-            raise ValueError(
-                f"{' and '.join(given)}: give one (type: one GGUF type for the Linears; mix: llama.cpp's rule; "
-                "target_bits: a budget)"
-            )
-        gguf = self.type or self.mix or (f"target_bits {self.target_bits}" if self.target_bits else None)
-        if self.type is not None:
-            self.type = ggml_type(self.type).name
-        if self.mix is not None:
-            if self.mix.upper() not in PRESETS:
-                raise ValueError(f"mix {self.mix!r} is not one of llama.cpp's we follow; mixes: {', '.join(PRESETS)}")
-            self.mix = self.mix.upper()
+        gguf = self.gguf()
         if gguf is not None:
-            what = f"type {self.type}" if self.type else f"mix {self.mix}" if self.mix else gguf
             if self.method == "bnb":
-                raise ValueError(f"{what}: GGUF types are quantized by method rtn or gptq, not bnb")
-            grid_fields = ("bits", "group_size", "activations", "backend", "format")
-            grid_fields += ("lm_head",) if self.type is None else ()
-            clash = [f for f in grid_fields if f in self.model_fields_set]
-            if clash:
-                raise ValueError(f"{clash[0]}: {what} is the whole grid; leave {clash[0]} out")
+                raise ValueError(f"{gguf}: GGUF types are quantized by method rtn or gptq, not bnb")
+            self.refuse_grid_fields(("bits", "group_size", "activations", "backend", "format"))
         if self.importance and (gguf is None or self.method != "rtn"):
             raise ValueError("importance: for method rtn with a GGUF type or mix (gptq always weighs by its Hessian)")
         backends = BACKENDS[self.method]
@@ -111,20 +77,8 @@ class Quantize(StageKind):
     algorithm = 2  # 2: llama.cpp's grid (max|w| / -8), value projections fitted through attention
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
-        if cfg.target_bits is not None:
-            from ..ggml.budget import smallest_bits
-
-            least = smallest_bits(ggml_model.shape_sizes(shape))
-            if cfg.target_bits < least:
-                raise ValueError(
-                    f"target_bits {cfg.target_bits}: no mix of GGUF types is that small for this model; "
-                    f"the smallest is {least:.2f} bits per weight (every matrix in Q2_K or its fallback)"
-                )
-            return shape
-        if cfg.type is not None or cfg.mix is not None:
-            if cfg.lm_head and shape.get("tie_word_embeddings"):
-                raise ValueError("lm_head: true, but the head is tied to the embeddings (a mix quantizes both)")
-            ggml_model.assign(ggml_model.shape_tensors(shape), shape, cfg.type, cfg.mix, cfg.lm_head, True)
+        if cfg.gguf() is not None:
+            check_gguf(cfg, shape)
             return shape
         if cfg.method == "bnb" and cfg.bits == 8 and cfg.group_size not in (None, 64):
             raise ValueError("bnb 8-bit (LLM.int8) has one scale per row: leave group_size out")
@@ -138,7 +92,7 @@ class Quantize(StageKind):
         if cfg.method == "bnb":
             # saved before any forward pass: a bnb 4-bit model saved after one reloads wrong on CPU
             return requantize(model, folder, bnb_config(cfg, cfg.format), ctx.device)
-        if cfg.type is not None or cfg.mix is not None or cfg.target_bits is not None:
+        if cfg.gguf() is not None:
             return on_ggml_types(model, cfg, ctx)
         if cfg.method == "gptq":
             codes = run_gptq(model, cfg, ctx.train_blocks(ctx.seq_len), ctx.device)
@@ -149,28 +103,15 @@ class Quantize(StageKind):
 
 
 def on_ggml_types(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> torch.nn.Module:
-    """rtn or gptq on GGUF types (one `type`, or llama.cpp's `mix`); the model keeps the values the
-    file will hold, the blocks go to ggml.safetensors beside them."""
-    listed = ggml_model.tensors(model)
+    """rtn or gptq on GGUF types (one `type`, llama.cpp's `mix`, or a budget); the model keeps the
+    values the file will hold, the blocks go to ggml.safetensors beside them."""
+    from ..ggml.model import quantize_model
+
     calibrate = lambda: ctx.train_blocks(ctx.seq_len)[: cfg.calibration.samples]  # noqa: E731
-    if cfg.target_bits is not None:
-        types = ggml_model.budgeted(model, listed, cfg.target_bits, calibrate, cfg.calibration.batch_size)
-    else:
-        imatrix = cfg.method == "gptq" or cfg.importance  # what llama.cpp's mix rules call "has an imatrix"
-        types = ggml_model.assign(listed, model.config.to_dict(), cfg.type, cfg.mix, cfg.lm_head, imatrix)
-    found = ggml_model.quantize_model(model, types, cfg.method, calibrate, cfg)
+    imatrix = cfg.method == "gptq" or cfg.importance  # what llama.cpp's mix rules call "has an imatrix"
+    listed, types = choose_types(model, cfg, calibrate, imatrix)
+    found = quantize_model(model, types, cfg.method, calibrate, cfg)
     if cfg.method == "gptq" or cfg.importance or cfg.target_bits:
         ctx.info.update(calibration_samples=cfg.calibration.samples)
-    ctx.info["gguf_types"] = ggml_summary(found)
-    ctx.info["gguf_allocation"] = ggml_model.allocation(found, listed)
-    weights = sum(b.shape[0] * b.shape[1] for b in found.values())
-    ctx.info["gguf_bits_per_weight"] = round(8 * sum(b.nbytes() for b in found.values()) / weights, 3)
-    if cfg.type is not None:
-        fallbacks = sorted({n.rpartition(".")[2] for n, b in found.items() if b.type.name != cfg.type})
-        if fallbacks:
-            ctx.info["gguf_fallback"] = (
-                f"{', '.join(fallbacks)}: rows not a multiple of {TYPES[cfg.type].block}, written as "
-                f"{', '.join(sorted({b.type.name for b in found.values()} - {cfg.type}))} (llama.cpp's rule)"
-            )
-    ctx.files[GGML_FILE] = lambda path: write_ggml(path, found)
+    report_gguf(found, listed, cfg, ctx)
     return model
