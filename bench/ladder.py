@@ -10,7 +10,7 @@ Rows:
   that `llama-imatrix` computes on the calibration text (64 × 512 tokens of WikiText-2 valid, the
   text our own calibration reads); `llamacpp_no_imatrix`: the same rung without it. Both from the
   float model written as F32 GGUF by our exporter. The tools build from the llama.cpp tree in the
-  llama-cpp-python source package (bench/_llamacpp_tools.py, once, ~10 min on 2 cores).
+  llama-cpp-python source package (`python -m compressor.llamacpp_tools`, once, ~10 min on 2 cores).
 - `ours`: a `quantize: {mix: <rung>}` stage per rung and method (the same tensor types as
   llama.cpp's mix: every difference is the integers): `gptq` (act-order, 64 calibration blocks)
   and `rtn` with `importance: true` (round to nearest after our importance-weighted scale search,
@@ -32,7 +32,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _llamacpp_tools import run_tool
 from _reports import REPORTS, WIKITEXT, build_on_wikitext, load_average, prepare, save
 
 THREADS = 2
@@ -49,6 +48,8 @@ QAT = {"batch_size": 4, "lr": 2e-4, "loss": {"divergence": "forward_kl", "temper
 
 def our_stage(method: str, rung: str, qat_steps: int) -> dict:
     name = f"{method}_{rung.lower()}"
+    if method == "llamacpp":  # llama-quantize as a stage, with the imatrix our calibration writes
+        return {"name": name, "llamacpp": {"type": rung, "calibration": CALIBRATION}}
     if method == "qat":
         cfg = {"mix": rung, "init": "gptq", "calibration": CALIBRATION, "steps": qat_steps, **QAT}
         return {"name": name, "qat": cfg}
@@ -95,6 +96,7 @@ def main() -> None:
 
     from compressor.exporters.gguf import write_gguf
     from compressor.latency import LatencySpec, Timed, time_models
+    from compressor.llamacpp_tools import run_tool
     from compressor.measure import fidelity as scored
     from compressor.models import load_pretrained
     from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner
@@ -127,7 +129,12 @@ def main() -> None:
             name = stage["name"]
             loaded = load_pretrained(str(artifacts[name]), cpu, dtype="auto")
             path = write_gguf(loaded.model, loaded.tokenizer, artifacts[name], tmp / f"{name}.gguf", {}, name)
-            method, rung = name.split("_", 1)[0], (stage.get("qat") or stage["quantize"])["mix"]
+            method = name.split("_", 1)[0]
+            if method == "llamacpp":  # llama.cpp's rung again, its imatrix written by our calibration pass
+                rung = stage["llamacpp"]["type"]
+                files[f"llamacpp_our_imatrix/{rung}"] = ("", path, {"name": f"llama.cpp {rung} (our imatrix)"})
+                continue
+            rung = (stage.get("qat") or stage["quantize"])["mix"]
             extra = {"name": f"ours {LABELS[method]} {rung}", "method": method, "mix": rung}
             if method == "qat":
                 extra["qat"] = {k: stage["qat"][k] for k in ("steps", "batch_size", "lr", "loss")}
@@ -166,6 +173,9 @@ def main() -> None:
         for key, (_, path, extra) in files.items():
             rows[key] = row(path, extra)
             print(key, {k: rows[key][k] for k in ("bytes", "ppl", "kl_to_float", "top1")}, flush=True)
+            group, _, rung = key.partition("/")
+            if group == "llamacpp_our_imatrix" and f"llamacpp/{rung}" in files:
+                rows[key]["same_bytes_as_llama_imatrix"] = same_bytes(path, files[f"llamacpp/{rung}"][1])
         float_ppl = scored(teacher.model, None, windows, 1)["heldout_ppl"]
 
         latency = LatencySpec(
@@ -184,6 +194,7 @@ def main() -> None:
         "calibration": "64 x 512 tokens of WikiText-2 valid, for llama-imatrix and for our stages",
         "llamacpp": {k.split("/")[1]: r for k, r in rows.items() if k.startswith("llamacpp/")},
         "llamacpp_no_imatrix": {k.split("/")[1]: r for k, r in rows.items() if k.startswith("llamacpp_no_imatrix/")},
+        "llamacpp_our_imatrix": {k.split("/")[1]: r for k, r in rows.items() if k.startswith("llamacpp_our_imatrix/")},
         "ours": [r for k, r in rows.items() if k.startswith("ours/")],
         "floor": rows.get("floor"),
         "timing": timing["session"],
@@ -193,6 +204,22 @@ def main() -> None:
     save(report, out, markdown(out))
     plot(out, REPORTS / f"{report}.png")
     print(markdown(out))
+
+
+def same_bytes(a: Path, b: Path) -> float:
+    """Share of the quantized matrices' bytes two GGUF files of one model hold alike."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    theirs = {t.name: t for t in GGUFReader(b).tensors}
+    same = total = 0
+    for t in GGUFReader(a).tensors:
+        if len(t.shape) == 2 and t.tensor_type.name not in ("F32", "F16"):
+            other = theirs[t.name]
+            x, y = np.asarray(t.data).view(np.uint8).ravel(), np.asarray(other.data).view(np.uint8).ravel()
+            same += int((x == y).sum()) if x.shape == y.shape else 0
+            total += x.size
+    return same / total
 
 
 def markdown(out: dict) -> str:
@@ -207,7 +234,8 @@ def markdown(out: dict) -> str:
         "| file | bytes | bits/weight | ppl | Δ ppl | mean KL | top-1 | decode ms/token |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    every = list(out["llamacpp"].values()) + list(out["llamacpp_no_imatrix"].values()) + out["ours"]
+    every = [r for g in ("llamacpp", "llamacpp_no_imatrix", "llamacpp_our_imatrix") for r in out[g].values()]
+    every += out["ours"]
     every += [out["floor"]] if out.get("floor") else []
     for r in sorted(every, key=lambda r: (-r["bytes"], r["kl_to_float"])):
         ms = f"{r['ms_per_token']:.1f} ({r['ms_range'][0]:.1f}–{r['ms_range'][1]:.1f})" if "ms_per_token" in r else ""
@@ -226,6 +254,22 @@ def markdown(out: dict) -> str:
     for rung, b in out["against_rungs"].items():
         methods = ", ".join(f"{LABELS[m]} {x:.2f}×" for m, x in b["kl_ratio_by_method"].items())
         lines.append(f"| {rung} | {b['ours']} | {b['kl_ratio']:.2f}× | {methods} |")
+    if out["llamacpp_our_imatrix"]:
+        lines += [
+            "",
+            "llama-quantize with the importance matrix our calibration pass writes (compressor/ggml/imatrix.py) "
+            "against the one `llama-imatrix` computes on the same text:",
+            "",
+            "| rung | KL, llama-imatrix's | KL, ours | quantized bytes alike |",
+            "|---|---|---|---|",
+        ]
+        for rung, r in out["llamacpp_our_imatrix"].items():
+            theirs = out["llamacpp"].get(rung)
+            if theirs:
+                lines.append(
+                    f"| {rung} | {theirs['kl_to_float']:.4f} | {r['kl_to_float']:.4f} | "
+                    f"{100 * r['same_bytes_as_llama_imatrix']:.1f}% |"
+                )
     lines += ["", "Types per file (matrices):", ""]
     for r in every:
         lines.append(f"- {r['name']}: " + ", ".join(f"{k} ×{v}" for k, v in sorted(r["types"].items())))
@@ -242,9 +286,10 @@ def plot(out: dict, path: Path) -> None:
     groups = {
         "llama.cpp, imatrix": list(out["llamacpp"].values()),
         "llama.cpp, no imatrix": list(out["llamacpp_no_imatrix"].values()),
+        "llama.cpp, our imatrix": list(out["llamacpp_our_imatrix"].values()),
         **{f"ours, {LABELS[m]}": [r for r in out["ours"] if r["method"] == m] for m in ("qat", "gptq", "rtn")},
     }
-    for (label, rows), marker in zip(groups.items(), "os*D^"):
+    for (label, rows), marker in zip(groups.items(), "osxP*D^"):
         if not rows:
             continue
         pts = sorted((r["bytes"] / 1e6, r["kl_to_float"]) for r in rows)

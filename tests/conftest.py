@@ -1,8 +1,9 @@
 """Shared fixtures: an isolated cache, a tiny built-in teacher, tiny Llamas, recipe writers.
 
-Tests never touch the hub or the user's cache: COMPRESSOR_HOME points at a session temp
-folder and HF_HUB_OFFLINE is set. Real data (../shared/data) is used where present and the
-tests that need it skip with the reason otherwise.
+Tests never touch the hub or write the user's cache: COMPRESSOR_HOME points at a session temp
+folder and HF_HUB_OFFLINE is set. llama.cpp's tools, where `python -m compressor.llamacpp_tools`
+built them, are run from there (read only); the tests that need them skip otherwise. Real data
+(../shared/data) is used where present and the tests that need it skip with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ FAST_EVAL = {
 
 @pytest.fixture(scope="session", autouse=True)
 def compressor_home(tmp_path_factory) -> Path:
+    from compressor.llamacpp_tools import missing_tool, tools_dir
+
+    if missing_tool("llama-quantize") is None:
+        os.environ["COMPRESSOR_LLAMACPP_TOOLS"] = str(tools_dir())
     home = tmp_path_factory.mktemp("compressor-home")
     os.environ["COMPRESSOR_HOME"] = str(home)
     torch.set_num_threads(2)

@@ -59,6 +59,46 @@ def rotary_rows(n_rows: int, heads: int) -> torch.Tensor:
     return torch.arange(n_rows).view(heads, 2, per // 2).transpose(1, 2).reshape(-1)
 
 
+def file_rows(model, role: str, n_rows: int) -> torch.Tensor | None:
+    """The order a GGUF file holds a matrix's rows in: llama.cpp's interleaved rotary pairs for q
+    and k where the family's architecture wants them, else None (HF's own order)."""
+    from ..families import family_of
+
+    cfg = model.config
+    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
+    if not family_of(cfg).gguf_interleaved_rotary or role not in heads:
+        return None
+    return rotary_rows(n_rows, heads[role])
+
+
+def read_blocks(model, path: Path) -> dict:
+    """{module name: ggml.Blocks} of every matrix a GGUF file of `model`'s architecture holds
+    (written by us or by llama.cpp's quantizer), rows in HF's order: write_gguf's naming undone.
+    UserError naming the tensor when one is missing or of a type we do not read."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from ..ggml import TYPES, unpack
+    from ..ggml.model import tensors
+
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    out = {}
+    for name, role, layer, n_in in tensors(model):
+        key = f"{role}.weight" if layer is None else f"blk.{layer}.{role}.weight"
+        tensor = stored.get(key)
+        if tensor is None:
+            raise UserError(f"{path}: no tensor {key} for {name}")
+        kind = tensor.tensor_type.name
+        if kind not in TYPES:
+            raise UserError(f"{path}: {key} is {kind}; the types we read are {', '.join(TYPES)}")
+        rows = int(tensor.shape[-1])
+        blocks = unpack(kind, np.asarray(tensor.data), (rows, n_in))
+        order = file_rows(model, role, rows)
+        out[name] = blocks if order is None else blocks.rows(torch.argsort(order))
+    return out
+
+
 def q4_0_blocks(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     """Q4_0 bytes of int4 codes [out, in] in [-8, 7] with per-block scales [out, in/32]."""
     import torch
@@ -207,14 +247,12 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
         add("token_embd.weight", gguf.quants.quantize(emb.numpy(), T.Q8_0), T.Q8_0)
     else:
         add("token_embd.weight", _float(emb, embeddings))
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    rows = {"attn_q": heads, "attn_k": kv_heads} if family.gguf_interleaved_rotary else {}
     for i, layer in enumerate(model.model.layers):
         for hf, short in {**family.hidden_norms, **family.head_norms}.items():
             norm(f"blk.{i}.{short}.weight", layer.get_submodule(hf))
         for hf, short in family.gguf_linears.items():
             module = layer.get_submodule(hf)
-            permute = rotary_rows(module.out_features, rows[short]) if short in rows else None
+            permute = file_rows(model, short, module.out_features)
             blocks = found.get(f"{full_name[module]}.weight")
             data, kind = tensor_data(module, f"layers.{i}.{hf}", weights, permute, blocks)
             add(f"blk.{i}.{short}.weight", data, kind)

@@ -145,6 +145,11 @@ class Blocks:
 
         return Blocks(parts[0].type, join("q"), join("d"), join("dmin"), join("sc"), join("mn"))
 
+    def rows(self, index: torch.Tensor) -> Blocks:
+        """The same tensor with its rows taken in `index`'s order (every field is per row)."""
+        pick = lambda x: None if x is None else x[index]  # noqa: E731
+        return Blocks(self.type, self.q[index], self.d[index], pick(self.dmin), pick(self.sc), pick(self.mn))
+
     def nbytes(self) -> int:
         rows, n = self.shape
         return rows * n // self.type.block * self.type.bytes

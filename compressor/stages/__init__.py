@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import StageContext, StageKind
 from .distill import Distill
+from .llamacpp import LlamaCppQuantize
 from .prune import Prune
 from .qat import QAT
 from .quantize import Quantize
@@ -16,6 +17,7 @@ STAGES: dict[str, StageKind] = {
     "recover": Recover(),
     "quantize": Quantize(),
     "qat": QAT(),
+    "llamacpp": LlamaCppQuantize(),
 }
 
 __all__ = ["STAGES", "StageContext", "StageKind"]

@@ -4,14 +4,17 @@ here, into $COMPRESSOR_HOME/llama-cpp-tools/<version>/ (~10 min on 2 cores, then
 
 A tool we did not write is the outside anchor for every quantization figure: its quantizer makes
 the files a llama.cpp user would pick, its imatrix is computed on the same calibration text as
-ours. Benchmarks only: CI builds none of it.
+ours. The `llamacpp` stage and the ladder bench run them; CI builds none of it (their tests
+skip where the tools are not built).
 
-    python bench/_llamacpp_tools.py      # build (or find) the tools and print where they are
+    python -m compressor.llamacpp_tools      # build (or find) the tools and print where they are
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +25,28 @@ from pathlib import Path
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 
 
+BUILD = "python -m compressor.llamacpp_tools"  # what a user runs to build them
+
+
 def tools_dir() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from compressor.storage import home
+    """$COMPRESSOR_LLAMACPP_TOOLS (a folder whose bin/ holds the tools: a llama.cpp build of your
+    own), else our build for the installed llama-cpp-python in the cache."""
+    from .storage import home
+
+    if os.environ.get("COMPRESSOR_LLAMACPP_TOOLS"):
+        return Path(os.environ["COMPRESSOR_LLAMACPP_TOOLS"]).expanduser()
 
     version = importlib.metadata.version("llama_cpp_python")
     return home() / "llama-cpp-tools" / version
+
+
+def missing_tool(tool: str) -> str | None:
+    """Why `tool` cannot run here (one line with what would work), or None when it is built."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"{tool} builds from llama-cpp-python's source package: pip install 'compressor[llamacpp]', then {BUILD}"
+    if not (tools_dir() / "bin" / tool).is_file():
+        return f"{tool} is not built here: {BUILD} builds llama.cpp's tools once (~10 min on 2 cores)"
+    return None
 
 
 def ensure_tools() -> Path:
