@@ -2,6 +2,8 @@
 them equals our values bit for bit), we read llama.cpp's own bytes back exactly, the scale search
 uses the importance it is given, and llama.cpp's fallback rule for rows K types do not tile."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -351,3 +353,25 @@ def test_qat_on_a_gguf_type_trains_through_the_files_values_from_its_start(wide_
     stored = gguf.quants.dequantize(np.array(tensor.data), tensor.tensor_type)
     want = loaded.model.model.layers[1].mlp.down_proj.weight.detach().numpy()
     assert np.array_equal(bits(stored), bits(want))
+
+
+def test_reading_a_gguf_file_back_undoes_the_rotary_row_order(wide_folder, tmp_path):
+    """read_blocks (how the llamacpp stage reads llama-quantize's file) is write_gguf's inverse."""
+    from compressor.exporters.gguf import read_blocks, write_gguf
+    from compressor.ggml.model import quantize_model, tensors
+    from compressor.models import load_pretrained
+    from compressor.quantized import GGML_FILE, write_ggml
+
+    model, save = wide_folder
+    types = {name: "Q4_K" for name, *_ in tensors(model)}  # the tied embedding too
+    settings = SimpleNamespace(importance=False)
+    found = quantize_model(model, types, "rtn", lambda: None, settings)
+    folder = save(model, "q4k")
+    write_ggml(folder / GGML_FILE, found)
+    loaded = load_pretrained(str(folder), CPU, dtype="auto")
+    path = write_gguf(loaded.model, loaded.tokenizer, folder, tmp_path / "q4k.gguf", {}, "q4k")
+    back = read_blocks(loaded.model, path)
+    assert back.keys() == found.keys()
+    for name, blocks in found.items():
+        for field in ("q", "d", "dmin", "sc", "mn"):
+            assert torch.equal(getattr(back[name], field), getattr(blocks, field)), (name, field)
