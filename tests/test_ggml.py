@@ -220,6 +220,11 @@ def test_rows_k_types_do_not_tile_fall_back_and_a_clash_or_misfit_is_one_line(tm
     gptq_importance = recipe({"quantize": {"method": "gptq", "type": "Q4_0", "importance": True}})
     assert main(["validate", str(write_recipe(gptq_importance, "c.yaml"))]) == 2
     assert "gptq always weighs by its Hessian" in capsys.readouterr().err
+    qat_clash = recipe({"qat": {"mix": "Q4_K_M", "group_size": 32, "steps": 2}})
+    assert main(["validate", str(write_recipe(qat_clash, "d.yaml"))]) == 2
+    assert "stages[0].qat: group_size: mix Q4_K_M is the whole grid; leave group_size out" in capsys.readouterr().err
+    qat_type = recipe({"qat": {"type": "Q4_0", "steps": 2, "calibration": {"samples": 4}}})
+    assert main(["validate", str(write_recipe(qat_type, "e.yaml"))]) == 0  # rtn on a type calibrates its importance
 
 
 def test_llama_cpps_mix_rules_on_smollm2_and_gemma_shapes():
