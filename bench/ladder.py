@@ -268,7 +268,7 @@ def markdown(out: dict) -> str:
             if theirs:
                 lines.append(
                     f"| {rung} | {theirs['kl_to_float']:.4f} | {r['kl_to_float']:.4f} | "
-                    f"{100 * r['same_bytes_as_llama_imatrix']:.1f}% |"
+                    f"{100 * r['same_bytes_as_llama_imatrix']:.2f}% |"
                 )
     lines += ["", "Types per file (matrices):", ""]
     for r in every:
