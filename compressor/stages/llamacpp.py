@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..data import Calibration
+from ..ggml.choice import report_gguf
 from ..ggml.mixes import PRESETS
 from .base import StageContext, StageKind
-from .gguf_types import report_gguf
 
 TOOL = "llama-quantize"
 

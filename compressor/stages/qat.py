@@ -29,12 +29,12 @@ from pydantic import Field, model_validator
 from torch.nn.utils import parametrize
 
 from ..data import Calibration
+from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
 from ..gptq_model import DAMP, run_gptq
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
 from ..quant import FakeQuant, fake_quant_activations, scales
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
-from .gguf_types import GgufChoice, check_gguf, choose_types, report_gguf
 
 
 class Config(Recovery, Scheme, GgufChoice):

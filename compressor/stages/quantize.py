@@ -34,10 +34,10 @@ import torch
 from pydantic import Field, model_validator
 
 from ..data import Calibration
+from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
 from ..gptq_model import DAMP, run_gptq
 from ..quantized import Scheme, bnb_config, check_scheme, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
-from .gguf_types import GgufChoice, check_gguf, choose_types, report_gguf
 
 BACKENDS = {"rtn": ("torchao",), "gptq": ("torchao",), "bnb": ("bitsandbytes",)}
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from ..ggml import TYPES, ggml_type
-from ..ggml import model as ggml_model
-from ..ggml.mixes import PRESETS
 from ..quantized import GGML_FILE, ggml_summary, write_ggml
+from . import model as ggml_model
+from .mixes import PRESETS
+from .types import TYPES, ggml_type
 
 
 class GgufChoice(BaseModel):
