@@ -56,7 +56,7 @@ class GgufChoice(BaseModel):
 def check_gguf(cfg: GgufChoice, shape: dict) -> None:
     """Refuse, from the config's dimensions alone, a budget no mix meets or a type the rows cannot take."""
     if cfg.target_bits is not None:
-        from ..ggml.budget import smallest_bits
+        from .budget import smallest_bits
 
         least = smallest_bits(ggml_model.shape_sizes(shape))
         if cfg.target_bits < least:

@@ -53,16 +53,18 @@ class GgmlGrid:
 
 class OnFields(torch.nn.Module):
     """A parametrization of a Linear weight: computes with `start`'s stored fields and the nearest
-    level of each weight against them; `blocks(w)` is what the file holds for the weight `w`."""
+    level of each weight against them; `blocks(w)` is what the file holds for the weight `w`. The
+    fields are kept on the weight's device, so a training step on a GPU rounds there."""
 
     def __init__(self, start: Blocks):
         super().__init__()
         self.start = start
-        self.scale, self.bias = start.scale_bias()
 
     def blocks(self, w: torch.Tensor) -> Blocks:
-        q = codes(self.start.type, w.detach().float().cpu(), self.scale, self.bias)
+        if self.start.d.device != w.device:
+            self.start = self.start.to(w.device)
         s = self.start
+        q = codes(s.type, w.detach().float(), *s.scale_bias())
         return Blocks(s.type, q, s.d, s.dmin, s.sc, s.mn)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,11 @@ class Blocks:
         pick = lambda x: None if x is None else x[index]  # noqa: E731
         return Blocks(self.type, self.q[index], self.d[index], pick(self.dmin), pick(self.sc), pick(self.mn))
 
+    def to(self, device) -> Blocks:
+        """The same tensor with every field on `device`."""
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Blocks(self.type, move(self.q), move(self.d), move(self.dmin), move(self.sc), move(self.mn))
+
     def nbytes(self) -> int:
         rows, n = self.shape
         return rows * n // self.type.block * self.type.bytes

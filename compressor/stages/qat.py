@@ -127,7 +127,7 @@ def on_ggml_types(model: torch.nn.Module, teacher, cfg: Config, ctx: StageContex
     ctx.info["fake_quantized"] = len(trained)
     ctx.info.update(distill_train(model, teacher, cfg, ctx))
     for name, on in trained.items():
-        found[name] = on.blocks(modules[name].parametrizations.weight.original)
+        found[name] = on.blocks(modules[name].parametrizations.weight.original).to("cpu")
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
         modules[name].weight.data = found[name].dequantize().to(modules[name].weight)
     report_gguf(found, listed, cfg, ctx)
