@@ -82,6 +82,30 @@ def test_the_scale_search_spends_precision_where_the_importance_is(name):
     assert rel_error(x, weighted, w) < rel_error(x, plain, w)
 
 
+# llama.cpp's weight of an imatrix entry, per type (ggml-quants.c, 0.3.36's tree): qw · sqrt(σ² + x²)
+# with σ² = gain · mean x² over a span (Q4_0/Q4_1/Q5_0/Q5_1: the row; Q2_K: 256; Q3_K/Q4_K/Q5_K/IQ4_XS:
+# 2× over 256; IQ4_NL: 2× over its 32), Q6_K the imatrix alone
+LLAMA_SIGMA = {"Q4_0": (None, 1), "Q5_1": (None, 1), "Q2_K": (256, 1), "Q3_K": (256, 2), "Q4_K": (256, 2),
+               "Q5_K": (256, 2), "IQ4_XS": (256, 2), "IQ4_NL": (32, 2), "Q6_K": (None, 0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LLAMA_SIGMA))
+def test_an_importance_is_weighed_per_type_as_llama_cpp_weighs_an_imatrix(name):
+    from compressor.ggml.fit import element_weights
+
+    x = weights(seed=5)[6:]
+    imp = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(5)) + 0.5
+    span, gain = LLAMA_SIGMA[name]
+    expected = torch.empty_like(x)
+    for r in range(x.shape[0]):
+        for j in range(0, x.shape[1], span or x.shape[1]):
+            xb = x[r, j : j + (span or x.shape[1])]
+            sigma2 = gain * float((xb * xb).sum()) / xb.numel()
+            qw = imp[j : j + xb.numel()]
+            expected[r, j : j + xb.numel()] = qw * torch.sqrt(sigma2 + xb * xb) if gain else qw
+    assert torch.allclose(element_weights(TYPES[name], x, imp), expected, rtol=1e-5)
+
+
 def test_codes_are_rounded_against_the_scales_as_stored():
     """Every code is the nearest level to its weight under the stored (fp16, integer) scales."""
     t = TYPES["Q4_K"]

@@ -6,8 +6,9 @@ The search follows llama.cpp's quantizers (ggml-quants.c: make_qx_quants, make_q
 the IQ4 search): a few candidate scales per sub-block, each refitted by weighted least squares to
 the levels it rounds to, the lowest weighted error kept. The weight of a weight is what makes its
 error costly: with an importance per input column (the diagonal of our calibration Hessian,
-what llama.cpp's imatrix estimates) it is importance · sqrt(σ² + w²), as llama.cpp weighs an
-imatrix; without one, σ² + w² (bigger weights matter more). The codes are always rounded against
+what llama.cpp's imatrix estimates) it is importance · sqrt(σ² + w²) with σ² taken per type as
+llama.cpp takes it (GgmlType.sigma_span, sigma_gain); without one, σ² + w² over the row (bigger
+weights matter more). The codes are always rounded against
 the scales the file will hold (fp16 d, the sub-block integers), so nothing is lost in writing.
 """
 
@@ -20,12 +21,17 @@ from .types import Blocks, GgmlType
 CHUNK = 1 << 15  # sub-blocks searched at once: × candidates × sub weights floats (~90 MB)
 
 
-def element_weights(x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-    """[rows, n] weight of each weight's squared error in the scale search."""
-    sigma2 = (x * x).mean(dim=1, keepdim=True)
+def element_weights(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """[rows, n] weight of each weight's squared error in t's scale search."""
     if importance is None:
-        return sigma2 + x * x
-    return importance.float().clamp(min=0)[None, :] * torch.sqrt(sigma2 + x * x)
+        return (x * x).mean(dim=1, keepdim=True) + x * x
+    imp = importance.float().clamp(min=0)[None, :]
+    if t.sigma_gain == 0:
+        return imp.expand_as(x).contiguous()
+    rows, n = x.shape
+    span = t.sigma_span or n
+    sigma2 = t.sigma_gain * (x * x).reshape(rows, -1, span).mean(dim=2, keepdim=True)
+    return imp * torch.sqrt(sigma2 + x.reshape(rows, -1, span) ** 2).reshape(rows, n)
 
 
 def _nearest(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -43,9 +49,9 @@ def _symmetric(x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor, uniform: 
     if uniform:  # ggml's make_qx_quants: iscale = -(nmax + 0.1 k) / max
         steps = torch.arange(-9, 10, dtype=x.dtype, device=x.device) * 0.1
         iscales = -(-lo + steps)[None, :] / vmax
-    else:  # ggml's IQ4 search: the extreme weight on or near the first level
+    else:  # ggml's IQ4 search: the extreme weight on or near the first level, or mirrored (its start)
         steps = torch.arange(-7, 8, dtype=x.dtype, device=x.device)
-        iscales = (lo + steps)[None, :] / vmax
+        iscales = torch.cat([-lo[None, None] / vmax, (lo + steps)[None, :] / vmax], dim=1)
     iscales = torch.where(vmax == 0, torch.zeros_like(iscales), iscales)
     y = x[:, None, :] * iscales[:, :, None]  # [B, C, s]
     idx = torch.clamp(torch.round(y), lo, hi) - lo if uniform else _nearest(y, levels)
@@ -159,7 +165,7 @@ def fields(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None = None)
     rows, n = x.shape
     if n % t.block:
         raise ValueError(f"{t.name} needs rows that are a multiple of {t.block} weights, got {n}")
-    w = element_weights(x, importance)
+    w = element_weights(t, x, importance)
     scale, bias = sub_fit(t, x, w)
     q = torch.zeros(rows, n, dtype=torch.uint8)
     if t.sc is None:  # 32-weight types store the scale (and min) as fp16 directly

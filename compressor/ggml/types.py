@@ -40,6 +40,10 @@ class GgmlType:
     sc: tuple[int, int] | None = None  # range of the stored sub-block scale (K types)
     mn: tuple[int, int] | None = None  # range of the stored sub-block min (K types with mins)
     fit_range: tuple[int, int] | None = None  # levels our quantizer uses, when narrower (Q8_0: ±127)
+    # how llama.cpp weighs an imatrix in this type's scale search: importance · sqrt(σ² + w²), σ² =
+    # sigma_gain · mean w² over `sigma_span` weights (0: the whole row); sigma_gain 0: importance alone
+    sigma_span: int = 0
+    sigma_gain: float = 1.0
 
     @property
     def bits_per_weight(self) -> float:
@@ -65,17 +69,17 @@ TYPES: dict[str, GgmlType] = {
     t.name: t
     for t in (
         GgmlType("Q8_0", 32, 32, _range(-128, 127), 34, fit_range=(-127, 127)),
-        GgmlType("Q6_K", QK_K, 16, _range(-32, 31), 210, sc=(-128, 127)),
-        GgmlType("Q5_K", QK_K, 32, _range(0, 31), 176, sc=(0, 63), mn=(0, 63)),
+        GgmlType("Q6_K", QK_K, 16, _range(-32, 31), 210, sc=(-128, 127), sigma_gain=0.0),
+        GgmlType("Q5_K", QK_K, 32, _range(0, 31), 176, sc=(0, 63), mn=(0, 63), sigma_span=QK_K, sigma_gain=2.0),
         GgmlType("Q5_1", 32, 32, _range(0, 31), 24, block_min=True),
         GgmlType("Q5_0", 32, 32, _range(-16, 15), 22),
-        GgmlType("Q4_K", QK_K, 32, _range(0, 15), 144, sc=(0, 63), mn=(0, 63)),
+        GgmlType("Q4_K", QK_K, 32, _range(0, 15), 144, sc=(0, 63), mn=(0, 63), sigma_span=QK_K, sigma_gain=2.0),
         GgmlType("Q4_1", 32, 32, _range(0, 15), 20, block_min=True),
         GgmlType("Q4_0", 32, 32, _range(-8, 7), 18),
-        GgmlType("IQ4_NL", 32, 32, IQ4_LEVELS, 18),
-        GgmlType("IQ4_XS", QK_K, 32, IQ4_LEVELS, 136, sc=(-32, 31)),
-        GgmlType("Q3_K", QK_K, 16, _range(-4, 3), 110, sc=(-32, 31)),
-        GgmlType("Q2_K", QK_K, 16, _range(0, 3), 84, sc=(0, 15), mn=(0, 15)),
+        GgmlType("IQ4_NL", 32, 32, IQ4_LEVELS, 18, sigma_span=32, sigma_gain=2.0),
+        GgmlType("IQ4_XS", QK_K, 32, IQ4_LEVELS, 136, sc=(-32, 31), sigma_span=QK_K, sigma_gain=2.0),
+        GgmlType("Q3_K", QK_K, 16, _range(-4, 3), 110, sc=(-32, 31), sigma_span=QK_K, sigma_gain=2.0),
+        GgmlType("Q2_K", QK_K, 16, _range(0, 3), 84, sc=(0, 15), mn=(0, 15), sigma_span=QK_K),
     )
 }
 

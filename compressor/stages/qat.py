@@ -73,7 +73,7 @@ def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
 class QAT(StageKind):
     Config = Config
     produces = "quantized"
-    algorithm = 2  # 2: trains on and stores llama.cpp's grid (max|w| / -8)
+    algorithm = 3  # 2: trains on and stores llama.cpp's grid (max|w| / -8); 3: σ² per type as llama.cpp weighs an imatrix
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         if cfg.gguf() is not None:
