@@ -73,7 +73,8 @@ def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
 class QAT(StageKind):
     Config = Config
     produces = "quantized"
-    algorithm = 3  # 2: trains on and stores llama.cpp's grid (max|w| / -8); 3: σ² per type as llama.cpp weighs an imatrix
+    # 2: trains on and stores llama.cpp's grid (max|w| / -8); 3: σ² per type as llama.cpp weighs an imatrix
+    algorithm = 3
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         if cfg.gguf() is not None:

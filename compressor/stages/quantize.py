@@ -74,7 +74,9 @@ class Quantize(StageKind):
     Config = Config
     produces = "quantized"
     needs_float = False  # after another quantization it is refused as a second one, not for this
-    algorithm = 3  # 2: llama.cpp's grid (max|w| / -8), value projections fitted through attention; 3: σ² per type as llama.cpp weighs an imatrix
+    # 2: llama.cpp's grid (max|w| / -8), value projections fitted through attention;
+    # 3: σ² per type as llama.cpp weighs an imatrix
+    algorithm = 3
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         if cfg.gguf() is not None:
