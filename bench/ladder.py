@@ -123,15 +123,13 @@ def main() -> None:
             "llama-imatrix", "-m", str(f32), "-f", str(calibration), "-o", str(imatrix), "-c", "512", "--chunks", "64",
             "-t", str(THREADS),
         )  # fmt: skip
-        files: dict[str, tuple[str, Path, dict]] = {}  # row id -> (group, path, extra fields)
-        rung_of: dict[str, str] = {}  # row id -> the rung whose files it is timed with
+        files: dict[str, tuple[str, Path, dict]] = {}  # row id -> (the rung it is timed with, path, extra fields)
         for rung in rungs:
             for group, extra in (("llamacpp", ["--imatrix", str(imatrix)]), ("llamacpp_no_imatrix", [])):
                 path = tmp / f"{group}-{rung}.gguf"
                 run_tool("llama-quantize", *extra, str(f32), str(path), rung, str(THREADS))
                 label = f"llama.cpp {rung}" + (" (imatrix)" if extra else "")
-                files[f"{group}/{rung}"] = (group, path, {"name": label})
-                rung_of[f"{group}/{rung}"] = rung
+                files[f"{group}/{rung}"] = (rung, path, {"name": label})
         for stage in ours:
             name = stage["name"]
             loaded = load_pretrained(str(artifacts[name]), cpu, dtype="auto")
@@ -139,22 +137,19 @@ def main() -> None:
             method = name.split("_", 1)[0]
             if method == "llamacpp":  # llama.cpp's rung again, its imatrix written by our calibration pass
                 rung = stage["llamacpp"]["type"]
-                files[f"llamacpp_our_imatrix/{rung}"] = ("", path, {"name": f"llama.cpp {rung} (our imatrix)"})
-                rung_of[f"llamacpp_our_imatrix/{rung}"] = rung
+                files[f"llamacpp_our_imatrix/{rung}"] = (rung, path, {"name": f"llama.cpp {rung} (our imatrix)"})
                 continue
             rung = (stage.get("qat") or stage["quantize"])["mix"]
             extra = {"name": f"ours {LABELS[method]} {rung}", "method": method, "mix": rung}
             if method == "qat":
                 extra["qat"] = {k: stage["qat"][k] for k in ("steps", "batch_size", "lr", "loss")}
-            files[f"ours/{name}"] = ("ours", path, extra)
-            rung_of[f"ours/{name}"] = rung
+            files[f"ours/{name}"] = (rung, path, extra)
         if "Q8_0" in rungs:  # the floor: Q8_0's weights in F32, llama.cpp's arithmetic without its 8-bit rounding
             q8 = TeacherSpec.model_validate(f"gguf:{files['llamacpp/Q8_0'][1]}")
             floor = load_teacher(q8, cpu)
             options = {"weights": "f32", "embeddings": "f32"}
             path = write_gguf(floor.model, floor.tokenizer, q8.folder(), tmp / "floor.gguf", options, "floor")
-            files["floor"] = ("floor", path, {"name": "llama.cpp Q8_0's weights as F32"})
-            rung_of["floor"] = "Q8_0"
+            files["floor"] = ("Q8_0", path, {"name": "llama.cpp Q8_0's weights as F32"})
 
         def row(path: Path, extra: dict) -> dict:
             from gguf import GGUFReader
@@ -192,8 +187,8 @@ def main() -> None:
             prompt_tokens=32, new_tokens=48, batch_sizes=[1], warmup=1, repeats=args.rounds, threads=THREADS
         )
         sessions = {}
-        for rung in dict.fromkeys(rung_of.values()):
-            keys = [k for k in files if rung_of[k] == rung]
+        for rung in dict.fromkeys(r for r, _, _ in files.values()):
+            keys = [k for k, (r, _, _) in files.items() if r == rung]
             timed = [Timed(k, k, lambda p=files[k][1]: LlamaCppRunner(p, THREADS, 128, 1 << 30)) for k in keys]
             timing = time_models(timed, windows.flatten(), latency, cpu)
             for key, figures in timing["models"].items():

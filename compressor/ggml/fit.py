@@ -8,8 +8,8 @@ the levels it rounds to, the lowest weighted error kept. The weight of a weight 
 error costly: with an importance per input column (the diagonal of our calibration Hessian,
 what llama.cpp's imatrix estimates) it is importance · sqrt(σ² + w²) with σ² taken per type as
 llama.cpp takes it (GgmlType.sigma_span, sigma_gain); without one, σ² + w² over the row (bigger
-weights matter more). The codes are always rounded against
-the scales the file will hold (fp16 d, the sub-block integers), so nothing is lost in writing.
+weights matter more). The codes are always rounded against the scales the file will hold (fp16 d,
+the sub-block integers), so nothing is lost in writing.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def element_weights(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | Non
     if t.sigma_gain == 0:
         return imp.expand_as(x).contiguous()
     rows, n = x.shape
-    span = t.sigma_span or n
-    sigma2 = t.sigma_gain * (x * x).reshape(rows, -1, span).mean(dim=2, keepdim=True)
-    return imp * torch.sqrt(sigma2 + x.reshape(rows, -1, span) ** 2).reshape(rows, n)
+    x2 = (x * x).reshape(rows, -1, t.sigma_span or n)
+    sigma2 = t.sigma_gain * x2.mean(dim=2, keepdim=True)
+    return imp * torch.sqrt(sigma2 + x2).reshape(rows, n)
 
 
 def _nearest(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
