@@ -31,6 +31,7 @@ reports/ladder.{json,md,png} (reports/ladder_gemma3.* for Gemma 3).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -197,6 +198,7 @@ def main() -> None:
 
     out = {
         "model": what,
+        "command": " ".join(["python", "bench/ladder.py", *sys.argv[1:]]),
         "tokens": int(windows[:, 1:].numel()),
         "threads": THREADS,
         "float": {"ppl": float_ppl},
@@ -235,7 +237,7 @@ def markdown(out: dict) -> str:
     lines = [
         f"# llama.cpp's ladder and ours: {out['model']}",
         "",
-        "Regenerate: `python bench/ladder.py` (2 CPU threads). Every file scored in llama.cpp on the same "
+        f"Regenerate: `{out['command']}` (2 CPU threads). Every file scored in llama.cpp on the same "
         f"{out['tokens']:,} WikiText-2 test tokens; KL and top-1 against the float model in torch "
         f"(perplexity {out['float']['ppl']:.2f}); decode timed a rung at a time, its files together in "
         "interleaved rounds (min over the rounds, range). "
