@@ -31,6 +31,7 @@ reports/ladder.{json,md,png} (reports/ladder_gemma3.* for Gemma 3).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -198,7 +199,7 @@ def main() -> None:
 
     out = {
         "model": what,
-        "command": " ".join(["python", "bench/ladder.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/ladder.py", *sys.argv[1:]]),
         "tokens": int(windows[:, 1:].numel()),
         "threads": THREADS,
         "float": {"ppl": float_ppl},
