@@ -9,6 +9,7 @@ import torch
 from .families import family_of
 from .ggml import Blocks, type_for_row
 from .ggml.grid import GgmlGrid
+from .layerwise import Streamed
 from .models import decoder_layers
 from .progress import Bar
 from .quant import Hessians, IntGrid, ValueHessians, gptq
@@ -17,13 +18,18 @@ from .quantized import quantized_linears
 DAMP = 0.01  # dampening, as a fraction of the mean Hessian diagonal
 
 
-def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device, types: dict | None = None) -> dict:
+def run_gptq(
+    model: torch.nn.Module, cfg, blocks: torch.Tensor, device, types: dict | None = None, stream: Streamed | None = None
+) -> dict:
     """GPTQ codes and scales for every quantized Linear, decoder layer by decoder layer: each
     layer's calibration inputs are the outputs of the layers before it, already quantized, and
     are computed once (the layer's own inputs are kept, not recomputed from the embeddings).
     Value projections are fitted per KV head to the inputs as attention mixes them
     (quant.ValueHessians), so calibration runs with eager attention. `types` ({module name: GGUF
-    type}) quantizes the Linear layers it names, each on its type, instead of `cfg`'s grid."""
+    type}) quantizes the Linear layers it names, each on its type, instead of `cfg`'s grid.
+    With `stream` the model's parameters are on the meta device: each module's weights are read
+    when the work reaches it, written quantized with its integers, then dropped
+    (layerwise.Streamed); nothing is returned, `stream.codes()` reads the integers back."""
     if types is None:
         names = {m: name for name, m in quantized_linears(model, cfg.lm_head).items()}
     else:
@@ -35,12 +41,14 @@ def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device, types: d
     kv_heads = getattr(model.config, "num_key_value_heads", None) or getattr(model.config, "num_attention_heads", None)
     attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    out = {}
+    out, done = {}, 0
     bar = Bar("gptq", len(layers) + (head in names), unit="layer")
     try:
-        hidden, per_layer = _layer_inputs(model, layers, batches, device)
+        hidden, per_layer = _layer_inputs(model, layers, batches, device, stream)
         with torch.no_grad():
             for layer, calls in zip(layers, per_layer):
+                if stream:
+                    stream.load(layer)
                 mods = {names[m]: m for m in layer.modules() if m in names}
                 value = names.get(family.value(layer))
                 attn = layer.get_submodule(family.o_proj.rpartition(".")[0])
@@ -50,24 +58,38 @@ def run_gptq(model: torch.nn.Module, cfg, blocks: torch.Tensor, device, types: d
                     layer(x, *args, **kwargs)
                 found = hessians.close() | ({value: mixed.close()} if mixed else {})
                 _quantize(mods, found, cfg, out, types)
+                done += len(found)
                 hidden = [_hidden(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls)]
-                bar.update(1, linears=len(out))
+                if stream:
+                    stream.done(layer, changed=True, found=out)
+                bar.update(1, linears=done)
             if head in names:
+                if stream:
+                    stream.load(model.model.norm)
+                    stream.load(head)
                 hessians = Hessians({names[head]: head})
                 for x in hidden:
                     head(model.model.norm(x))
                 _quantize({names[head]: head}, hessians.close(), cfg, out, types)
-                bar.update(1, linears=len(out))
+                done += 1
+                if stream:
+                    stream.done(model.model.norm, changed=False)
+                    stream.done(head, changed=True, found=out)
+                bar.update(1, linears=done)
     finally:
         model.set_attn_implementation(attention)
     bar.close()
     return out
 
 
-def _layer_inputs(model, layers, batches, device) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+def _layer_inputs(
+    model, layers, batches, device, stream: Streamed | None
+) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """The first decoder layer's hidden states for each calibration batch, and the other
     arguments every layer receives (masks and rotary embeddings differ between sliding-window
-    and global layers: Gemma 3), captured in one forward pass of the float model."""
+    and global layers: Gemma 3), captured in one forward pass in which every decoder layer passes
+    its input through untouched: what a layer receives besides the hidden states does not depend
+    on them, and only the embeddings' weights are needed."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
 
@@ -83,6 +105,11 @@ def _layer_inputs(model, layers, batches, device) -> tuple[list[torch.Tensor], l
         return hook
 
     handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = _passthrough
+    embed = model.get_input_embeddings()
+    if stream:
+        stream.load(embed)
     try:
         with torch.no_grad():
             for batch in batches:
@@ -93,7 +120,15 @@ def _layer_inputs(model, layers, batches, device) -> tuple[list[torch.Tensor], l
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            del layer.forward
+        if stream:
+            stream.done(embed, changed=False)
     return hidden, calls
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
 
 
 def _hidden(output) -> torch.Tensor:
@@ -116,7 +151,7 @@ def _quantize(mods: dict, hessians: dict, cfg, out: dict, types: dict | None) ->
         codes, s = torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
         g = codes.shape[1] // s.shape[1]
         m.weight.data = (codes * s.repeat_interleave(g, dim=1)).to(m.weight)
-        out[name] = (codes.cpu(), s.cpu())
+        out[name] = (codes.to(torch.int8).cpu(), s.cpu())
 
 
 def grid(cfg, w: torch.Tensor, kind: str | None):

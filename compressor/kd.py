@@ -192,6 +192,10 @@ class Recovery(Knobs):
 
     teacher: Literal["original", "input", "none"] = "original"
 
+    def teacher_shape(self, before: dict, teacher: dict | None) -> dict | None:
+        """The shape of the model this stage distills from (None: no teacher is loaded)."""
+        return {"original": teacher, "input": before, "none": None}[self.teacher]
+
     def logits_field(self) -> str | None:
         """The setting that needs the teacher's logits (a text-only teacher has none)."""
         return "teacher" if self.teacher == "original" else None

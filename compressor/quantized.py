@@ -161,13 +161,16 @@ def read_ggml(folder) -> dict:
     """{tensor name: ggml.Blocks} of a stage on GGUF types; {} for any other artifact."""
     from pathlib import Path
 
+    path = Path(folder) / GGML_FILE
+    return read_ggml_file(path) if path.is_file() else {}
+
+
+def read_ggml_file(path) -> dict:
+    """{tensor name: ggml.Blocks} of a file `write_ggml` wrote."""
     from safetensors import safe_open
 
     from .ggml import unpack
 
-    path = Path(folder) / GGML_FILE
-    if not path.is_file():
-        return {}
     out = {}
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()

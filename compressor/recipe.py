@@ -21,6 +21,7 @@ from . import UserError
 from .data import TextSource
 from .families import family_of
 from .measure import EvalSpec
+from .memory import fits, measuring
 from .picks import Floor, floor_check
 from .stages import STAGES, StageKind
 from .tasks import problem
@@ -259,16 +260,33 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
                 family_of(model)
             except UserError as exc:
                 raise _fail(path, where, str(exc)) from None
-    teacher = teacher or shape
+    loaded_teacher, teacher = teacher, teacher or shape
     if shape is None:
         return  # a hub model: checked when loaded
     _check_runtimes(path, spec, shape, "eval.runtimes")
-    for stage in stages:
+    run = SimpleNamespace(seq_len=spec.data.seq_len, teacher_dtype=spec.teacher.dtype)
+    on_cpu = spec.device == "cpu" or (spec.device == "auto" and not _has_cuda())
+    if on_cpu and loaded_teacher:
         try:
-            shape = stage.impl.check(stage.config, shape, teacher)
+            fits("measuring it", (measuring(loaded_teacher, spec.eval.fidelity.batch_size, run.seq_len), []))
         except ValueError as exc:
-            raise _fail(path, f"stages[{stage.index}].{stage.kind}", str(exc)) from None
-        _check_runtimes(path, spec, shape, f"stages[{stage.index}].{stage.kind}")
+            raise _fail(path, "teacher", str(exc)) from None
+    for stage in stages:
+        where = f"stages[{stage.index}].{stage.kind}"
+        try:
+            after = stage.impl.check(stage.config, shape, teacher)
+            if on_cpu:
+                fits("the stage", stage.impl.memory(stage.config, shape, after, loaded_teacher, run))
+        except ValueError as exc:
+            raise _fail(path, where, str(exc)) from None
+        shape = after
+        _check_runtimes(path, spec, shape, where)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def load_recipe(path: str | Path, check_tasks: bool = True) -> Recipe:

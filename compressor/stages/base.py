@@ -61,6 +61,14 @@ class StageKind(ABC):
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         """The output model (may be `model`, changed in place)."""
 
+    def memory(self, cfg: BaseModel, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        """Its estimated peak, in bytes by part (`compressor.memory`), from the model's shape
+        before and after it; and the settings that would lower it. `run` holds the recipe's
+        `seq_len` and `teacher_dtype`. Default: the model in float32, as measuring it holds it."""
+        from ..memory import measuring
+
+        return measuring(after, 1, run.seq_len), []
+
     def white_box_fields(self, cfg: BaseModel) -> str | None:
         """The first setting that needs the teacher's logits or weights (refused with a
         text-only teacher); None when text answers are enough or no teacher is used."""

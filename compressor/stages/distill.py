@@ -21,6 +21,7 @@ from ..answers import Local, Request
 from ..cot import CoT, keep
 from ..data import sample_prompts
 from ..kd import Knobs, ce_only, check_knobs, distill_train
+from ..memory import for_training
 from ..models import Loaded, count_params, evenly_spaced, fresh_model, keep_layers
 from ..progress import say
 from ..storage import digest
@@ -182,6 +183,9 @@ class Distill(StageKind):
         out = student_shape(cfg.student, shape, teacher_shape)
         check_knobs(cfg, out, teacher_shape)
         return out
+
+    def memory(self, cfg: Config, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        return for_training(cfg, after, teacher, run)
 
     def white_box_fields(self, cfg: Config) -> str | None:
         if cfg.sequences is None and cfg.cot is None:

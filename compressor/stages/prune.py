@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import Batches, Calibration
 from ..families import Rows, family_of
+from ..memory import gradients, measuring
 from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
 from ..progress import Bar, say
 from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
@@ -393,6 +394,13 @@ class Prune(StageKind):
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         ratios = solve_targets(cfg, shape, {"model_type": "llama", **teacher_shape, **shape})
         return plan(shape, ratios, cfg.gqa, cfg.multiple_of)[0]
+
+    def memory(self, cfg: Config, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        batch = cfg.calibration.batch_size
+        if cfg.method == "taylor":
+            fewer = [f"calibration.batch_size: {batch // 2}"] if batch > 1 else []
+            return gradients(before, batch, run.seq_len), fewer + ["method: activation"]
+        return measuring(before, batch, run.seq_len), []
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         return prune(model, ctx)

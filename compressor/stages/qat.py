@@ -32,6 +32,7 @@ from ..data import Calibration
 from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
 from ..gptq_model import DAMP, run_gptq
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
+from ..memory import DTYPE_BYTES, for_gptq, for_training, parameters
 from ..quant import FakeQuant, fake_quant_activations, scales
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
@@ -73,8 +74,9 @@ def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
 class QAT(StageKind):
     Config = Config
     produces = "quantized"
-    # 2: trains on and stores llama.cpp's grid (max|w| / -8); 3: σ² per type as llama.cpp weighs an imatrix
-    algorithm = 3
+    # 2: trains on and stores llama.cpp's grid (max|w| / -8); 3: σ² per type as llama.cpp weighs an imatrix;
+    # 4: GPTQ's lazy batches (the same sums in another order)
+    algorithm = 4
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         if cfg.gguf() is not None:
@@ -82,6 +84,19 @@ class QAT(StageKind):
         else:
             check_scheme(cfg, shape, "torchao")
         return check_recovery(cfg, shape, teacher_shape)
+
+    def memory(self, cfg: Config, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        """Training through fake-quantized weights, or (when larger) the GPTQ start beside the teacher."""
+        source = cfg.teacher_shape(before, teacher)
+        parts, fixes = for_training(cfg, after, source, run)
+        parts["fake-quantized weights"] = 4 * parameters(after)
+        if cfg.init == "gptq":
+            start, fewer = for_gptq(before, cfg.calibration, run.seq_len, cfg.lm_head)
+            if source is not None:
+                start["teacher"] = DTYPE_BYTES[run.teacher_dtype] * parameters(source)
+            if sum(start.values()) > sum(parts.values()):
+                return start, fewer
+        return parts, fixes
 
     def white_box_fields(self, cfg: Config) -> str | None:
         return cfg.logits_field()

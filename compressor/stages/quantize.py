@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from ..data import Calibration
 from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
 from ..gptq_model import DAMP, run_gptq
+from ..memory import for_gptq, measuring, parameters
 from ..quantized import Scheme, bnb_config, check_scheme, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
 
@@ -75,8 +76,8 @@ class Quantize(StageKind):
     produces = "quantized"
     needs_float = False  # after another quantization it is refused as a second one, not for this
     # 2: llama.cpp's grid (max|w| / -8), value projections fitted through attention;
-    # 3: σ² per type as llama.cpp weighs an imatrix
-    algorithm = 3
+    # 3: σ² per type as llama.cpp weighs an imatrix; 4: GPTQ's lazy batches (the same sums in another order)
+    algorithm = 4
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         if cfg.gguf() is not None:
@@ -86,6 +87,15 @@ class Quantize(StageKind):
             raise ValueError("bnb 8-bit (LLM.int8) has one scale per row: leave group_size out")
         check_scheme(cfg, shape, cfg.backend)
         return shape
+
+    def memory(self, cfg: Config, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        if cfg.method == "gptq":
+            parts, fixes = for_gptq(before, cfg.calibration, run.seq_len, cfg.lm_head)
+        else:
+            parts, fixes = measuring(before, cfg.calibration.batch_size, run.seq_len), []
+        if cfg.method == "rtn":
+            parts["integer codes"] = parameters(before)  # a byte per weight until the artifact is written
+        return parts, fixes
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         cfg: Config = ctx.config

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
+from ..memory import for_training
 from .base import StageContext, StageKind
 
 
@@ -18,6 +19,9 @@ class Recover(StageKind):
 
     def check(self, cfg: Recovery, shape: dict, teacher_shape: dict) -> dict:
         return check_recovery(cfg, shape, teacher_shape)
+
+    def memory(self, cfg: Recovery, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        return for_training(cfg, after, cfg.teacher_shape(before, teacher), run)
 
     def white_box_fields(self, cfg: Recovery) -> str | None:
         return cfg.logits_field()

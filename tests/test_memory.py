@@ -1,0 +1,84 @@
+"""The peak-memory estimate behind the up-front refusal: its parameter count is the model's, and
+a recipe whose estimate exceeds the machine is refused in one line, exit 2, before any work."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import distill_recipe, recipe, tiny_llama
+from test_families import TYPES, tiny
+
+from compressor import UserError, memory
+from compressor.cli import main
+from compressor.models import count_params, shape_of
+from compressor.recipe import load_recipe
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_parameter_count_is_the_models(tie):
+    model = tiny_llama(tie=tie)
+    assert memory.parameters(shape_of(model.config.to_dict())) == count_params(model)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_family_is_counted_within_a_percent(model_type):
+    model = tiny(model_type)  # biases (Qwen 2) and per-head norms (Qwen 3, Gemma 3) are not counted
+    counted = memory.parameters(shape_of(model.config.to_dict()))
+    assert abs(counted / count_params(model) - 1) < 0.01
+
+
+def test_training_grows_with_the_batch_and_names_its_fixes():
+    shape = shape_of(tiny_llama(hidden=256, layers=4, vocab=8000).config.to_dict())
+    run = type("Run", (), {"seq_len": 256, "teacher_dtype": "auto"})
+    cfg = load_recipe_stage(distill_recipe()).config
+    small, fixes = memory.for_training(cfg.model_copy(update={"batch_size": 1}), shape, shape, run)
+    big, _ = memory.for_training(cfg.model_copy(update={"batch_size": 64}), shape, shape, run)
+    assert big["activations"] == 64 * small["activations"] and big["teacher"] == small["teacher"]
+    assert fixes[0] == "teacher.dtype: bfloat16"
+
+
+def load_recipe_stage(raw: dict):
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return load_recipe(path, check_tasks=False).stages[0]
+
+
+def test_a_stage_that_cannot_fit_is_refused_naming_it_and_what_would_fit(write_recipe, monkeypatch, tmp_path, capsys):
+    path = write_recipe(distill_recipe())
+    load_recipe(path, check_tasks=False)  # fits this machine
+    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (1 << 20))  # 1 MiB beyond the runtime
+    with pytest.raises(UserError) as err:
+        load_recipe(path, check_tasks=False)
+    message = str(err.value)
+    assert message.startswith(f"{path}: teacher: measuring it needs about")
+    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (3 << 20))  # the teacher fits, training not
+    with pytest.raises(UserError) as err:
+        load_recipe(path, check_tasks=False)
+    message = str(err.value)
+    assert message.startswith(f"{path}: stages[0].distill: the stage needs about") and "\n" not in message
+    has = f"this machine has {(memory.RUNTIME >> 20) + 3} MiB"
+    assert f"{has}; try teacher.dtype: bfloat16 or batch_size: 2 with grad_accum: 2" in message
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_gptq_names_its_calibration(write_recipe, monkeypatch):
+    stage = {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "calibration": {"samples": 64}}}
+    path = write_recipe(recipe(stage))
+    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (3 << 20))
+    with pytest.raises(
+        UserError, match=r"stages\[0\]\.quantize: .* try calibration.samples: 32 or calibration.batch_size: 2"
+    ):
+        load_recipe(path, check_tasks=False)
+
+
+def test_a_cuda_recipe_is_not_held_to_this_machines_memory(write_recipe, monkeypatch):
+    monkeypatch.setattr(memory, "machine_bytes", lambda: 1)
+    monkeypatch.setattr("compressor.recipe._has_cuda", lambda: True)
+    load_recipe(write_recipe(distill_recipe()), check_tasks=False)  # device auto: the GPU's memory is not modelled
