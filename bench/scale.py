@@ -1,0 +1,189 @@
+"""GPTQ INT4 on models bigger than the ones we ship: peak resident memory and seconds, measured
+against `compressor.memory`'s estimate.
+
+    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4]
+
+The models are random-initialised Llamas built from config (no downloads), at widths that are
+multiples of 256 so every GGUF type applies; 0.5b and 1.5b share their width and differ in depth,
+so a path whose peak does not grow with depth shows it. Each is saved as a float32 safetensors
+checkpoint, then quantized by a fresh process (GPTQ INT4, groups of 32, act-order, `--samples`
+calibration blocks of 512 random tokens, batch 4) whose peak resident memory the kernel reports
+(`wait4`'s ru_maxrss): loading included, as a user's run has it. Writes reports/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _reports import ROOT, load_average, prepare, save
+
+THREADS = 2
+SEQ, BATCH = 512, 4
+MODELS = {  # Llama shapes; vocabulary 32000, tied embeddings
+    "0.1b": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "0.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 10, "num_attention_heads": 16},
+    "1.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 32, "num_attention_heads": 16},
+}
+COMMON = {"vocab_size": 32000, "num_key_value_heads": 4, "tie_word_embeddings": True, "model_type": "llama"}
+
+
+def build(shape: dict, folder: Path) -> None:
+    """A random-initialised Llama of `shape`, saved as a float32 safetensors checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, max_position_embeddings=SEQ)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+
+
+def quantize(path: str, folder: Path, samples: int) -> dict:
+    """GPTQ INT4 of the checkpoint in `folder`, written as a checkpoint beside it: the whole model
+    loaded, or (`layerwise`) a layer at a time. Seconds from loading to the last file written."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compressor.data import Calibration
+    from compressor.gptq_model import DAMP, run_gptq
+    from compressor.layerwise import Checkpoint, Streamed, skeleton
+
+    cpu = torch.device("cpu")
+    cfg = SimpleNamespace(
+        bits=4, group_size=32, lm_head=False, act_order=True, damp=DAMP,
+        calibration=Calibration(samples=samples, batch_size=BATCH),
+    )  # fmt: skip
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    blocks = torch.randint(0, vocab, (samples, SEQ), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    if path == "whole":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        codes = run_gptq(model, cfg, blocks, cpu)
+        model.save_pretrained(folder.with_name("quantized"))  # the dequantized weights, as a stage saves them
+    else:
+        model = skeleton(folder)
+        stream = Streamed(model, Checkpoint(folder), folder.with_name("quantized"), cpu)
+        codes = run_gptq(model, cfg, blocks, cpu, stream=stream)
+        stream.finish()
+    return {"seconds": time.perf_counter() - start, "linears": len(codes)}
+
+
+def in_child(*args: str) -> tuple[dict, int]:
+    """Run this file's `--child` mode in a fresh process; its JSON answer and peak RSS in bytes."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"child {args} failed with status {status}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--child", nargs="+")
+    args = parser.parse_args()
+    prepare(THREADS)
+    if args.child:
+        kind, folder, *rest = args.child
+        if kind == "build":
+            build(json.loads(rest[0]), Path(folder))
+            print(json.dumps({}))
+        else:
+            print(json.dumps(quantize(kind, Path(folder), int(rest[0]))))
+        return
+
+    from compressor.memory import gptq, parameters
+
+    rows = []
+    for name in args.models.split(","):
+        shape = {**COMMON, **MODELS[name]}
+        row = {"name": name, "params": parameters(shape), "layers": shape["num_hidden_layers"]}
+        row["hidden"] = shape["hidden_size"]
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / "source"
+            print(f"{name}: building {row['params'] / 1e9:.2f}B parameters", flush=True)
+            in_child("build", str(source), json.dumps(shape))
+            for path in ("whole", "layerwise"):
+                print(f"{name}: GPTQ INT4, {path}", flush=True)
+                got, peak = in_child(path, str(source), str(args.samples))
+                estimate = gptq(shape, args.samples, BATCH, SEQ, layerwise=path == "layerwise")
+                row[path] = {
+                    "peak_mb": peak / 2**20,
+                    "seconds": got["seconds"],
+                    "estimate_mb": sum(estimate.values()) / 2**20,
+                }
+                print(name, path, json.dumps(row[path]), flush=True)
+        rows.append(row)
+    out = {
+        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+        "threads": THREADS,
+        "calibration": {"samples": args.samples, "seq_len": SEQ, "batch_size": BATCH},
+        "models": rows,
+        "load_average": load_average(),
+    }
+    out["targets"] = targets(rows)
+    save("scale", out, markdown(out))
+    print(markdown(out))
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets, from the rows measured: the largest model's layerwise peak, its growth
+    with depth at one width, its seconds per parameter against the whole path's, the estimates."""
+    by = {r["name"]: r for r in rows}
+    out = {"estimate_over_peak": [r[p]["estimate_mb"] / r[p]["peak_mb"] for r in rows for p in ("whole", "layerwise")]}
+    if "1.5b" in by:
+        big = by["1.5b"]
+        out["layerwise_peak_mb_1.5b"] = big["layerwise"]["peak_mb"]
+        out["layerwise_over_whole_seconds_1.5b"] = big["layerwise"]["seconds"] / big["whole"]["seconds"]
+        if "0.5b" in by:
+            out["layerwise_peak_1.5b_over_0.5b"] = big["layerwise"]["peak_mb"] / by["0.5b"]["layerwise"]["peak_mb"]
+    return out
+
+
+def markdown(out: dict) -> str:
+    lines = [
+        "# GPTQ INT4 at scale: peak memory and time",
+        "",
+        f"Regenerate: `{out['command'].strip()}` ({out['threads']} CPU threads). Random-initialised Llamas "
+        f"(vocabulary 32000, tied), GPTQ INT4 g32 act-order on {out['calibration']['samples']} calibration "
+        f"blocks of {out['calibration']['seq_len']} tokens; peak resident memory of a fresh process, loading "
+        "included; estimate: `compressor.memory.gptq`.",
+        "",
+        "| model | params | layers | hidden | path | peak MiB | estimate MiB | estimate / peak | seconds "
+        "| s per M params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in out["models"]:
+        for path in ("whole", "layerwise"):
+            r = m[path]
+            lines.append(
+                f"| {m['name']} | {m['params'] / 1e9:.2f}B | {m['layers']} | {m['hidden']} | {path} | "
+                f"{r['peak_mb']:,.0f} | {r['estimate_mb']:,.0f} | {r['estimate_mb'] / r['peak_mb']:.2f} | "
+                f"{r['seconds']:,.0f} | {r['seconds'] / (m['params'] / 1e6):.3f} |"
+            )
+    t = out["targets"]
+    lines += ["", f"- Estimate / measured peak: {min(t['estimate_over_peak']):.2f}-{max(t['estimate_over_peak']):.2f} "
+              "(target: within 25%)."]  # fmt: skip
+    if "layerwise_peak_mb_1.5b" in t:
+        seconds = t["layerwise_over_whole_seconds_1.5b"]
+        lines.append(f"- Layer by layer, 1.5b: peak {t['layerwise_peak_mb_1.5b']:,.0f} MiB (target < 1.5 GB), "
+                     f"{seconds:.2f}x the whole path's seconds (target <= 1.2x).")  # fmt: skip
+    if "layerwise_peak_1.5b_over_0.5b" in t:
+        lines.append(f"- Depth: the 1.5b's layerwise peak is {t['layerwise_peak_1.5b_over_0.5b']:.2f}x the 0.5b's, "
+                     "same width (target within 10%).")  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
