@@ -20,6 +20,7 @@ The parts, all float32 unless a dtype says otherwise:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .models import head_dim
 
@@ -49,10 +50,10 @@ def machine_bytes() -> int:
     """Memory this process may use: the machine's, or its cgroup's limit when lower."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        return min(total, int(limit)) if limit.isdigit() else total
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # "max" when unlimited
     except OSError:
         return total
+    return min(total, int(limit)) if limit.isdigit() else total
 
 
 def gptq(
