@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -125,7 +126,7 @@ def main() -> None:
                 print(name, path, json.dumps(row[path]), flush=True)
         rows.append(row)
     out = {
-        "command": "python bench/scale.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "bench/scale.py", *sys.argv[1:]]),
         "threads": THREADS,
         "calibration": {"samples": args.samples, "seq_len": SEQ, "batch_size": BATCH},
         "models": rows,
@@ -154,10 +155,10 @@ def markdown(out: dict) -> str:
     lines = [
         "# GPTQ INT4 at scale: peak memory and time",
         "",
-        f"Regenerate: `{out['command'].strip()}` ({out['threads']} CPU threads). Random-initialised Llamas "
+        f"Regenerate: `{out['command']}` ({out['threads']} CPU threads). Random-initialised Llamas "
         f"(vocabulary 32000, tied), GPTQ INT4 g32 act-order on {out['calibration']['samples']} calibration "
         f"blocks of {out['calibration']['seq_len']} tokens; peak resident memory of a fresh process, loading "
-        "included; estimate: `compressor.memory.gptq`.",
+        "and saving included; estimate: `compressor.memory.gptq`.",
         "",
         "| model | params | layers | hidden | path | peak MiB | estimate MiB | estimate / peak | seconds "
         "| s per M params |",

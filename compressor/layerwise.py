@@ -54,11 +54,16 @@ class Checkpoint:
         return out
 
 
+def _set(module: torch.nn.Module, local: str, value: torch.Tensor) -> None:
+    """Replace the parameter `local` (a dotted name inside `module`) with a frozen `value`."""
+    owner, _, leaf = local.rpartition(".")
+    sub = module.get_submodule(owner) if owner else module
+    sub._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
 def _to_meta(module: torch.nn.Module) -> None:
     for local, p in list(module.named_parameters()):
-        owner, _, leaf = local.rpartition(".")
-        sub = module.get_submodule(owner) if owner else module
-        sub._parameters[leaf] = torch.nn.Parameter(torch.empty(p.shape, device="meta"), requires_grad=False)
+        _set(module, local, torch.empty(p.shape, device="meta"))
 
 
 def _trim() -> None:
@@ -106,9 +111,7 @@ class Streamed:
         names = {self.prefix[module] + n: n for n, _ in module.named_parameters()}
         found = self.source.read([self._key(k) for k in names])
         for full, local in names.items():
-            owner, _, leaf = local.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            sub._parameters[leaf] = torch.nn.Parameter(found[self._key(full)].to(self.device), requires_grad=False)
+            _set(module, local, found[self._key(full)].to(self.device))
 
     def done(self, module: torch.nn.Module, changed: bool, found: dict | None = None) -> None:
         """Write the module's weights (when the work changed them) and the integers `found` holds

