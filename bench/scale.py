@@ -1,14 +1,17 @@
 """GPTQ INT4 on models bigger than the ones we ship: peak resident memory and seconds, measured
 against `compressor.memory`'s estimate.
 
-    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4]
+    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4] [--parts gptq,fsdp]
 
 The models are random-initialised Llamas built from config (no downloads), at widths that are
 multiples of 256 so every GGUF type applies; 0.5b and 1.5b share their width and differ in depth,
 so a path whose peak does not grow with depth shows it. Each is saved as a float32 safetensors
 checkpoint, then quantized by a fresh process (GPTQ INT4, groups of 32, act-order, `--samples`
 calibration blocks of 512 random tokens, batch 4) whose peak resident memory the kernel reports
-(`wait4`'s ru_maxrss): loading included, as a user's run has it. Writes reports/scale.{json,md}.
+(`wait4`'s ru_maxrss): loading included, as a user's run has it. The `fsdp` part is
+`bench/fsdp.py`: a KD run as one process and as two under FSDP (gloo), losses and weights
+compared. Writes reports/scale.{json,md}; a part not run keeps its figures (and the command
+that made them) from the existing report.
 """
 
 from __future__ import annotations
@@ -91,8 +94,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--parts", default="gptq,fsdp", help="gptq (the models), fsdp (bench/fsdp.py)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     prepare(THREADS)
     if args.child:
         kind, folder, *rest = args.child
@@ -103,10 +108,33 @@ def main() -> None:
             print(json.dumps(quantize(kind, Path(folder), int(rest[0]))))
         return
 
+    command = shlex.join(["python", "bench/scale.py", *sys.argv[1:]])
+    kept = json.loads((ROOT / "reports" / "scale.json").read_text()) if parts != {"gptq", "fsdp"} else {}
+    gptq_keys = ("command", "calibration", "models", "gptq_seconds", "gptq_load_average")
+    out = {"threads": THREADS, **{k: kept[k] for k in gptq_keys if k in kept}, "fsdp": kept.get("fsdp")}
+    if "gptq" in parts:
+        start = time.time()
+        out.update(command=command, calibration={"samples": args.samples, "seq_len": SEQ, "batch_size": BATCH})
+        out["models"] = gptq_rows(args.models.split(","), args.samples)
+        out.update(gptq_seconds=round(time.time() - start, 1), gptq_load_average=load_average())
+    if "fsdp" in parts:
+        from fsdp import compare
+
+        print("fsdp: one process against two (gloo)", flush=True)
+        start = time.time()
+        out["fsdp"] = {"command": command, **compare("bench", steps=8)}
+        out["fsdp"].update(seconds=round(time.time() - start, 1), load_average=load_average())
+    out["targets"] = targets(out["models"])
+    save("scale", out, markdown(out))
+    print(markdown(out))
+
+
+def gptq_rows(names: list[str], samples: int) -> list[dict]:
+    """Each model built, then GPTQ'd whole and layer by layer, each in a fresh process."""
     from compressor.memory import gptq, parameters
 
     rows = []
-    for name in args.models.split(","):
+    for name in names:
         shape = {**COMMON, **MODELS[name]}
         row = {"name": name, "params": parameters(shape), "layers": shape["num_hidden_layers"]}
         row["hidden"] = shape["hidden_size"]
@@ -116,8 +144,8 @@ def main() -> None:
             in_child("build", str(source), json.dumps(shape))
             for path in ("whole", "layerwise"):
                 print(f"{name}: GPTQ INT4, {path}", flush=True)
-                got, peak = in_child(path, str(source), str(args.samples))
-                estimate = gptq(shape, args.samples, BATCH, SEQ, layerwise=path == "layerwise")
+                got, peak = in_child(path, str(source), str(samples))
+                estimate = gptq(shape, samples, BATCH, SEQ, layerwise=path == "layerwise")
                 row[path] = {
                     "peak_mb": peak / 2**20,
                     "seconds": got["seconds"],
@@ -125,16 +153,7 @@ def main() -> None:
                 }
                 print(name, path, json.dumps(row[path]), flush=True)
         rows.append(row)
-    out = {
-        "command": shlex.join(["python", "bench/scale.py", *sys.argv[1:]]),
-        "threads": THREADS,
-        "calibration": {"samples": args.samples, "seq_len": SEQ, "batch_size": BATCH},
-        "models": rows,
-        "load_average": load_average(),
-    }
-    out["targets"] = targets(rows)
-    save("scale", out, markdown(out))
-    print(markdown(out))
+    return rows
 
 
 def targets(rows: list[dict]) -> dict:
@@ -173,6 +192,22 @@ def markdown(out: dict) -> str:
                 f"{r['seconds']:,.0f} | {r['seconds'] / (m['params'] / 1e6):.3f} |"
             )
     t = out["targets"]
+    f = out["fsdp"]
+    lines += [
+        "",
+        "## Distillation under FSDP",
+        "",
+        f"Regenerate: `{f['command']}` ({f['seconds']:.0f} s). `bench/fsdp.py`: {f['steps']} steps of KD (a "
+        "6-layer student of a 12-layer teacher, 768 wide, 32k vocabulary) as one process and as two under "
+        f"FSDP ({f['backend']}), both through `accelerate launch`.",
+        "",
+        f"- Largest relative difference of a step's loss: {f['max_rel_loss_diff']:.1e} (target: 1e-4); "
+        f"of a trained weight matrix: {f['max_rel_weight_diff']:.1e}.",
+        f"- Parameters each process holds while training: {f['params_per_process_fraction']:.2f} of the "
+        f"student's, {f['teacher_params_per_process_fraction']:.2f} of the teacher's.",
+        "",
+        "## Targets",
+    ]
     lines += ["", f"- Estimate / measured peak: {min(t['estimate_over_peak']):.2f}-{max(t['estimate_over_peak']):.2f} "
               "(target: within 25%)."]  # fmt: skip
     if "layerwise_peak_mb_1.5b" in t:

@@ -8,17 +8,24 @@ import sys
 from pathlib import Path
 
 from . import UserError
+from .launch import world
 from .progress import interrupted, quiet_libraries
 
 
 def _run(args) -> None:
-    from .pipeline import run
+    from . import launch
+    from .pipeline import follow, run
+    from .progress import console
     from .recipe import load_recipe
     from .storage import Store
 
     recipe = load_recipe(args.recipe)
+    store = Store(Path(args.store)) if args.store else None
+    if launch.rank() > 0:  # the main process speaks and writes for the whole launch
+        console.quiet = True
+        return follow(recipe, store)
     out = Path(args.out or Path("runs") / recipe.name)
-    record = run(recipe, out, Store(Path(args.store)) if args.store else None)
+    record = run(recipe, out, store)
     _done(record, out, f"{len(record['stages'])} rows")
 
 
@@ -293,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_libraries()
     try:
+        if world() > 1 and args.fn is not _run:
+            raise UserError(
+                f"compressor {args.command} runs in one process; of the commands only `compressor run` "
+                "trains across the processes of `accelerate launch`"
+            )
         args.fn(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

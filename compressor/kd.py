@@ -26,6 +26,7 @@ from .data import Batches, Sequences, continue_prompts, teacher_sequences
 from .losses import LossConfig, Workspace, hidden_loss, kd_loss, shift_labels
 from .models import count_params
 from .seeds import epoch_seed
+from .sharding import sharded
 from .train import Batch, LossFn, TrainConfig, train
 
 
@@ -170,17 +171,19 @@ def distill_train(
         else:
             rows = blocks
     proj = projections(cfg, student, teacher, ctx.seed)
-    return train(
-        student,
-        kd_step(teacher, cfg, ctx.seed, proj),
-        Batches(rows, cfg.batch_size, ctx.seed),
-        cfg,
-        device=ctx.device,
-        seed=ctx.seed,
-        description=ctx.name,
-        checkpoint_dir=ctx.scratch,
-        extra_module=proj,
-    )
+    frozen = teacher if isinstance(teacher, torch.nn.Module) else None  # a text-only teacher has no weights
+    with sharded([student, frozen], ctx.device) as (student_replica, teacher_replica):
+        return train(
+            student_replica,
+            kd_step(teacher_replica if frozen is not None else teacher, cfg, ctx.seed, proj),
+            Batches(rows, cfg.batch_size, ctx.seed),
+            cfg,
+            device=ctx.device,
+            seed=ctx.seed,
+            description=ctx.name,
+            checkpoint_dir=ctx.scratch,
+            extra_module=proj,
+        )
 
 
 # --- which teacher a recovery distills from ------------------------------------------------------

@@ -22,7 +22,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .launch import world
 from .models import head_dim
+from .sharding import requested as sharding_requested
 
 GIB = 1 << 30
 RUNTIME = 500 << 20  # resident after importing torch + transformers and building a model (bench/scale.py)
@@ -90,19 +92,24 @@ def gptq(
 
 
 def training(
-    shape: dict, teacher: dict | None, batch: int, seq: int, chunk_tokens: int, teacher_dtype: str
+    shape: dict, teacher: dict | None, batch: int, seq: int, chunk_tokens: int, teacher_dtype: str, shards: int = 1
 ) -> dict[str, int]:
     """A distillation step: student, its gradients and Adam state, the teacher, the activations
-    the backward pass keeps, and the chunked loss's logits (student, teacher, their softmaxes)."""
+    the backward pass keeps, and the chunked loss's logits (student, teacher, their softmaxes).
+    Under FSDP over `shards` processes each holds 1/shards of the models and their state, but
+    loads both whole first (compressor.sharding): the peak is the larger of the two."""
     p = parameters(shape)
+    t = DTYPE_BYTES[teacher_dtype] * parameters(teacher) if teacher is not None else 0
     parts = {
         "runtime": RUNTIME,
-        "student, gradients, Adam": 16 * p,
+        "student, gradients, Adam": 16 * p // shards,
         "activations": kept_activations(shape, batch * seq),
         "loss chunk": 4 * 4 * min(chunk_tokens, batch * seq) * shape["vocab_size"],
     }
     if teacher is not None:
-        parts["teacher"] = DTYPE_BYTES[teacher_dtype] * parameters(teacher)
+        parts["teacher"] = t // shards
+    if shards > 1:
+        parts["models whole until sharded"] = max(0, 4 * p + t - (16 * p + t) // shards)
     return parts
 
 
@@ -142,7 +149,10 @@ def _size(n: int) -> str:
 def for_training(cfg, student: dict, teacher: dict | None, run) -> tuple[dict[str, int], list[str]]:
     """A training stage's peak (`cfg` a kd.Knobs) and the settings that would lower it."""
     seq = cfg.seq_len or run.seq_len
-    parts = training(student, teacher, cfg.batch_size, seq, cfg.loss.chunk_tokens, run.teacher_dtype)
+    processes = world()  # each trains on 1/processes of the batch
+    shards = processes if sharding_requested() else 1
+    batch = -(-cfg.batch_size // processes)
+    parts = training(student, teacher, batch, seq, cfg.loss.chunk_tokens, run.teacher_dtype, shards)
     fixes = []
     if teacher is not None and DTYPE_BYTES[run.teacher_dtype] == 4:
         fixes.append("teacher.dtype: bfloat16")
@@ -150,6 +160,8 @@ def for_training(cfg, student: dict, teacher: dict | None, run) -> tuple[dict[st
         fixes.append(f"batch_size: {cfg.batch_size // 2} with grad_accum: {cfg.grad_accum * 2}")
     if parts["loss chunk"] > GIB:
         fixes.append(f"loss.chunk_tokens: {cfg.loss.chunk_tokens // 4}")
+    if processes > 1:  # a launch's processes share this machine's memory
+        parts = {f"{name} (x{processes} processes)": n * processes for name, n in parts.items()}
     return parts, fixes
 
 

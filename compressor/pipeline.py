@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from . import FORMAT_VERSION, keys
+from . import FORMAT_VERSION, keys, launch
 from .data import TextSource, documents, load_documents, pack
 from .families import sequence_bos
 from .latency import Timed, TorchRunner, time_models
@@ -44,7 +44,7 @@ class Session:
 
     def __init__(self, recipe: Recipe, store: Store):
         self.recipe, self.spec, self.store = recipe, recipe.spec, store
-        self.device = resolve_device(self.spec.device)
+        self.device = launch.join(resolve_device(self.spec.device))
         self.teacher_key = keys.teacher_key(self.spec)
         self.data_identity = keys.data_identity(self.spec.data)
         self.keys = keys.stage_keys(recipe, self.teacher_key, self.data_identity)
@@ -168,8 +168,11 @@ class Session:
     def load_artifact(self, key: str) -> Loaded:
         return load_pretrained(str(self.store.path(key)), self.device, dtype="auto")
 
-    def build(self, stage: Stage, key: str, input_key: str | None) -> dict:
-        """Run one stage on its input and save the artifact atomically; return its manifest."""
+    def build(self, stage: Stage, key: str, input_key: str | None, keep: bool = True) -> dict | None:
+        """Run one stage on its input and save the artifact atomically; return its manifest.
+        (`keep=False`: a follower process, which builds beside the main one and writes nothing.)"""
+        if keep:
+            launch.tell((stage.index, key, input_key))
         torch.manual_seed(self.spec.seed)
         source = (
             self.load_artifact(input_key)
@@ -190,6 +193,8 @@ class Session:
         )
         start = time.time()
         model = stage.impl.apply(source.model, source.tokenizer, ctx)
+        if not keep:
+            return None
         manifest = {
             "name": stage.name,
             "kind": stage.kind,
@@ -350,8 +355,16 @@ def run(recipe: Recipe, out: Path, store: Store | None = None) -> RunRecord:
     with output_folder(out):
         session = Session(recipe, store)
         rows = build_and_measure(session)
+        launch.tell(None)  # the followers of a launched run are done
         timing = attach_latency([(session, rows)])
         return finish(session, rows, timing, out)
+
+
+def follow(recipe: Recipe, store: Store | None = None) -> None:
+    """A launched run's other processes: build each stage the main process builds, beside it."""
+    session = Session(recipe, store or Store())
+    for index, key, input_key in launch.orders():
+        session.build(recipe.stages[index], key, input_key, keep=False)
 
 
 def evaluate_model(

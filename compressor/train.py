@@ -16,11 +16,12 @@ from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from . import UserError
 from .progress import Bar, checkpointed, say
 from .seeds import step_seed
+from .sharding import accelerate_fsdp_hidden, is_sharded
 from .storage import atomic_dir, read_json, write_json
 
 
@@ -80,30 +81,71 @@ def _accelerator(cfg: TrainConfig, device: torch.device):
     )
     if bf16 and device.type != "cuda":
         bf16 = False  # bf16 autocast on CPU is slower than fp32 and changes results
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    with accelerate_fsdp_hidden():
+        return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
 
 
-def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, extra: torch.nn.Module | None) -> None:
+def _full_states(model, optimizer, extra: torch.nn.Module | None) -> tuple[dict, dict]:
+    """The FSDP-sharded model's and optimiser's states, gathered whole (on the main process)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    holder = torch.nn.ModuleDict({"model": model, **({"extra": extra} if extra is not None else {})})
+    return get_state_dict(holder, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, extra, *, sharded: bool, main: bool) -> None:
+    """Every process calls this (a sharded state is gathered collectively); the main one writes."""
+    if sharded:
+        model_state, optim_state = _full_states(model, optimizer, extra)
+    if not main:
+        return
     with atomic_dir(folder) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        if extra is not None:
-            save_model(extra, str(tmp / "extra.safetensors"))
+        if sharded:
+            save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+            optim_state = optimizer.state_dict()
+            if extra is not None:
+                save_model(extra, str(tmp / "extra.safetensors"))
         # serialized in memory first: on a full disk the write below fails with ENOSPC (one line from
         # the CLI), where torch's zip writer raises an opaque "unexpected pos" RuntimeError
         buffer = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, buffer)
         (tmp / "optim.pt").write_bytes(buffer.getvalue())
-        write_json(tmp / "progress.json", {"step": step})
+        write_json(tmp / "progress.json", {"step": step, "sharded": sharded})
 
 
-def _load_checkpoint(folder: Path, model, optimizer, scheduler, extra: torch.nn.Module | None) -> int:
-    load_model(model, str(folder / "model.safetensors"))
-    if extra is not None:
-        load_model(extra, str(folder / "extra.safetensors"))
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, extra, *, sharded: bool) -> int:
+    progress = read_json(folder / "progress.json")
+    if progress.get("sharded", False) != sharded:
+        was = "with" if progress.get("sharded") else "without"
+        raise UserError(f"{folder}: this checkpoint was written {was} FSDP; resume it the same way or delete it")
     state = torch.load(folder / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        holder = torch.nn.ModuleDict({"model": model, **({"extra": extra} if extra is not None else {})})
+        set_state_dict(
+            holder,
+            optimizer,
+            model_state_dict=load_file(str(folder / "model.safetensors")),
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
+    else:
+        load_model(model, str(folder / "model.safetensors"))
+        if extra is not None:
+            load_model(extra, str(folder / "extra.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(read_json(folder / "progress.json")["step"])
+    return int(progress["step"])
+
+
+def _average(tensors, world: int) -> None:
+    """Average gradients over the processes (for modules that neither DDP nor FSDP wraps)."""
+    for t in tensors:
+        torch.distributed.all_reduce(t)
+        t /= world
 
 
 def train(
@@ -124,24 +166,27 @@ def train(
     hidden-state distillation); they are optimised and checkpointed with the model.
     """
     accelerator = _accelerator(cfg, device)
+    sharded = is_sharded(model)  # FSDP replicas (compressor.sharding) sit on their device already
     model.to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    extra_params = []
     if extra_module is not None:
         extra_module.to(accelerator.device)
-        params += list(extra_module.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        extra_params = list(extra_module.parameters())
+    optimizer = torch.optim.AdamW(params + extra_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:
+        model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     start_step = 0
     ckpt = checkpoint_dir / "checkpoint" if checkpoint_dir else None
     if ckpt is not None and (ckpt / "progress.json").is_file():
-        start_step = _load_checkpoint(ckpt, raw_model, optimizer, scheduler, extra_module)
+        start_step = _load_checkpoint(ckpt, raw_model, optimizer, scheduler, extra_module, sharded=sharded)
         checkpointed(start_step, cfg.steps)
         say(f"{description}: resuming from the checkpoint at step {start_step}/{cfg.steps}")
 
-    rank, world = accelerator.process_index, accelerator.num_processes
     losses: list[float] = []
     begin = time.time()
     with Bar(description, cfg.steps) as bar:
@@ -162,21 +207,22 @@ def train(
                         code=1,
                     )
                 accelerator.backward(loss / cfg.grad_accum)
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if world > 1 and extra_params:
+                _average([p.grad for p in extra_params if p.grad is not None], world)
+            accelerator.clip_grad_norm_(params + extra_params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.update(1, loss=loss.item(), **{k: v for k, v in logs.items() if k != "loss"})
+            # the loss of the whole batch: each process saw 1/world of it
+            shown = accelerator.reduce(loss.detach(), "mean").item() if world > 1 else loss.item()
+            losses.append(shown)
+            bar.update(1, loss=shown, **{k: v for k, v in logs.items() if k != "loss"})
             done = step + 1
-            if (
-                ckpt is not None
-                and done % cfg.checkpoint_every == 0
-                and done < cfg.steps
-                and accelerator.is_main_process
-            ):
-                _save_checkpoint(ckpt, done, raw_model, optimizer, scheduler, extra_module)
-                checkpointed(done, cfg.steps)
+            if ckpt is not None and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                main = accelerator.is_main_process
+                _save_checkpoint(ckpt, done, raw_model, optimizer, scheduler, extra_module, sharded=sharded, main=main)
+                if main:
+                    checkpointed(done, cfg.steps)
     raw_model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return {

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import yaml
 from conftest import FAST_EVAL, REPO, TINY_TEACHER, needs_shared_data
 
@@ -83,6 +84,7 @@ def test_the_shipped_stories_recipe_validates():
     ]
 
 
-def test_the_gpu_template_parses_without_a_hub():
-    recipe = load_recipe(REPO / "stacks" / "gpu-1b.yaml", check_tasks=False)  # hub tasks and model not here
+@pytest.mark.parametrize("name", ["gpu-1b", "gpu-8b-fsdp"])
+def test_the_gpu_templates_parse_without_a_hub(name):
+    recipe = load_recipe(REPO / "stacks" / f"{name}.yaml", check_tasks=False)  # hub tasks and model not here
     assert recipe.spec.device == "cuda" and recipe.stages[-1].config.method == "gptq"

@@ -36,6 +36,28 @@ def test_training_grows_with_the_batch_and_names_its_fixes():
     assert fixes[0] == "teacher.dtype: bfloat16"
 
 
+def test_a_launch_splits_the_batch_fsdp_the_models_and_both_share_the_machine(monkeypatch):
+    shape = shape_of(tiny_llama(hidden=256, layers=4, vocab=8000).config.to_dict())
+    run = type("Run", (), {"seq_len": 256, "teacher_dtype": "auto"})
+    cfg = load_recipe_stage(distill_recipe()).config.model_copy(update={"batch_size": 8})
+    one, _ = memory.for_training(cfg, shape, shape, run)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ddp, _ = memory.for_training(cfg, shape, shape, run)
+    assert ddp["activations (x2 processes)"] == one["activations"]  # half the batch each, twice
+    assert ddp["student, gradients, Adam (x2 processes)"] == 2 * one["student, gradients, Adam"]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    fsdp, _ = memory.for_training(cfg, shape, shape, run)
+    p = memory.parameters(shape)
+    assert fsdp["student, gradients, Adam (x2 processes)"] == 2 * (16 * p // 2)  # a half in each
+    assert fsdp["teacher (x2 processes)"] == 2 * (4 * p // 2)
+    # loading student + teacher whole (8p) is below a half of the training state (10p) ...
+    assert fsdp["models whole until sharded (x2 processes)"] == 0
+    assert sum(fsdp.values()) < sum(ddp.values())
+    monkeypatch.setenv("WORLD_SIZE", "4")  # ... but not a quarter (5p): loading is then the peak
+    four, _ = memory.for_training(cfg, shape, shape, run)
+    assert four["models whole until sharded (x4 processes)"] == 4 * (8 * p - 20 * p // 4)
+
+
 def load_recipe_stage(raw: dict):
     import tempfile
     from pathlib import Path
