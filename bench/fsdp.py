@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 def _shape(hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int) -> dict:
     return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": vocab}  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from . import launch
 from .data import Batches, Sequences, continue_prompts, teacher_sequences
 from .losses import LossConfig, Workspace, hidden_loss, kd_loss, shift_labels
 from .models import count_params
@@ -173,7 +174,7 @@ def distill_train(
     proj = projections(cfg, student, teacher, ctx.seed)
     frozen = teacher if isinstance(teacher, torch.nn.Module) else None  # a text-only teacher has no weights
     with sharded([student, frozen], ctx.device) as (student_replica, teacher_replica):
-        return train(
+        summary = train(
             student_replica,
             kd_step(teacher_replica if frozen is not None else teacher, cfg, ctx.seed, proj),
             Batches(rows, cfg.batch_size, ctx.seed),
@@ -181,9 +182,12 @@ def distill_train(
             device=ctx.device,
             seed=ctx.seed,
             description=ctx.name,
-            checkpoint_dir=ctx.scratch,
+            checkpoint_dir=ctx.checkpoints or ctx.scratch,
             extra_module=proj,
         )
+    if launch.rank() > 0:
+        raise launch.Trained
+    return summary
 
 
 # --- which teacher a recovery distills from ------------------------------------------------------

@@ -3,8 +3,9 @@
 Only training spans processes (DDP, or FSDP with `--use_fsdp`: compressor.sharding). The main
 process does everything else, as in a one-process run: it measures, writes the store and the
 report. Before each stage it builds it tells the others which one; they load the same input,
-build the stage beside it (its training is where they meet) and drop the result, writing
-nothing. So a launched run leaves exactly what a one-process run leaves.
+build the stage beside it up to the end of its training (where they meet) and stop there,
+writing nothing; stages that do not train run in the main process alone. So a launched run
+leaves exactly what a one-process run leaves.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def join(device):
 
     state = PartialState(cpu=device.type == "cpu", timeout=WAIT)
     return device if device.type == "cpu" else state.device
+
+
+class Trained(Exception):
+    """Raised in a follower when a stage's training is over: the rest is the main process's."""
 
 
 def _broadcast(message):

@@ -10,6 +10,7 @@ row of the run is timed together, in interleaved rounds (`latency.py`), and the 
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from functools import cached_property
 from pathlib import Path
@@ -170,8 +171,9 @@ class Session:
 
     def build(self, stage: Stage, key: str, input_key: str | None, keep: bool = True) -> dict | None:
         """Run one stage on its input and save the artifact atomically; return its manifest.
-        (`keep=False`: a follower process, which builds beside the main one and writes nothing.)"""
-        if keep:
+        (`keep=False`: a follower process, which builds it beside the main one up to the end of
+        its training, and writes nothing.)"""
+        if keep and stage.impl.trains:
             launch.tell((stage.index, key, input_key))
         torch.manual_seed(self.spec.seed)
         source = (
@@ -179,12 +181,15 @@ class Session:
             if input_key
             else Loaded(copy.deepcopy(self.start.model), self.start.tokenizer, None)
         )
+        scratch = self.store.scratch(key)
         ctx = StageContext(
             name=f"{stage.name} ({stage.index + 1}/{len(self.recipe.stages)})",
             config=stage.config,
             device=self.device,
             seed=self.spec.seed,
-            scratch=self.store.scratch(key),
+            # a follower's files on the way apart from the main process's, which it removes when it saves
+            scratch=scratch if keep else self.store.scratch(f"{key}-process-{launch.rank()}"),
+            checkpoints=scratch,
             cache=home(),
             load_teacher=lambda: self.teacher,
             train_blocks=lambda seq_len: self.blocks("train", seq_len),
@@ -192,8 +197,10 @@ class Session:
             cache_key=f"{self.teacher_key}:{self.data_identity}",
         )
         start = time.time()
-        model = stage.impl.apply(source.model, source.tokenizer, ctx)
-        if not keep:
+        try:
+            model = stage.impl.apply(source.model, source.tokenizer, ctx)
+        except launch.Trained:  # a follower: its part, the training, is over
+            shutil.rmtree(ctx.scratch)
             return None
         manifest = {
             "name": stage.name,

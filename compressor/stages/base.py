@@ -28,7 +28,7 @@ class StageContext:
     config: BaseModel  # the stage's validated Config
     device: torch.device
     seed: int
-    scratch: Path  # this stage's checkpoints; survives a crash
+    scratch: Path  # this stage's work folder (checkpoints, files on the way); survives a crash
     cache: Path  # shared, content-named caches (teacher generations, answers)
     load_teacher: Callable[[], object]  # -> models.Loaded, or a text teacher (answers.Teacher)
     train_blocks: Callable[[int], torch.Tensor]  # seq_len -> packed training blocks [N, seq_len]
@@ -36,6 +36,9 @@ class StageContext:
     cache_key: str  # identifies (teacher, data): prefix of the names of cached data
     info: dict = field(default_factory=dict)  # facts the stage reports (sizes, roundings, ...)
     files: dict = field(default_factory=dict)  # artifact files besides the model: name -> write(path)
+    # training checkpoints, when not in `scratch`: a launch's followers read the main process's
+    # (compressor.launch) and keep their other files apart
+    checkpoints: Path | None = None
 
     @cached_property
     def teacher(self):
@@ -52,6 +55,8 @@ class StageKind(ABC):
     needs_float: ClassVar[bool] = True
     # bumped when the same settings build a different artifact: part of the stage's cache key
     algorithm: ClassVar[int] = 1
+    # True: it trains (kd.distill_train), so a launch's other processes build it beside the main one
+    trains: ClassVar[bool] = False
 
     @abstractmethod
     def check(self, cfg: BaseModel, shape: dict, teacher_shape: dict) -> dict:

@@ -178,6 +178,7 @@ def with_lora(model: torch.nn.Module, cfg: Lora) -> torch.nn.Module:
 
 class Distill(StageKind):
     Config = Config
+    trains = True
 
     def check(self, cfg: Config, shape: dict, teacher_shape: dict) -> dict:
         out = student_shape(cfg.student, shape, teacher_shape)

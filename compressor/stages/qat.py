@@ -74,6 +74,7 @@ def gptq_start(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> float:
 class QAT(StageKind):
     Config = Config
     produces = "quantized"
+    trains = True
     # 2: trains on and stores llama.cpp's grid (max|w| / -8); 3: σ² per type as llama.cpp weighs an imatrix;
     # 4: GPTQ's lazy batches (the same sums in another order)
     algorithm = 4

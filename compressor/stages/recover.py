@@ -16,6 +16,7 @@ from .base import StageContext, StageKind
 
 class Recover(StageKind):
     Config = Recovery
+    trains = True
 
     def check(self, cfg: Recovery, shape: dict, teacher_shape: dict) -> dict:
         return check_recovery(cfg, shape, teacher_shape)

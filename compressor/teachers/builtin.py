@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import FORMAT_VERSION, UserError
+from .. import FORMAT_VERSION, UserError, launch
 from ..data import Batches, pack, stdlib_documents
 from ..models import load_pretrained, resolve_dtype, shape_of
 from ..progress import say
@@ -135,6 +135,11 @@ def ensure_teacher(name: str = "tiny-stdlib", build: BuiltinBuild | None = None)
             return folder
         from ..measure import token_perplexity
 
+        if launch.world() > 1:  # its training would wait for processes that wait for the run
+            raise UserError(
+                f"the built-in teacher {name} is built by one process: build it first (`compressor teacher "
+                f"build --name {name}` for the default settings, or the run without `accelerate launch`)"
+            )
         start = time.time()
         say(f"building the built-in teacher {name} (once; cached in {folder})")
         train_docs, heldout_docs = stdlib_documents("train"), stdlib_documents("heldout")
