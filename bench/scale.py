@@ -212,8 +212,10 @@ def markdown(out: dict) -> str:
               "(target: within 25%)."]  # fmt: skip
     if "layerwise_peak_mb_1.5b" in t:
         seconds = t["layerwise_over_whole_seconds_1.5b"]
-        lines.append(f"- Layer by layer, 1.5b: peak {t['layerwise_peak_mb_1.5b']:,.0f} MiB (target < 1.5 GB), "
-                     f"{seconds:.2f}x the whole path's seconds (target <= 1.2x).")  # fmt: skip
+        peak = t["layerwise_peak_mb_1.5b"]
+        units = f"{peak:,.0f} MiB = {peak / 1024:.2f} GiB = {peak * 2**20 / 1e9:.2f} GB"
+        lines.append(f"- Layer by layer, 1.5b: peak {units} (target < 1.5 GB), {seconds:.2f}x the whole "
+                     "path's seconds (target <= 1.2x).")  # fmt: skip
     if "layerwise_peak_1.5b_over_0.5b" in t:
         lines.append(f"- Depth: the 1.5b's layerwise peak is {t['layerwise_peak_1.5b_over_0.5b']:.2f}x the 0.5b's, "
                      "same width (target within 10%).")  # fmt: skip

@@ -137,12 +137,14 @@ def _hidden(output) -> torch.Tensor:
 
 def _quantize(mods: dict, hessians: dict, cfg, out: dict, types: dict | None) -> None:
     """GPTQ each Linear on its Hessian (a stack of them: one per block of rows, e.g. per KV head);
-    the layer then computes with the quantized weights."""
-    for name, h in hessians.items():
+    the layer then computes with the quantized weights. `hessians` is emptied as it goes, the
+    narrowest first: each is GPTQ's workspace and freed after, so the widest works alone."""
+    for name in sorted(hessians, key=lambda k: hessians[k].numel()):
+        h = hessians.pop(name)
         m = mods[name]
         rows = zip(m.weight.chunk(len(h)), h) if h.dim() == 3 else [(m.weight, h)]
         kind = None if types is None else types[name]
-        parts = [gptq(w, part, grid(cfg, w, kind), cfg.act_order, cfg.damp) for w, part in rows]
+        parts = [gptq(w, part, grid(cfg, w, kind), cfg.act_order, cfg.damp, overwrite=True) for w, part in rows]
         if isinstance(parts[0], Blocks):  # a GGUF type: the file's fields and codes
             blocks = Blocks.cat(parts, dim=0)
             m.weight.data = blocks.dequantize().to(m.weight)

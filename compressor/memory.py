@@ -11,9 +11,10 @@ The parts, all float32 unless a dtype says otherwise:
   dtype, the activations kept for the backward pass, and the loss's [chunk × vocabulary] buffers;
 - GPTQ: a second copy of the weights while the checkpoint loads or the result saves, the integer
   codes, every calibration block's hidden states (kept, and the next layer's being made), one
-  decoder layer's forward with eager attention and the value projections' mixed inputs, the
-  layer's Hessians, and the logits of one batch when the head is quantized; layer by layer, one
-  layer (or the embeddings) instead of the model;
+  decoder layer's work: its forward with eager attention and the value projections' mixed inputs
+  beside all its Hessians, or GPTQ on its widest Linear, whichever is larger; and the logits of one
+  batch when the head is quantized; layer by layer, one layer (or the embeddings) instead of the
+  model;
 - measurement: one batch's decoder activations and a slice of logits (`scoring.CHUNK_BYTES`).
 """
 
@@ -71,9 +72,13 @@ def gptq(
     # eager attention's scores and probabilities, and one KV head's value mixes (quant.ValueHessians)
     attention = 4 * (3 * batch * heads * seq * seq + batch * (heads // kv) * seq * h)
     mlp = 4 * tokens * 3 * i
-    # the layer's Hessians, and GPTQ's working copies of the widest (quant.gptq: two n × n at a time)
     widest = max(h, i, width)
-    hessians = 4 * (4 * h * h + kv * h * h + width * width + i * i + 2 * widest * widest + widest * max(h, i))
+    # the calibration forward: every Hessian of the layer beside one batch's attention, or its MLP's
+    # activations with the widest input's XᵀX on its way into its Hessian (quant.average_into)
+    forward = 4 * (4 * h * h + kv * h * h + width * width + i * i) + max(attention, mlp + 4 * widest * widest)
+    # then GPTQ, narrowest first, each Hessian its own workspace (quant.gptq): the widest, alone, with
+    # one n × n temporary while it is reordered, and copies of its weight (reordered, codes)
+    solve = 4 * (2 * widest * widest + 3 * h * i)
     p = parameters(shape)
     # loading maps the checkpoint while its tensors are copied in, saving serialises a copy: a
     # second model for a while; and the integers, a byte a weight, are held until saved
@@ -84,7 +89,7 @@ def gptq(
         "runtime": RUNTIME,
         **weights,
         "calibration hidden states": 4 * 2 * samples * seq * h,
-        "one layer's work": max(attention, mlp) + hessians,
+        "one layer's work": max(forward, solve),
     }
     if lm_head:
         parts["head logits"] = 4 * tokens * vocab + 4 * h * h

@@ -99,7 +99,7 @@ class IntGrid:
 LAZY = 128  # columns whose error reaches the rest of the matrix in one product (GPTQ's lazy batch)
 
 
-def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: float):
+def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: float, overwrite: bool = False):
     """GPTQ (Frantar et al. 2022) for one Linear: quantize columns one by one, spreading each
     column's rounding error over the columns not yet quantized through the inverse Hessian of the
     layer's inputs. `grid` rounds a column to the values the stored format will dequantize to
@@ -110,10 +110,13 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: fl
     of a column reaches the columns of its block of LAZY at once and the rest of the matrix with
     its block's, in one matrix product: the same sums in another order, 9-18x faster on 2 cores
     (2048 x 5632: 6 s, was 108 s) where a column at a time made each update a pass over the whole
-    matrix."""
+    matrix. `overwrite`: the Hessian's memory is the workspace (it is left changed), so GPTQ's
+    n × n matrices are one at a time, with at most one temporary beside it."""
     w = w.detach().float().clone()
     n_in = w.shape[1]
-    h = hessian.float().to(w.device).clone()
+    h = hessian.float().to(w.device)
+    if h is hessian and not overwrite:
+        h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -122,13 +125,15 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: fl
     if static:
         grid.start(w, 0, importance)
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n_in, device=w.device)
-    w, h = w[:, order], h[order][:, order]
+    if act_order:
+        w = w[:, order]
+        h.copy_(h[order])
+        h.copy_(h[:, order])
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    # one n × n matrix at a time besides the caller's (a 5632-wide MLP's is 127 MB)
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    hinv = torch.linalg.cholesky(h, upper=True)
-    del h
+    # in place: a 5632-wide MLP's n × n is 127 MB
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    hinv = torch.linalg.cholesky(h, upper=True, out=h)
     order = order.tolist()
     for b0 in range(0, n_in, LAZY):
         b1 = min(b0 + LAZY, n_in)
@@ -150,9 +155,10 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid, act_order: bool, damp: fl
 
 def average_into(hessian: torch.Tensor, seen: int, gram: torch.Tensor, n: int) -> int:
     """Fold the Gram matrix XᵀX of n more rows into a running 2/N · XᵀX in place (a running mean
-    keeps the sum's scale fixed however many batches come); returns N."""
+    keeps the sum's scale fixed however many batches come); returns N. `gram` is scaled in place:
+    no third n × n matrix (a 5632-wide MLP's is 127 MB)."""
     hessian *= seen / (seen + n)
-    hessian += (2 / (seen + n)) * gram
+    hessian += gram.mul_(2 / (seen + n))
     return seen + n
 
 
@@ -174,9 +180,11 @@ class Hessians:
         return hook
 
     def close(self) -> dict[str, torch.Tensor]:
+        """The Hessians, handed over (this object keeps no reference: the caller may free them)."""
         for h in self.handles:
             h.remove()
-        return self.sums
+        sums, self.sums = self.sums, {}
+        return sums
 
 
 class Importance:
@@ -237,9 +245,11 @@ class ValueHessians:
         self.seen = seen
 
     def close(self) -> torch.Tensor:
+        """The Hessians [kv_heads, n, n], handed over as Hessians.close hands them."""
         for h in self.handles:
             h.remove()
-        return self.sums
+        sums, self.sums, self.x = self.sums, None, None
+        return sums
 
 
 def group_divides(features: dict[str, int], group: int | None) -> str | None:
