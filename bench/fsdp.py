@@ -5,7 +5,8 @@ Llama teacher, the chunked KD loss, AdamW, clipping) as one process and as two p
 FSDP on CPU (gloo), both through `accelerate launch --use_fsdp`, exactly as a user would, and
 compares the per-step losses (the whole batch's, averaged over the processes) and the trained
 weights. It also records the share of the student's and teacher's parameters each process held
-while training. `bench/scale.py` records its figures under "fsdp"; a test runs it tiny.
+while training, and the peak resident memory of the largest process of each run (`wait4`).
+`bench/scale.py` records its figures under "fsdp"; a test runs it tiny.
 """
 
 from __future__ import annotations
@@ -95,12 +96,17 @@ def launch(processes: int, size: str, steps: int, out: Path, crash_at: int | Non
     command += ["--worker", "--size", size, "--steps", str(steps), "--out", str(out)]
     command += ["--crash-at", str(crash_at)] if crash_at is not None else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0 and crash_at is not None and f"killed at step {crash_at}" in done.stderr:
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # its peak: the largest of it and the workers it reaped
+        log.seek(0)
+        stderr = log.read()
+    failed = os.waitstatus_to_exitcode(status) != 0
+    if failed and crash_at is not None and f"killed at step {crash_at}" in stderr:
         return None
-    if done.returncode != 0:
-        raise RuntimeError(f"{processes}-process run failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "result.json").read_text())
+    if failed:
+        raise RuntimeError(f"{processes}-process run failed:\n{stderr[-3000:]}")
+    return {**json.loads((out / "result.json").read_text()), "peak_mb": usage.ru_maxrss / 1024}
 
 
 def compare(size: str = "bench", steps: int = 8, folder: Path | None = None) -> dict:
@@ -122,6 +128,8 @@ def compare(size: str = "bench", steps: int = 8, folder: Path | None = None) -> 
         "losses_two_processes": [round(x, 6) for x in two["losses"]],
         "max_rel_loss_diff": max(rel),
         "max_rel_weight_diff": weight_rel,
+        "peak_mb_one_process": one["peak_mb"],
+        "peak_mb_each_of_two": two["peak_mb"],
         "params_per_process_fraction": two["held"]["student"],
         "teacher_params_per_process_fraction": two["held"]["teacher"],
     }

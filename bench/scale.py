@@ -204,7 +204,9 @@ def markdown(out: dict) -> str:
         f"- Largest relative difference of a step's loss: {f['max_rel_loss_diff']:.1e} (target: 1e-4); "
         f"of a trained weight matrix: {f['max_rel_weight_diff']:.1e}.",
         f"- Parameters each process holds while training: {f['params_per_process_fraction']:.2f} of the "
-        f"student's, {f['teacher_params_per_process_fraction']:.2f} of the teacher's.",
+        f"student's, {f['teacher_params_per_process_fraction']:.2f} of the teacher's. Peak resident memory: "
+        f"{f['peak_mb_one_process']:,.0f} MiB in one process, {f['peak_mb_each_of_two']:,.0f} MiB in the larger "
+        "of two (each loads both models whole before sharding them).",
         "",
         "## Targets",
     ]
