@@ -48,15 +48,16 @@ def worker(size: str, steps: int, out: Path, crash_at: int | None = None) -> Non
 
     from compressor.data import Batches
     from compressor.kd import Knobs, kd_step
+    from compressor.launch import join
     from compressor.sharding import local_fraction, sharded
     from compressor.train import train
 
     torch.set_num_threads(1)
+    cpu = join(torch.device("cpu"))  # as a launched `compressor run` joins, before its models load
     student_shape, teacher_shape = SIZES[size]
     student, teacher = _llama(student_shape, 0), _llama(teacher_shape, 1).eval()
     rows = torch.randint(0, student_shape["vocab_size"], (64, 64), generator=torch.Generator().manual_seed(2))
     knobs = Knobs(steps=steps, batch_size=8, lr=3e-3, warmup=0.1, checkpoint_every=2)
-    cpu = torch.device("cpu")
     seen: list[torch.Tensor] = []
     with sharded([student, teacher], cpu) as (s, t):
         step = kd_step(t, knobs, 0, None)

@@ -32,6 +32,9 @@ def join(device):
         return device
     from accelerate import PartialState
 
+    from .heap import map_large_blocks
+
+    map_large_blocks()  # before the models load: what FSDP gathers and frees would otherwise stay resident
     state = PartialState(cpu=device.type == "cpu", timeout=WAIT)
     return device if device.type == "cpu" else state.device
 

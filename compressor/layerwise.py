@@ -13,12 +13,13 @@ loaded model, so both give the same integers bit for bit.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 from pathlib import Path
 
 import torch
+
+from .heap import map_large_blocks, trim
 
 INDEX = "model.safetensors.index.json"
 CODES = "codes"  # the integers of each shard: int-*.safetensors (codes, scales) or ggml-*.safetensors (blocks)
@@ -66,30 +67,6 @@ def _to_meta(module: torch.nn.Module) -> None:
         _set(module, local, torch.empty(p.shape, device="meta"))
 
 
-def _glibc(call: str, *args: int) -> None:
-    try:
-        getattr(ctypes.CDLL("libc.so.6"), call)(*args)
-    except (OSError, AttributeError):  # not glibc: its memory is not tuned this way
-        pass
-
-
-def _trim() -> None:
-    """Hand freed heap memory back to the system: glibc keeps it, and without this the resident
-    size climbs ~20 MB a layer on a 0.1B model (bench/scale.py) instead of staying flat."""
-    _glibc("malloc_trim", 0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-def _map_large_blocks() -> None:
-    """Allocate every block of 8 MB or more (Hessians, weights, activations) as its own mapping,
-    returned to the system when freed: glibc otherwise raises this threshold as large blocks are
-    freed and serves them from a heap that keeps its high-water mark. A layer of width 2048 /
-    5632 peaked ~200 MB lower with it, in the same time (1 MB cost 28% more time in page faults)."""
-    _glibc("mallopt", M_MMAP_THRESHOLD, 8 << 20)
-
-
 def skeleton(folder: Path) -> torch.nn.Module:
     """The model of `folder`'s config with its parameters on the meta device; buffers (rotary
     frequencies, embedding scales) are computed for real, as loading would."""
@@ -118,7 +95,7 @@ class Streamed:
         self.written: dict[str, str] = {}  # tensor name -> the shard that holds it
         self.parts: list[str] = []
         (self.out / CODES).mkdir(parents=True, exist_ok=True)
-        _map_large_blocks()
+        map_large_blocks()
 
     def _key(self, name: str) -> str:
         return self.embed_key if name not in self.source.files and self.tied and name.endswith("weight") else name
@@ -136,7 +113,7 @@ class Streamed:
         if changed:
             self._write(module, found or {})
         _to_meta(module)
-        _trim()
+        trim()
 
     def _write(self, module: torch.nn.Module, found: dict) -> None:
         from safetensors.torch import save_file
