@@ -85,18 +85,18 @@ def _accelerator(cfg: TrainConfig, device: torch.device):
         return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
 
 
-def _full_states(model, optimizer, extra: torch.nn.Module | None) -> tuple[dict, dict]:
-    """The FSDP-sharded model's and optimiser's states, gathered whole (on the main process)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    holder = torch.nn.ModuleDict({"model": model, **({"extra": extra} if extra is not None else {})})
-    return get_state_dict(holder, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _holder(model, extra: torch.nn.Module | None) -> torch.nn.Module:
+    """What a sharded checkpoint holds: the model and the loss's own trainable module, as one."""
+    return torch.nn.ModuleDict({"model": model, **({"extra": extra} if extra is not None else {})})
 
 
 def _save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, extra, *, sharded: bool, main: bool) -> None:
     """Every process calls this (a sharded state is gathered collectively); the main one writes."""
-    if sharded:
-        model_state, optim_state = _full_states(model, optimizer, extra)
+    if sharded:  # gathered whole, onto the main process
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optim_state = get_state_dict(_holder(model, extra), optimizer, options=whole)
     if not main:
         return
     with atomic_dir(folder) as tmp:
@@ -124,9 +124,8 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, extra, *, sharde
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        holder = torch.nn.ModuleDict({"model": model, **({"extra": extra} if extra is not None else {})})
         set_state_dict(
-            holder,
+            _holder(model, extra),
             optimizer,
             model_state_dict=load_file(str(folder / "model.safetensors")),
             optim_state_dict=state["optimizer"],
