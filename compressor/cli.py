@@ -85,6 +85,8 @@ def _eval(args) -> None:
             limit=args.limit,
             max_length=args.max_length,
             speculative={"enabled": args.speculative},
+            layerwise=args.layerwise,
+            latency={"enabled": not args.layerwise},
         ),
     )
     heldout = option("--data", lambda: TextSource.model_validate(args.data))
@@ -237,6 +239,11 @@ def parser() -> argparse.ArgumentParser:
         "--speculative",
         action="store_true",
         help="with --teacher: measure the model as its draft (acceptance, speed-up)",
+    )
+    e.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="read the model (and --teacher) a decoder layer at a time: for models bigger than memory; no latency",
     )
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     e.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling and of the timing (default: 0)")

@@ -40,8 +40,8 @@ class Checkpoint:
             with safe_open(single, "pt") as f:
                 self.files = dict.fromkeys(f.keys(), single)
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors in float32, each a copy that owns its memory."""
+    def read(self, names: list[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """The named tensors in `dtype` (None: as stored), each a copy that owns its memory."""
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
@@ -51,7 +51,8 @@ class Checkpoint:
         for file, keys in by_file.items():
             with safe_open(file, "pt") as f:  # closed (unmapped) before the next file
                 for k in keys:
-                    out[k] = f.get_tensor(k).to(torch.float32, copy=True)
+                    t = f.get_tensor(k)
+                    out[k] = t.to(dtype or t.dtype, copy=True)
         return out
 
 
@@ -64,12 +65,13 @@ def _set(module: torch.nn.Module, local: str, value: torch.Tensor) -> None:
 
 def _to_meta(module: torch.nn.Module) -> None:
     for local, p in list(module.named_parameters()):
-        _set(module, local, torch.empty(p.shape, device="meta"))
+        _set(module, local, torch.empty(p.shape, dtype=p.dtype, device="meta"))
 
 
-def skeleton(folder: Path) -> torch.nn.Module:
+def skeleton(folder: Path, dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
     """The model of `folder`'s config with its parameters on the meta device; buffers (rotary
-    frequencies, embedding scales) are computed for real, as loading would."""
+    frequencies, embedding scales) are computed for real, as loading would. `dtype` None: the
+    config's (what `from_pretrained(dtype="auto")` takes)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -77,34 +79,51 @@ def skeleton(folder: Path) -> torch.nn.Module:
 
     config = AutoConfig.from_pretrained(folder)
     family_of(config)
+    stored = getattr(config, "dtype", None) or torch.float32
+    dtype = dtype or (getattr(torch, stored) if isinstance(stored, str) else stored)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # empty weights are made apart, tied or not
     return model.eval()
 
 
-class Streamed:
-    """Weights read into a module of a meta-device model on `load`, written out (when changed)
-    and dropped on `done`; `finish` copies what was never changed and writes the index."""
+class Reader:
+    """Weights read from the checkpoint into one module of a meta-device model at a time (`load`)
+    and dropped again (`drop`), in `dtype` (None: as stored)."""
 
-    def __init__(self, model: torch.nn.Module, source: Checkpoint, out: Path, device: torch.device):
-        self.source, self.out, self.device = source, Path(out), device
+    def __init__(self, model: torch.nn.Module, source: Checkpoint, device: torch.device, dtype=torch.float32):
+        self.source, self.device, self.dtype = source, device, dtype
         self.prefix = {m: (name + "." if name else "") for name, m in model.named_modules()}
-        embed = model.get_input_embeddings()
-        self.tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed.weight
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        self.tied = head is not None and head.weight is embed.weight
         self.embed_key = self.prefix[embed] + "weight"
-        self.written: dict[str, str] = {}  # tensor name -> the shard that holds it
-        self.parts: list[str] = []
-        (self.out / CODES).mkdir(parents=True, exist_ok=True)
-        map_large_blocks()
 
     def _key(self, name: str) -> str:
         return self.embed_key if name not in self.source.files and self.tied and name.endswith("weight") else name
 
-    def load(self, module: torch.nn.Module) -> None:
-        names = {self.prefix[module] + n: n for n, _ in module.named_parameters()}
-        found = self.source.read([self._key(k) for k in names])
+    def load(self, module: torch.nn.Module, recurse: bool = True) -> None:
+        """`module`'s weights (`recurse` False: only those it holds itself, not its children's)."""
+        names = {self.prefix[module] + n: n for n, _ in module.named_parameters(recurse=recurse)}
+        found = self.source.read([self._key(k) for k in names], self.dtype)
         for full, local in names.items():
             _set(module, local, found[self._key(full)].to(self.device))
+
+    def drop(self, module: torch.nn.Module) -> None:
+        _to_meta(module)
+        trim()
+
+
+class Streamed(Reader):
+    """A Reader that writes what the work changed (`done`) to a new checkpoint; `finish` copies
+    what was never changed and writes the index."""
+
+    def __init__(self, model: torch.nn.Module, source: Checkpoint, out: Path, device: torch.device):
+        super().__init__(model, source, device)
+        self.out = Path(out)
+        self.written: dict[str, str] = {}  # tensor name -> the shard that holds it
+        self.parts: list[str] = []
+        (self.out / CODES).mkdir(parents=True, exist_ok=True)
+        map_large_blocks()
 
     def done(self, module: torch.nn.Module, changed: bool, found: dict | None = None) -> None:
         """Write the module's weights (when the work changed them) and the integers `found` holds
@@ -112,8 +131,7 @@ class Streamed:
         give their memory back."""
         if changed:
             self._write(module, found or {})
-        _to_meta(module)
-        trim()
+        self.drop(module)
 
     def _write(self, module: torch.nn.Module, found: dict) -> None:
         from safetensors.torch import save_file
@@ -164,3 +182,38 @@ class Streamed:
         for file in sorted((self.out / CODES).glob("ggml-*.safetensors")):
             out |= {k.removesuffix(".weight"): b for k, b in read_ggml_file(file).items()}
         return out
+
+
+def streaming(folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The model of `folder`, computing what it computes loaded whole while holding one decoder
+    layer at a time: each layer reads its weights from the checkpoint when its forward pass
+    begins and drops them when it ends; embeddings, final norm and head stay loaded (a tied head
+    shares the embeddings' tensor). `dtype` None keeps the stored one, as `dtype="auto"` loads.
+    Every forward pass reads the layers again (from the page cache when they fit there)."""
+    from .models import decoder_layers
+
+    model = skeleton(folder, dtype)
+    for module in model.modules():  # rotary frequencies and the like, made on the CPU
+        module._buffers.update({k: b.to(device) for k, b in module._buffers.items() if b is not None})
+    reader = Reader(model, Checkpoint(folder), device, dtype)
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, _args: reader.load(module))
+        layer.register_forward_hook(lambda module, _args, _out: reader.drop(module))
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if any(id(p) not in inside for p in module.parameters(recurse=False)) and not (module is head and reader.tied):
+            reader.load(module, recurse=False)
+    if reader.tied:
+        head.weight = model.get_input_embeddings().weight
+    return model.eval()
+
+
+def load_streamed(folder: Path, device: torch.device, dtype: torch.dtype | None = None):
+    """`streaming`'s model of `folder` with its tokenizer, as `models.load_pretrained` gives one."""
+    from transformers import AutoTokenizer
+
+    from .models import Loaded
+
+    return Loaded(streaming(folder, device, dtype), AutoTokenizer.from_pretrained(folder), Path(folder))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .evaldata import user_file
 from .latency import LatencySpec
@@ -71,6 +71,21 @@ class EvalSpec(BaseModel):
     speculative: SpeculativeSpec = SpeculativeSpec()
     runtimes: list[str] = Field(["torch"], description="where each stage is measured: torch, llama.cpp")
     gguf: GGUFSpec = GGUFSpec()
+    layerwise: bool = Field(
+        False,
+        description="read each model a decoder layer at a time while it is measured (for models bigger "
+        "than memory; every batch reads the layers again)",
+    )
+
+    @model_validator(mode="after")
+    def _layerwise(self) -> "EvalSpec":
+        if self.layerwise and self.latency.enabled:
+            raise ValueError("layerwise: latency times a model held in memory; set latency: {enabled: false}")
+        if self.layerwise and self.speculative.enabled:
+            raise ValueError(
+                "layerwise: a draft model decodes token by token from memory; set speculative: {enabled: false}"
+            )
+        return self
 
     @field_validator("runtimes", mode="after")
     @classmethod

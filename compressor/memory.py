@@ -15,7 +15,8 @@ The parts, all float32 unless a dtype says otherwise:
   beside all its Hessians, or GPTQ on its widest Linear, whichever is larger; and the logits of one
   batch when the head is quantized; layer by layer, one layer (or the embeddings) instead of the
   model;
-- measurement: one batch's decoder activations and a slice of logits (`scoring.CHUNK_BYTES`).
+- measurement: one batch's decoder activations and a slice of logits (`scoring.CHUNK_BYTES`); layer
+  by layer (eval.layerwise), one decoder layer, the embeddings and head instead of the model.
 """
 
 from __future__ import annotations
@@ -135,15 +136,26 @@ def gradients(shape: dict, batch: int, seq: int) -> dict[str, int]:
     }
 
 
-def measuring(shape: dict, batch: int, seq: int) -> dict[str, int]:
-    """Scoring a model: its weights, one batch through the decoder, one slice of logits."""
+def measuring(shape: dict, batch: int, seq: int, layerwise: bool = False) -> dict[str, int]:
+    """Scoring a model: its weights, one batch through the decoder, one slice of logits.
+    `layerwise` (eval.layerwise): embeddings, head and final norm stay, one decoder layer comes
+    and goes (with the pages of the checkpoint it is copied from)."""
     from .scoring import CHUNK_BYTES
 
+    h, vocab = shape["hidden_size"], shape["vocab_size"]
+    if layerwise:
+        tables = 1 if shape.get("tie_word_embeddings", True) else 2
+        weights = {
+            "embeddings, head": 4 * (tables * vocab * h + h),
+            "one decoder layer": 4 * 2 * layer_parameters(shape),
+        }
+    else:
+        weights = {"weights": 4 * parameters(shape)}
     return {
         "runtime": RUNTIME,
-        "weights": 4 * parameters(shape),
-        "activations": 4 * batch * seq * (4 * shape["hidden_size"] + 2 * shape["intermediate_size"]),
-        "logits slice": min(CHUNK_BYTES, 4 * batch * seq * shape["vocab_size"]),
+        **weights,
+        "activations": 4 * batch * seq * (4 * h + 2 * shape["intermediate_size"]),
+        "logits slice": min(CHUNK_BYTES, 4 * batch * seq * vocab),
     }
 
 

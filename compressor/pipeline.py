@@ -22,8 +22,10 @@ from . import FORMAT_VERSION, keys, launch
 from .data import TextSource, documents, load_documents, pack
 from .families import sequence_bos
 from .latency import Timed, TorchRunner, time_models
+from .layerwise import load_streamed
 from .measure import EvalSpec, measure, measure_deployed
-from .models import Loaded, load_pretrained, resolve_device
+from .memory import measuring
+from .models import Loaded, load_pretrained, resolve_device, shape_of
 from .progress import say, stage_progress
 from .recipe import Recipe, Stage
 from .record import RunRecord, StageRecord, machine, make_record, versions
@@ -32,7 +34,7 @@ from .runtimes import RUNTIMES
 from .stages import StageContext
 from .storage import Store, digest, home, output_folder, read_json, write_json
 from .tasks import scoring_length
-from .teachers import TeacherSpec, load_teacher
+from .teachers import TeacherSpec, load_teacher, stream_teacher
 
 
 def reference_row(spec) -> tuple[str, TeacherSpec]:
@@ -66,6 +68,32 @@ class Session:
         return self.teacher if self.spec.teacher.has_logits else self.start
 
     @cached_property
+    def measured_reference(self) -> Loaded:
+        """Row 0's model as measurement reads it: loaded, or a decoder layer at a time (eval.layerwise);
+        with a teacher that has logits, the teacher every row's KL is taken against."""
+        if not self.spec.eval.layerwise:
+            return self.reference_model()
+        return stream_teacher(reference_row(self.spec)[1], self.device)
+
+    def measuring_teacher(self) -> torch.nn.Module | None:
+        return self.measured_reference.model if self.spec.teacher.has_logits else None
+
+    def load_measured(self, key: str) -> Loaded:
+        """An artifact as measurement reads it: loaded, or a decoder layer at a time (eval.layerwise)."""
+        if self.spec.eval.layerwise:
+            return load_streamed(self.store.path(key), self.device)
+        return self.load_artifact(key)
+
+    @cached_property
+    def tokenizing(self) -> Loaded:
+        """Whose tokenizer and config pack the data: the first stage's input, not loaded whole to be
+        measured a layer at a time."""
+        if not self.spec.eval.layerwise:
+            return self.start
+        start = self.spec.base or self.spec.teacher
+        return self.measured_reference if start is reference_row(self.spec)[1] else stream_teacher(start, self.device)
+
+    @cached_property
     def _documents(self) -> tuple[list[str], list[str]]:
         return documents(self.spec.data)
 
@@ -75,10 +103,10 @@ class Session:
             source = data.heldout.identity() if split == "heldout" and data.heldout else data.train.identity()
             blocks = pack(
                 lambda: self._documents[0 if split == "train" else 1],
-                self.start.tokenizer,
+                self.tokenizing.tokenizer,
                 seq_len,
                 cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}",
-                bos=sequence_bos(self.start.model.config, self.start.tokenizer),
+                bos=sequence_bos(self.tokenizing.model.config, self.tokenizing.tokenizer),
             )
             if split == "train" and data.max_train_tokens:
                 blocks = blocks[: max(1, data.max_train_tokens // seq_len)]
@@ -96,16 +124,14 @@ class Session:
         start = time.time()
         loaded: Loaded = load()
         say(f"measuring {label}: size, fidelity, accuracy ({', '.join(self.spec.eval.tasks) or 'no tasks'})")
-        with_teacher = not reference and self.spec.teacher.has_logits
+        teacher = None if reference else self.measuring_teacher()
         metrics = measure(
-            loaded.model,
-            loaded.tokenizer,
-            loaded.folder,
-            self.spec.eval,
-            self.heldout(),
-            self.teacher.model if with_teacher else None,
-            self.spec.seed,
+            loaded.model, loaded.tokenizer, loaded.folder, self.spec.eval, self.heldout(), teacher, self.spec.seed
         )
+        if self.spec.eval.layerwise:
+            metrics["measured_within_bytes"] = layerwise_bound(
+                self.spec.eval, self.spec.data.seq_len, loaded.model.config, teacher
+            )
         if reference and self.spec.teacher.has_logits:
             metrics.update(teacher_kl=0.0, top1_agreement=1.0)
             metrics["higher_is_better"].update(teacher_kl=False, top1_agreement=True)
@@ -146,7 +172,7 @@ class Session:
                         runtime.kernel(path),
                         self.spec.eval,
                         self.heldout(),
-                        self.teacher.model if self.spec.teacher.has_logits else None,
+                        self.measuring_teacher(),
                         self.spec.seed,
                     )
                 finally:
@@ -222,6 +248,17 @@ class Session:
         return self.store.get(key, verify=False)
 
 
+def layerwise_bound(spec: EvalSpec, seq: int, config, teacher: torch.nn.Module | None) -> int:
+    """Estimated peak of measuring a model a layer at a time (memory.measuring): held-out fidelity,
+    the teacher's resident tables beside it, or an lm-eval batch, whichever is larger."""
+    parts = measuring(shape_of(config.to_dict()), spec.fidelity.batch_size, seq, layerwise=True)
+    if teacher is not None:
+        tables = measuring(shape_of(teacher.config.to_dict()), 1, 1, layerwise=True)["embeddings, head"]
+        parts["teacher's embeddings, head"] = tables
+    scoring = measuring(shape_of(config.to_dict()), spec.batch_size, scoring_length(spec, config), layerwise=True)
+    return max(sum(parts.values()), sum(scoring.values()) if spec.tasks else 0)
+
+
 def build_and_measure(session: Session) -> list[StageRecord]:
     """Every stage built (or found) and measured, row 0 the reference model; latency apart."""
     recipe, store = session.recipe, session.store
@@ -234,7 +271,9 @@ def build_and_measure(session: Session) -> list[StageRecord]:
     )
     name, reference = reference_row(session.spec)
     start = time.time()
-    metrics, cached, measure_s = session.measured(name, session.teacher_key, session.reference_model, reference=True)
+    metrics, cached, measure_s = session.measured(
+        name, session.teacher_key, lambda: session.measured_reference, reference=True
+    )
     rows: list[StageRecord] = [
         {
             "name": name,
@@ -251,7 +290,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
         }
     ]
     if reference.folder() is not None:  # a hub id has no folder to export
-        rows += session.deployed(rows[0], reference.folder(), session.reference_model)
+        rows += session.deployed(rows[0], reference.folder(), lambda: session.measured_reference)
     input_key = None
     for stage, key in zip(recipe.stages, session.keys):
         start = time.time()
@@ -266,7 +305,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
                 cached = True
             if cached:
                 say(f"{stage.name}: cached (artifact {key})")
-            metrics, _, measure_s = session.measured(stage.name, key, lambda k=key: session.load_artifact(k))
+            metrics, _, measure_s = session.measured(stage.name, key, lambda k=key: session.load_measured(k))
         rows.append(
             {
                 "name": stage.name,
@@ -283,7 +322,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
             }
         )
         with stage_progress(stage.name, recipe.path):
-            rows += session.deployed(rows[-1], store.path(key), lambda k=key: session.load_artifact(k))
+            rows += session.deployed(rows[-1], store.path(key), lambda k=key: session.load_measured(k))
         input_key = key
     return rows
 
@@ -389,8 +428,9 @@ def evaluate_model(
 
     def load(ref: str) -> Loaded:
         if Path(ref).is_dir():
-            return load_pretrained(ref, device, dtype="auto")
-        return load_teacher(TeacherSpec.model_validate(ref), device)
+            return load_streamed(Path(ref), device) if spec.layerwise else load_pretrained(ref, device, dtype="auto")
+        teacher = TeacherSpec.model_validate(ref)
+        return stream_teacher(teacher, device) if spec.layerwise else load_teacher(teacher, device)
 
     with output_folder(out):
         loaded = load(model_ref)
@@ -399,6 +439,8 @@ def evaluate_model(
         blocks = pack(load_documents(heldout), loaded.tokenizer, seq_len, bos=bos)
         start = time.time()
         metrics = measure(loaded.model, loaded.tokenizer, loaded.folder, spec, blocks, teacher, seed)
+        if spec.layerwise:
+            metrics["measured_within_bytes"] = layerwise_bound(spec, seq_len, loaded.model.config, teacher)
         measure_s = round(time.time() - start, 2)
         timing = None
         if spec.latency.enabled:

@@ -268,7 +268,9 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
     on_cpu = spec.device == "cpu" or (spec.device == "auto" and not _has_cuda())
     if on_cpu and loaded_teacher:
         try:
-            fits("measuring it", (measuring(loaded_teacher, spec.eval.fidelity.batch_size, run.seq_len), []))
+            layerwise = spec.eval.layerwise
+            parts = measuring(loaded_teacher, spec.eval.fidelity.batch_size, run.seq_len, layerwise)
+            fits("measuring it", (parts, [] if layerwise else ["eval: {layerwise: true, latency: {enabled: false}}"]))
         except ValueError as exc:
             raise _fail(path, "teacher", str(exc)) from None
     for stage in stages:

@@ -54,6 +54,7 @@ class Metrics(TypedDict):
     peak_mem_bytes: NotRequired[int]
     roofline_ms_per_token: NotRequired[float]
     speculative: NotRequired[dict]
+    measured_within_bytes: NotRequired[int]  # eval.layerwise: the estimated peak of measuring it a layer at a time
 
 
 class StageRecord(TypedDict):

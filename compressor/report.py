@@ -184,7 +184,18 @@ def speed_notes(record: dict) -> list[str]:
 
 def accuracy_notes(record: dict) -> list[str]:
     first = record["stages"][0]["metrics"] if record["stages"] else {}
-    return [
+    streamed = [s["metrics"].get("measured_within_bytes") or 0 for s in record["stages"]]
+    layerwise = (
+        [
+            "- **Measured a decoder layer at a time** (eval.layerwise): every batch read each model's layers from "
+            "its checkpoint one by one, embeddings and head held throughout, so accuracy and fidelity were measured "
+            f"within about {max(streamed) / 2**20:,.0f} MiB (estimated: a layer, the tables, a batch's activations), "
+            "whatever the model's size; the same figures as the model loaded whole. No latency was timed."
+        ]
+        if any(streamed)
+        else []
+    )
+    return layerwise + [
         f"- **held-out ppl** is token perplexity on {_fmt(first.get('heldout_tokens'))} tokens of the recipe's "
         "held-out text (the first eval.fidelity.samples blocks): the same definition everywhere in this "
         "report, and the one papers quote. `*/token_perplexity` is the same quantity over a task's documents; "

@@ -78,6 +78,7 @@ def test_a_stage_that_cannot_fit_is_refused_naming_it_and_what_would_fit(write_r
         load_recipe(path, check_tasks=False)
     message = str(err.value)
     assert message.startswith(f"{path}: teacher: measuring it needs about")
+    assert message.endswith("try eval: {layerwise: true, latency: {enabled: false}}")
     monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (3 << 20))  # the teacher fits, training not
     with pytest.raises(UserError) as err:
         load_recipe(path, check_tasks=False)
@@ -104,3 +105,13 @@ def test_a_cuda_recipe_is_not_held_to_this_machines_memory(write_recipe, monkeyp
     monkeypatch.setattr(memory, "machine_bytes", lambda: 1)
     monkeypatch.setattr("compressor.recipe._has_cuda", lambda: True)
     load_recipe(write_recipe(distill_recipe()), check_tasks=False)  # device auto: the GPU's memory is not modelled
+
+
+def test_measuring_layer_by_layer_holds_a_layer_and_the_tables():
+    shape = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24}
+    shape |= {"num_attention_heads": 16, "num_key_value_heads": 16, "tie_word_embeddings": False}
+    whole = memory.measuring(shape, 4, 512)
+    streamed = memory.measuring(shape, 4, 512, layerwise=True)
+    assert streamed["one decoder layer"] == 2 * 4 * memory.layer_parameters(shape)  # and its checkpoint's pages
+    assert streamed["embeddings, head"] == 4 * (2 * 32000 * 2048 + 2048)
+    assert whole["activations"] == streamed["activations"] and sum(streamed.values()) < sum(whole.values()) / 3

@@ -103,4 +103,23 @@ def load_teacher(spec: TeacherSpec, device: torch.device) -> Loaded:
     return spec.impl.load(device)
 
 
-__all__ = ["SOURCES", "Source", "TeacherSpec", "load_teacher", "BuiltinBuild"]
+def stream_teacher(spec: TeacherSpec, device: torch.device) -> Loaded:
+    """A teacher read a decoder layer at a time from its folder (layerwise.streaming), in the
+    dtype it loads in; a source converted into a folder (built-in, llama2c, GGUF) is converted
+    first, the one time it is loaded whole."""
+    from .. import UserError
+    from ..layerwise import load_streamed
+    from ..models import resolve_dtype
+
+    folder = spec.folder()
+    if folder is None:
+        raise UserError(
+            f"teacher {spec.source}: eval.layerwise reads a model from its folder, and a hub id has none "
+            "here; download it and name the folder (hf:./path/to/model)"
+        )
+    if not (folder / "config.json").is_file():
+        spec.impl.load(torch.device("cpu"))
+    return load_streamed(folder, device, resolve_dtype(spec.dtype, device))
+
+
+__all__ = ["SOURCES", "Source", "TeacherSpec", "load_teacher", "stream_teacher", "BuiltinBuild"]
