@@ -22,7 +22,7 @@ import torch
 from .heap import map_large_blocks, trim
 
 INDEX = "model.safetensors.index.json"
-CODES = "codes"  # the integers of each shard: int-*.safetensors (codes, scales) or ggml-*.safetensors (blocks)
+CODES = "codes"  # the INT grid's integers of each shard: codes/int-*.safetensors (codes, scales)
 
 
 class Checkpoint:
@@ -122,7 +122,7 @@ class Streamed(Reader):
         self.out = Path(out)
         self.written: dict[str, str] = {}  # tensor name -> the shard that holds it
         self.parts: list[str] = []
-        (self.out / CODES).mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
         map_large_blocks()
 
     def done(self, module: torch.nn.Module, changed: bool, found: dict | None = None) -> None:
@@ -136,7 +136,7 @@ class Streamed(Reader):
     def _write(self, module: torch.nn.Module, found: dict) -> None:
         from safetensors.torch import save_file
 
-        from .quantized import write_ggml
+        from .quantized import GGML_SHARDS, write_ggml
 
         part = len(self.parts)
         self.parts.append(f"part-{part:05d}.safetensors")
@@ -145,10 +145,12 @@ class Streamed(Reader):
         self.written.update(dict.fromkeys(tensors, self.parts[-1]))
         mine = {n: found.pop(n) for n in list(found) if (n + ".").startswith(self.prefix[module])}
         blocks = {n: v for n, v in mine.items() if not isinstance(v, tuple)}
-        if blocks:
-            write_ggml(self.out / CODES / f"ggml-{part:05d}.safetensors", blocks)
+        if blocks:  # the artifact's GGUF blocks, as quantized.read_ggml reads them
+            (self.out / GGML_SHARDS).mkdir(exist_ok=True)
+            write_ggml(self.out / GGML_SHARDS / f"{part:05d}.safetensors", blocks)
         ints = {f"{n}.{k}": t for n, v in mine.items() if isinstance(v, tuple) for k, t in zip(("codes", "scales"), v)}
         if ints:
+            (self.out / CODES).mkdir(exist_ok=True)
             save_file(ints, self.out / CODES / f"int-{part:05d}.safetensors")
 
     def finish(self) -> None:
@@ -172,16 +174,14 @@ class Streamed(Reader):
         """Every integer written, read back: module name -> (int8 codes, scales) or ggml.Blocks."""
         from safetensors.torch import load_file
 
-        from .quantized import read_ggml_file
+        from .quantized import read_ggml
 
         out: dict = {}
         for file in sorted((self.out / CODES).glob("int-*.safetensors")):
             ints = load_file(file)
             names = [k.removesuffix(".codes") for k in ints if k.endswith(".codes")]
             out |= {n: (ints[f"{n}.codes"], ints[f"{n}.scales"]) for n in names}
-        for file in sorted((self.out / CODES).glob("ggml-*.safetensors")):
-            out |= {k.removesuffix(".weight"): b for k, b in read_ggml_file(file).items()}
-        return out
+        return out | {k.removesuffix(".weight"): b for k, b in read_ggml(self.out).items()}
 
 
 def streaming(folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -75,6 +75,7 @@ class EvalSpec(BaseModel):
         False,
         description="read each model a decoder layer at a time while it is measured (for models bigger "
         "than memory; every batch reads the layers again)",
+        exclude_if=lambda on: not on,  # off, it is left out of measurement keys: keys made before it stay valid
     )
 
     @model_validator(mode="after")

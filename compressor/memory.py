@@ -84,8 +84,8 @@ def gptq(
     # loading maps the checkpoint while its tensors are copied in, saving serialises a copy: a
     # second model for a while; and the integers, a byte a weight, are held until saved
     weights = {"weights": 4 * p, "a second copy, loading or saving": 4 * p, "integer codes": p}
-    if layerwise:  # a layer and the copy safetensors serialises, or the embeddings before them
-        weights = {"the module at work": 4 * max(2 * layer_parameters(shape), vocab * h)}
+    if layerwise:
+        weights = {"the module at work": module_at_work(shape)}
     parts = {
         "runtime": RUNTIME,
         **weights,
@@ -95,6 +95,12 @@ def gptq(
     if lm_head:
         parts["head logits"] = 4 * tokens * vocab + 4 * h * h
     return parts
+
+
+def module_at_work(shape: dict) -> int:
+    """Layer by layer (compressor.layerwise): a decoder layer and the copy safetensors serialises
+    when it is written, or the embeddings (or head) alone."""
+    return 4 * max(2 * layer_parameters(shape), shape["vocab_size"] * shape["hidden_size"])
 
 
 def training(
@@ -182,9 +188,11 @@ def for_training(cfg, student: dict, teacher: dict | None, run) -> tuple[dict[st
     return parts, fixes
 
 
-def for_gptq(shape: dict, calibration, seq: int, lm_head: bool = False) -> tuple[dict[str, int], list[str]]:
+def for_gptq(
+    shape: dict, calibration, seq: int, lm_head: bool = False, layerwise: bool = False
+) -> tuple[dict[str, int], list[str]]:
     """A GPTQ pass's peak (`calibration` a data.Calibration) and the settings that would lower it."""
-    parts = gptq(shape, calibration.samples, calibration.batch_size, seq, lm_head)
+    parts = gptq(shape, calibration.samples, calibration.batch_size, seq, lm_head, layerwise)
     fixes = []
     if calibration.samples > calibration.batch_size:
         fixes.append(f"calibration.samples: {max(calibration.batch_size, calibration.samples // 2)}")

@@ -22,7 +22,7 @@ from . import FORMAT_VERSION, keys, launch
 from .data import TextSource, documents, load_documents, pack
 from .families import sequence_bos
 from .latency import Timed, TorchRunner, time_models
-from .layerwise import load_streamed
+from .layerwise import load_streamed, skeleton
 from .measure import EvalSpec, measure, measure_deployed
 from .memory import measuring
 from .models import Loaded, load_pretrained, resolve_device, shape_of
@@ -34,7 +34,7 @@ from .runtimes import RUNTIMES
 from .stages import StageContext
 from .storage import Store, digest, home, output_folder, read_json, write_json
 from .tasks import scoring_length
-from .teachers import TeacherSpec, load_teacher, stream_teacher
+from .teachers import TeacherSpec, load_teacher, local_folder, stream_teacher
 
 
 def reference_row(spec) -> tuple[str, TeacherSpec]:
@@ -195,6 +195,19 @@ class Session:
     def load_artifact(self, key: str) -> Loaded:
         return load_pretrained(str(self.store.path(key)), self.device, dtype="auto")
 
+    def stage_input(self, input_key: str | None, layerwise: bool) -> Loaded:
+        """What a stage starts from: the previous artifact, or a copy of the start model; for a
+        stage that reads it a layer at a time (`StageKind.streams`), its skeleton and folder."""
+        if layerwise:
+            from transformers import AutoTokenizer
+
+            start = self.spec.base or self.spec.teacher
+            folder = self.store.path(input_key) if input_key else local_folder(start, "a layerwise stage")
+            return Loaded(skeleton(folder), AutoTokenizer.from_pretrained(folder), folder)
+        if input_key:
+            return self.load_artifact(input_key)
+        return Loaded(copy.deepcopy(self.start.model), self.start.tokenizer, None)
+
     def build(self, stage: Stage, key: str, input_key: str | None, keep: bool = True) -> dict | None:
         """Run one stage on its input and save the artifact atomically; return its manifest.
         (`keep=False`: a follower process, which builds it beside the main one up to the end of
@@ -202,11 +215,7 @@ class Session:
         if keep and stage.impl.trains:
             launch.tell((stage.index, key, input_key))
         torch.manual_seed(self.spec.seed)
-        source = (
-            self.load_artifact(input_key)
-            if input_key
-            else Loaded(copy.deepcopy(self.start.model), self.start.tokenizer, None)
-        )
+        source = self.stage_input(input_key, stage.impl.streams(stage.config))
         scratch = self.store.scratch(key)
         ctx = StageContext(
             name=f"{stage.name} ({stage.index + 1}/{len(self.recipe.stages)})",
@@ -221,6 +230,7 @@ class Session:
             train_blocks=lambda seq_len: self.blocks("train", seq_len),
             seq_len=self.spec.data.seq_len,
             cache_key=f"{self.teacher_key}:{self.data_identity}",
+            source=source.folder,
         )
         start = time.time()
         try:
@@ -241,7 +251,11 @@ class Session:
             "format": FORMAT_VERSION,
         }
         with self.store.build(key, manifest) as tmp:
-            model.save_pretrained(tmp)
+            if isinstance(model, Path):  # written a layer at a time
+                for file in model.iterdir():
+                    shutil.move(file, tmp / file.name)
+            else:
+                model.save_pretrained(tmp)
             source.tokenizer.save_pretrained(tmp)
             for name, write in ctx.files.items():
                 write(tmp / name)

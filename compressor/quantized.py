@@ -140,6 +140,7 @@ def rtn_codes(model: torch.nn.Module, cfg: Scheme) -> dict:
 
 
 GGML_FILE = "ggml.safetensors"  # a stage on GGUF types: each tensor's blocks as the file holds them
+GGML_SHARDS = "ggml"  # ... or, written a layer at a time (compressor.layerwise), one file per layer here
 
 
 def write_ggml(path, found: dict) -> None:
@@ -157,12 +158,18 @@ def write_ggml(path, found: dict) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
-def read_ggml(folder) -> dict:
-    """{tensor name: ggml.Blocks} of a stage on GGUF types; {} for any other artifact."""
+def ggml_files(folder) -> list:
+    """The files of a stage's GGUF blocks: ggml.safetensors, or one per layer in ggml/; [] for none."""
     from pathlib import Path
 
-    path = Path(folder) / GGML_FILE
-    return read_ggml_file(path) if path.is_file() else {}
+    folder = Path(folder)
+    single = folder / GGML_FILE
+    return [single] if single.is_file() else sorted((folder / GGML_SHARDS).glob("*.safetensors"))
+
+
+def read_ggml(folder) -> dict:
+    """{tensor name: ggml.Blocks} of a stage on GGUF types; {} for any other artifact."""
+    return {k: v for path in ggml_files(folder) for k, v in read_ggml_file(path).items()}
 
 
 def read_ggml_file(path) -> dict:
@@ -180,24 +187,33 @@ def read_ggml_file(path) -> dict:
     return out
 
 
-def ggml_types(folder) -> list[str]:
-    """The GGUF types a stage's blocks hold (from ggml.safetensors' metadata alone); [] for none."""
-    from pathlib import Path
-
+def ggml_kinds(folder) -> dict[str, tuple[str, tuple[int, int]]]:
+    """{module name: (GGUF type, (rows, row length))} of a stage's blocks, from the files' metadata
+    alone (no block is read)."""
     from safetensors import safe_open
 
-    path = Path(folder) / GGML_FILE
-    if not path.is_file():
-        return []
-    with safe_open(str(path), framework="pt") as f:
-        return sorted({v for k, v in f.metadata().items() if k.startswith("type:")})
+    out = {}
+    for path in ggml_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        for key, value in meta.items():
+            if key.startswith("type:"):
+                tensor = key.removeprefix("type:")
+                rows, n = (int(v) for v in meta[f"shape:{tensor}"].split("x"))
+                out[tensor.removesuffix(".weight")] = (value, (rows, n))
+    return out
 
 
-def ggml_summary(found: dict) -> dict:
-    """{type: tensor count} of a stage's GGUF blocks."""
+def ggml_types(folder) -> list[str]:
+    """The GGUF types a stage's blocks hold; [] for none."""
+    return sorted({kind for kind, _ in ggml_kinds(folder).values()})
+
+
+def ggml_summary(kinds: dict) -> dict:
+    """{type: tensor count} of a stage's GGUF blocks (`kinds` as ggml_kinds gives them)."""
     counts: dict[str, int] = {}
-    for b in found.values():
-        counts[b.type.name] = counts.get(b.type.name, 0) + 1
+    for kind, _ in kinds.values():
+        counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 

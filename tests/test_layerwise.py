@@ -63,3 +63,74 @@ def test_gguf_types_from_a_sharded_checkpoint(tmp_path):
         len(set(Checkpoint(tmp_path / "source").files.values())) > 1 and (out / "model.safetensors.index.json").exists()
     )
     assert whole.keys() == streamed.keys() == types.keys() and all(same(whole[k], streamed[k]) for k in whole)
+
+
+def _quantize_run(tmp_path, stages: list, layerwise: bool, name: str):
+    import yaml
+    from conftest import FAST_EVAL, TINY_TEACHER
+
+    from compressor.pipeline import run
+    from compressor.recipe import load_recipe
+
+    *before, last = stages
+    last = {"quantize": {**last["quantize"], "layerwise": layerwise}}
+    raw = {"name": name, "seed": 0, "teacher": TINY_TEACHER, "data": {"seq_len": 64}, "stages": [*before, last]}
+    raw["eval"] = {**FAST_EVAL, "latency": {"enabled": False}}
+    path = tmp_path / f"{name}-{layerwise}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return run(load_recipe(path), tmp_path / f"{name}-{layerwise}")["stages"][-1]
+
+
+DISTILL = {"distill": {"student": {"num_layers": 1}, "steps": 2, "batch_size": 4}}
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"quantize": {"method": "gptq", "mix": "Q4_K_M", "calibration": {"samples": 8}}}],  # from the teacher
+        [DISTILL, {"quantize": {"method": "rtn", "type": "Q4_0"}}],  # from the previous artifact
+    ],
+    ids=["gptq-mix-first", "rtn-type-after-distill"],
+)
+def test_a_layerwise_quantize_stage_writes_the_whole_paths_artifact(stages, tmp_path, tiny_teacher_folder):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from compressor.exporters import export
+    from compressor.quantized import read_ggml
+
+    whole, layered = (_quantize_run(tmp_path, stages, on, "q") for on in (False, True))
+    assert whole["key"] != layered["key"]
+    a, b = Path(whole["artifact"]), Path(layered["artifact"])
+    assert (b / "model.safetensors.index.json").is_file() and (b / "ggml").is_dir()  # written a layer at a time
+    blocks_a, blocks_b = read_ggml(a), read_ggml(b)
+    assert blocks_a.keys() == blocks_b.keys() and all(same(blocks_a[k], blocks_b[k]) for k in blocks_a)
+    weights_a = load_file(a / "model.safetensors")
+    weights_b = Checkpoint(b).read(list(weights_a))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert whole["info"] == layered["info"] and whole["metrics"]["accuracy"] == layered["metrics"]["accuracy"]
+    for key in ("params", "heldout_ppl", "teacher_kl", "top1_agreement", "kernel"):
+        assert whole["metrics"][key] == layered["metrics"][key], key
+    folders = [export(tmp_path / f"q-{on}", tmp_path / f"gguf-{on}", "quantize", "gguf") for on in (False, True)]
+    files = [next(folder.glob("*.gguf")).read_bytes() for folder in folders]
+    assert files[0] == files[1]
+
+
+@pytest.mark.parametrize(
+    "settings, refusal",
+    [
+        ({"method": "gptq", "bits": 4}, "layerwise: writes GGUF types"),
+        ({"method": "bnb", "bits": 4}, "layerwise: writes GGUF types"),
+        ({"method": "rtn", "target_bits": 4.5}, "layerwise: target_bits ranks every matrix"),
+        ({"method": "rtn", "type": "Q4_0", "importance": True}, "layerwise: importance weighs"),
+    ],
+)
+def test_what_cannot_run_a_layer_at_a_time_is_refused(settings, refusal, write_recipe, capsys):
+    from conftest import recipe
+
+    from compressor.cli import main
+
+    path = write_recipe(recipe({"quantize": {**settings, "layerwise": True}}))
+    assert main(["validate", str(path)]) == 2
+    assert refusal in capsys.readouterr().err

@@ -80,17 +80,26 @@ def choose_types(model: torch.nn.Module, cfg, calibrate, imatrix: bool) -> tuple
     return listed, ggml_model.assign(listed, model.config.to_dict(), cfg.type, cfg.mix, cfg.lm_head, imatrix)
 
 
-def report_gguf(found: dict, listed: list, cfg, ctx) -> None:
-    """What the report says of the types (`ctx.info`), and the blocks as the artifact's ggml.safetensors."""
-    ctx.info["gguf_types"] = ggml_summary(found)
-    ctx.info["gguf_allocation"] = ggml_model.allocation(found, listed)
-    weights = sum(b.shape[0] * b.shape[1] for b in found.values())
-    ctx.info["gguf_bits_per_weight"] = round(8 * sum(b.nbytes() for b in found.values()) / weights, 3)
+def report_gguf(kinds: dict, listed: list, cfg, ctx) -> None:
+    """What the report says of the types (`ctx.info`); `kinds` is {module name: (type, (rows,
+    row length))} of the blocks quantized (quantized.ggml_kinds)."""
+    ctx.info["gguf_types"] = ggml_summary(kinds)
+    ctx.info["gguf_allocation"] = ggml_model.allocation(kinds, listed)
+    weights = sum(rows * n for _, (rows, n) in kinds.values())
+    stored = sum(rows * n // TYPES[kind].block * TYPES[kind].bytes for kind, (rows, n) in kinds.values())
+    ctx.info["gguf_bits_per_weight"] = round(8 * stored / weights, 3)
     if cfg.type is not None:
-        fallbacks = sorted({n.rpartition(".")[2] for n, b in found.items() if b.type.name != cfg.type})
+        chosen = {kind for kind, _ in kinds.values()}
+        fallbacks = sorted({n.rpartition(".")[2] for n, (kind, _) in kinds.items() if kind != cfg.type})
         if fallbacks:
             ctx.info["gguf_fallback"] = (
                 f"{', '.join(fallbacks)}: rows not a multiple of {TYPES[cfg.type].block}, written as "
-                f"{', '.join(sorted({b.type.name for b in found.values()} - {cfg.type}))} (llama.cpp's rule)"
+                f"{', '.join(sorted(chosen - {cfg.type}))} (llama.cpp's rule)"
             )
+
+
+def keep_blocks(found: dict, ctx) -> dict:
+    """The blocks as the artifact's ggml.safetensors (for `--format gguf` and the llama.cpp runtime);
+    returns their kinds for `report_gguf`."""
     ctx.files[GGML_FILE] = lambda path: write_ggml(path, found)
+    return {name: (b.type.name, b.shape) for name, b in found.items()}

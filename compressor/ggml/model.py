@@ -114,40 +114,67 @@ def assign(listed, shape: dict, type_: str | None, mix: str | None, lm_head: boo
     return out
 
 
-def quantize_model(model: torch.nn.Module, types: dict, method: str, calibrate, settings) -> dict:
+def quantize_model(model: torch.nn.Module, types: dict, method: str, calibrate, settings, stream=None) -> dict:
     """Quantize every module `types` names; returns {module name: Blocks}. `calibrate()` gives the
     calibration blocks; gptq weighs by its Hessians, rtn by activation importance when
-    `settings.importance`, the embedding by nothing (a lookup has no input to weigh)."""
+    `settings.importance`, the embedding by nothing (a lookup has no input to weigh). With
+    `stream` (layerwise.Streamed) the model is a meta-device skeleton: each decoder layer (the
+    head, the embeddings) is read when its turn comes, written quantized with its blocks and
+    dropped; nothing is returned, the blocks are in the stream's folder."""
     from ..gptq_model import run_gptq
     from ..progress import Bar
 
     modules = dict(model.named_modules())
     linears = {n: modules[n] for n in types if isinstance(modules[n], torch.nn.Linear)}
+    device = stream.device if stream else next(model.parameters()).device
     found: dict[str, Blocks] = {}
     if method == "gptq":
-        found = run_gptq(model, settings, calibrate(), next(model.parameters()).device, types=types)
+        found = run_gptq(model, settings, calibrate(), device, types=types, stream=stream)
     else:
         importance = {}
         if getattr(settings, "importance", False):
             importance = activation_importance(model, linears, calibrate(), settings.calibration.batch_size)
         with Bar("round to nearest", len(linears), unit="tensor") as bar:
-            for name, m in linears.items():
-                found[name] = quantize(type_for_row(types[name], m.in_features), m.weight, importance.get(name))
-                m.weight.data = found[name].dequantize().to(m.weight)
-                bar.update(1)
+            for owner, names in _owners(model, linears).items():
+                if stream:
+                    stream.load(owner)
+                for name in names:
+                    m = linears[name]
+                    found[name] = quantize(type_for_row(types[name], m.in_features), m.weight, importance.get(name))
+                    m.weight.data = found[name].dequantize().to(m.weight)
+                    bar.update(1)
+                if stream:
+                    stream.done(owner, changed=True, found=found)
     for name in types:
         if name not in linears:  # the token embedding (and with it a tied head)
+            if stream:
+                stream.load(modules[name])
             weight = modules[name].weight
             found[name] = quantize(type_for_row(types[name], weight.shape[1]), weight)
             weight.data = found[name].dequantize().to(weight)
+            if stream:
+                stream.done(modules[name], changed=True, found=found)
     return found
 
 
-def allocation(found: dict, listed) -> dict:
-    """{role: {type: count}}: what a mix gave each kind of tensor (the report lists it)."""
+def _owners(model: torch.nn.Module, linears: dict) -> dict[torch.nn.Module, list[str]]:
+    """The named Linears by what is read and written as one: their decoder layer, or themselves."""
+    from ..models import decoder_layers
+
+    names = {m: n for n, m in model.named_modules()}
+    layer_of = {n: layer for layer in decoder_layers(model) for n, _ in layer.named_modules(prefix=names[layer])}
+    out: dict[torch.nn.Module, list[str]] = {}
+    for name, m in linears.items():
+        out.setdefault(layer_of.get(name, m), []).append(name)
+    return out
+
+
+def allocation(kinds: dict, listed) -> dict:
+    """{role: {type: count}}: what a mix gave each kind of tensor (the report lists it); `kinds` is
+    {module name: (type, shape)}."""
     roles = {name: role for name, role, _, _ in listed}
     out: dict[str, dict[str, int]] = {}
-    for name, blocks in found.items():
+    for name, (kind, _) in kinds.items():
         per = out.setdefault(roles.get(name, name), {})
-        per[blocks.type.name] = per.get(blocks.type.name, 0) + 1
+        per[kind] = per.get(kind, 0) + 1
     return out

@@ -39,6 +39,8 @@ class StageContext:
     # training checkpoints, when not in `scratch`: a launch's followers read the main process's
     # (compressor.launch) and keep their other files apart
     checkpoints: Path | None = None
+    # the input's checkpoint folder, for a stage that reads it a layer at a time (`StageKind.streams`)
+    source: Path | None = None
 
     @cached_property
     def teacher(self):
@@ -63,8 +65,14 @@ class StageKind(ABC):
         """Raise ValueError with what cannot work; return the model's dimensions after the stage."""
 
     @abstractmethod
-    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
-        """The output model (may be `model`, changed in place)."""
+    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module | Path:
+        """The output model (may be `model`, changed in place); a stage that `streams` gets the
+        input's skeleton and returns the folder it wrote the output to."""
+
+    def streams(self, cfg: BaseModel) -> bool:
+        """True: it reads its input a decoder layer at a time from `ctx.source` (compressor.layerwise)
+        instead of taking it loaded, and writes its output as it goes."""
+        return False
 
     def memory(self, cfg: BaseModel, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
         """Its estimated peak, in bytes by part (`compressor.memory`), from the model's shape

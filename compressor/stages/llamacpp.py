@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..data import Calibration
-from ..ggml.choice import report_gguf
+from ..ggml.choice import keep_blocks, report_gguf
 from ..ggml.mixes import PRESETS
 from .base import StageContext, StageKind
 
@@ -86,6 +86,6 @@ class LlamaCppQuantize(StageKind):
             weight = modules[name].weight
             weight.data = blocks.dequantize().to(weight)
         ctx.info["llamacpp"] = {"type": cfg.type, "imatrix": cfg.imatrix, "file_bytes": out.stat().st_size}
-        report_gguf(found, listed, SimpleNamespace(type=None), ctx)
+        report_gguf(keep_blocks(found, ctx), listed, SimpleNamespace(type=None), ctx)
         f32.unlink()
         return model

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch.nn.utils import parametrize
 
 from ..data import Calibration
-from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
+from ..ggml.choice import GgufChoice, check_gguf, choose_types, keep_blocks, report_gguf
 from ..gptq_model import DAMP, run_gptq
 from ..kd import Recovery, check_recovery, distill_train, recovery_start
 from ..memory import for_gptq, for_training, parameters
@@ -147,5 +147,5 @@ def on_ggml_types(model: torch.nn.Module, teacher, cfg: Config, ctx: StageContex
         found[name] = on.blocks(modules[name].parametrizations.weight.original).to("cpu")
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
         modules[name].weight.data = found[name].dequantize().to(modules[name].weight)
-    report_gguf(found, listed, cfg, ctx)
+    report_gguf(keep_blocks(found, ctx), listed, cfg, ctx)
     return model

@@ -28,16 +28,19 @@ float unless `lm_head: true`.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from ..data import Calibration
-from ..ggml.choice import GgufChoice, check_gguf, choose_types, report_gguf
+from ..ggml.choice import GgufChoice, check_gguf, choose_types, keep_blocks, report_gguf
 from ..gptq_model import DAMP, run_gptq
-from ..memory import for_gptq, measuring, parameters
-from ..quantized import Scheme, bnb_config, check_scheme, requantize, rtn_codes, torchao_config
+from ..layerwise import Checkpoint, Streamed
+from ..memory import RUNTIME, for_gptq, measuring, module_at_work, parameters
+from ..quantized import Scheme, bnb_config, check_scheme, ggml_kinds, requantize, rtn_codes, torchao_config
 from .base import StageContext, StageKind
 
 BACKENDS = {"rtn": ("torchao",), "gptq": ("torchao",), "bnb": ("bitsandbytes",)}
@@ -51,6 +54,11 @@ class Config(Scheme, GgufChoice):
     damp: float = Field(DAMP, gt=0, lt=1, description="gptq: dampening, fraction of the mean Hessian diagonal")
     calibration: Calibration = Calibration(samples=64)
     importance: bool = Field(False, description="rtn on GGUF types: weigh errors by calibration activations")
+    layerwise: bool = Field(
+        False,
+        description="GGUF types: read the input a decoder layer at a time, write each as it is done",
+        exclude_if=lambda on: not on,  # off, it is left out of the stage's key: keys made before it stay valid
+    )
 
     @model_validator(mode="after")
     def _runs(self) -> "Config":
@@ -61,6 +69,8 @@ class Config(Scheme, GgufChoice):
             self.refuse_grid_fields(("bits", "group_size", "activations", "backend", "format"))
         if self.importance and (gguf is None or self.method != "rtn"):
             raise ValueError("importance: for method rtn with a GGUF type or mix (gptq always weighs by its Hessian)")
+        if self.layerwise:
+            self._layer_by_layer(gguf)
         backends = BACKENDS[self.method]
         if self.backend is None:
             self.backend = backends[0]
@@ -69,6 +79,21 @@ class Config(Scheme, GgufChoice):
         if self.method == "bnb" and self.activations != "none":
             raise ValueError("activations: int8 is a torchao path (method rtn or gptq); bnb quantizes weights only")
         return self
+
+    def _layer_by_layer(self, gguf: str | None) -> None:
+        """What cannot run a decoder layer at a time, refused."""
+        if gguf is None or self.method == "bnb":
+            raise ValueError(
+                "layerwise: writes GGUF types (type: or mix:, method rtn or gptq); the torchao and bitsandbytes "
+                "formats are made by loading the whole model (type: Q4_0 or Q8_0 is llama.cpp's INT4 or INT8 grid)"
+            )
+        if self.target_bits is not None:
+            raise ValueError("layerwise: target_bits ranks every matrix of the whole model; give a type or mix")
+        if self.importance:
+            raise ValueError(
+                "layerwise: importance weighs by the whole model's activations; method gptq weighs "
+                "each layer by its own Hessian as it goes"
+            )
 
 
 class Quantize(StageKind):
@@ -89,16 +114,25 @@ class Quantize(StageKind):
         return shape
 
     def memory(self, cfg: Config, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
+        streamable = cfg.method != "bnb" and not (cfg.layerwise or cfg.target_bits or cfg.importance)
+        layerwise = ["layerwise: true" + ("" if cfg.gguf() else " with a type or mix")] if streamable else []
         if cfg.method == "gptq":
-            parts, fixes = for_gptq(before, cfg.calibration, run.seq_len, cfg.lm_head)
-        else:
-            parts, fixes = measuring(before, cfg.calibration.batch_size, run.seq_len), []
+            parts, fixes = for_gptq(before, cfg.calibration, run.seq_len, cfg.lm_head, cfg.layerwise)
+            return parts, fixes + layerwise
+        if cfg.layerwise:
+            return {"runtime": RUNTIME, "the module at work": module_at_work(before)}, []
+        parts = measuring(before, cfg.calibration.batch_size, run.seq_len)
         if cfg.method == "rtn":
             parts["integer codes"] = parameters(before)  # a byte per weight until the artifact is written
-        return parts, fixes
+        return parts, layerwise
 
-    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
+    def streams(self, cfg: Config) -> bool:
+        return cfg.layerwise
+
+    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module | Path:
         cfg: Config = ctx.config
+        if cfg.layerwise:
+            return on_ggml_types(model, cfg, ctx)
         model = model.float()
         folder = ctx.scratch / "float"
         if cfg.method == "bnb":
@@ -114,16 +148,27 @@ class Quantize(StageKind):
         return requantize(model, folder, torchao_config(cfg), ctx.device, codes)
 
 
-def on_ggml_types(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> torch.nn.Module:
+def on_ggml_types(model: torch.nn.Module, cfg: Config, ctx: StageContext) -> torch.nn.Module | Path:
     """rtn or gptq on GGUF types (one `type`, llama.cpp's `mix`, or a budget); the model keeps the
-    values the file will hold, the blocks go to ggml.safetensors beside them."""
+    values the file will hold, the blocks go to ggml.safetensors beside them. `layerwise`: `model`
+    is the input's skeleton, read from `ctx.source` a decoder layer at a time and written, with its
+    blocks, into the folder returned."""
     from ..ggml.model import quantize_model
 
     calibrate = lambda: ctx.train_blocks(ctx.seq_len)[: cfg.calibration.samples]  # noqa: E731
     imatrix = cfg.method == "gptq" or cfg.importance  # what llama.cpp's mix rules call "has an imatrix"
     listed, types = choose_types(model, cfg, calibrate, imatrix)
-    found = quantize_model(model, types, cfg.method, calibrate, cfg)
+    stream = None
+    if cfg.layerwise:
+        out = ctx.scratch / "layerwise"
+        shutil.rmtree(out, ignore_errors=True)  # a killed attempt's layers
+        stream = Streamed(model, Checkpoint(ctx.source), out, ctx.device)
+    found = quantize_model(model, types, cfg.method, calibrate, cfg, stream)
     if cfg.method == "gptq" or cfg.importance or cfg.target_bits:
         ctx.info.update(calibration_samples=cfg.calibration.samples)
-    report_gguf(found, listed, cfg, ctx)
-    return model
+    if stream is None:
+        report_gguf(keep_blocks(found, ctx), listed, cfg, ctx)
+        return model
+    stream.finish()
+    report_gguf(ggml_kinds(out), listed, cfg, ctx)
+    return out

@@ -5,11 +5,13 @@ Adding a source is one module with a `Source` subclass and one line in SOURCES.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
+from .. import UserError
 from ..models import Loaded
 from ..storage import recipe_path
 from .base import Source
@@ -103,23 +105,27 @@ def load_teacher(spec: TeacherSpec, device: torch.device) -> Loaded:
     return spec.impl.load(device)
 
 
-def stream_teacher(spec: TeacherSpec, device: torch.device) -> Loaded:
-    """A teacher read a decoder layer at a time from its folder (layerwise.streaming), in the
-    dtype it loads in; a source converted into a folder (built-in, llama2c, GGUF) is converted
-    first, the one time it is loaded whole."""
-    from .. import UserError
-    from ..layerwise import load_streamed
-    from ..models import resolve_dtype
-
+def local_folder(spec: TeacherSpec, what: str) -> Path:
+    """The folder a teacher's (or base model's) weights are read from a layer at a time; a source
+    converted into one (built-in, llama2c, GGUF) is converted first, the one time it loads whole."""
     folder = spec.folder()
     if folder is None:
         raise UserError(
-            f"teacher {spec.source}: eval.layerwise reads a model from its folder, and a hub id has none "
-            "here; download it and name the folder (hf:./path/to/model)"
+            f"teacher {spec.source}: {what} reads a model from its folder, and a hub id has none here; "
+            "download it and name the folder (hf:./path/to/model)"
         )
     if not (folder / "config.json").is_file():
         spec.impl.load(torch.device("cpu"))
-    return load_streamed(folder, device, resolve_dtype(spec.dtype, device))
+    return folder
 
 
-__all__ = ["SOURCES", "Source", "TeacherSpec", "load_teacher", "stream_teacher", "BuiltinBuild"]
+def stream_teacher(spec: TeacherSpec, device: torch.device) -> Loaded:
+    """A teacher read a decoder layer at a time from its folder (layerwise.streaming), in the
+    dtype it loads in."""
+    from ..layerwise import load_streamed
+    from ..models import resolve_dtype
+
+    return load_streamed(local_folder(spec, "eval.layerwise"), device, resolve_dtype(spec.dtype, device))
+
+
+__all__ = ["SOURCES", "Source", "TeacherSpec", "load_teacher", "local_folder", "stream_teacher", "BuiltinBuild"]
