@@ -1,7 +1,7 @@
 """GPTQ INT4 on models bigger than the ones we ship: peak resident memory and seconds, measured
 against `compressor.memory`'s estimate.
 
-    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4] [--parts gptq,fsdp]
+    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4] [--parts gptq,fsdp,measure,run]
 
 The models are random-initialised Llamas built from config (no downloads), at widths that are
 multiples of 256 so every GGUF type applies; 0.5b and 1.5b share their width and differ in depth,
@@ -10,8 +10,12 @@ checkpoint, then quantized by a fresh process (GPTQ INT4, groups of 32, act-orde
 calibration blocks of 512 random tokens, batch 4) whose peak resident memory the kernel reports
 (`wait4`'s ru_maxrss): loading included, as a user's run has it. The `fsdp` part is
 `bench/fsdp.py`: a KD run as one process and as two under FSDP (gloo), losses and weights
-compared. Writes reports/scale.{json,md}; a part not run keeps its figures (and the command
-that made them) from the existing report.
+compared. The `measure` part scores the 1.5b's held-out perplexity loaded whole and a decoder layer
+at a time (eval.layerwise), each in a fresh process. The `run` part gives the 1.5b a tokenizer and
+runs `compressor run` on it, quantizing a layer at a time (GPTQ on llama.cpp's Q4_K_M mix) and
+measuring both rows a layer at a time, as a user would: the peak of that whole process. Writes
+reports/scale.{json,md}; a part not run keeps its figures (and the command that made them) from
+the existing report.
 """
 
 from __future__ import annotations
@@ -35,17 +39,48 @@ MODELS = {  # Llama shapes; vocabulary 32000, tied embeddings
     "0.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 10, "num_attention_heads": 16},
     "1.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 32, "num_attention_heads": 16},
 }
+PARTS = ("gptq", "fsdp", "measure", "run")
+RUN_FIGURES = ("heldout_ppl", "teacher_kl", "top1_agreement", "measured_within_bytes")
 COMMON = {"vocab_size": 32000, "num_key_value_heads": 4, "tie_word_embeddings": True, "model_type": "llama"}
 
 
-def build(shape: dict, folder: Path) -> None:
-    """A random-initialised Llama of `shape`, saved as a float32 safetensors checkpoint."""
+def build(shape: dict, folder: Path, tokenizer: bool = False) -> None:
+    """A random-initialised Llama of `shape`, saved as a float32 safetensors checkpoint; with
+    `tokenizer`, a byte-level BPE trained on the standard library's training split beside it."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, max_position_embeddings=SEQ)
+    if tokenizer:
+        from compressor.data import stdlib_documents
+        from compressor.teachers.builtin import train_tokenizer
+
+        tok = train_tokenizer(stdlib_documents("train")[:400], 4096)
+        tok.save_pretrained(folder)
+        config.eos_token_id = config.pad_token_id = tok.eos_token_id
+        config.bos_token_id = None
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+
+
+def score(path: str, folder: Path, samples: int) -> dict:
+    """Held-out perplexity of the checkpoint in `folder` on `samples` blocks of random tokens: the
+    model loaded whole, or (`layerwise`) read a decoder layer at a time (eval.layerwise)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compressor.layerwise import streaming
+    from compressor.measure import token_perplexity
+
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    blocks = torch.randint(0, vocab, (samples, SEQ), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    if path == "whole":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    else:
+        model = streaming(folder, torch.device("cpu"))
+    ppl = token_perplexity(model, blocks, BATCH)
+    return {"seconds": time.perf_counter() - start, "heldout_ppl": ppl}
 
 
 def quantize(path: str, folder: Path, samples: int) -> dict:
@@ -82,19 +117,27 @@ def quantize(path: str, folder: Path, samples: int) -> dict:
 
 def in_child(*args: str) -> tuple[dict, int]:
     """Run this file's `--child` mode in a fresh process; its JSON answer and peak RSS in bytes."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True)
+    out, peak = peak_of([sys.executable, __file__, "--child", *args])
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+def peak_of(command: list[str], env: dict | None = None) -> tuple[str, int]:
+    """Run `command`; its standard output and its peak resident memory in bytes (wait4)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        raise SystemExit(f"child {args} failed with status {status}")
-    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss * 1024
+        raise SystemExit(f"{shlex.join(command)} failed with status {status}")
+    return out, usage.ru_maxrss * 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--parts", default="gptq,fsdp", help="gptq (the models), fsdp (bench/fsdp.py)")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="gptq (the models), fsdp (bench/fsdp.py), measure, run (the 1.5b)"
+    )
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -102,16 +145,19 @@ def main() -> None:
     if args.child:
         kind, folder, *rest = args.child
         if kind == "build":
-            build(json.loads(rest[0]), Path(folder))
+            build(json.loads(rest[0]), Path(folder), tokenizer=len(rest) > 1)
             print(json.dumps({}))
+        elif kind.startswith("score-"):
+            print(json.dumps(score(kind.removeprefix("score-"), Path(folder), int(rest[0]))))
         else:
             print(json.dumps(quantize(kind, Path(folder), int(rest[0]))))
         return
 
     command = shlex.join(["python", "bench/scale.py", *sys.argv[1:]])
-    kept = json.loads((ROOT / "reports" / "scale.json").read_text()) if parts != {"gptq", "fsdp"} else {}
+    kept = json.loads((ROOT / "reports" / "scale.json").read_text()) if parts != set(PARTS) else {}
     gptq_keys = ("command", "calibration", "models", "gptq_seconds", "gptq_load_average")
-    out = {"threads": THREADS, **{k: kept[k] for k in gptq_keys if k in kept}, "fsdp": kept.get("fsdp")}
+    out = {"threads": THREADS, **{k: kept[k] for k in gptq_keys if k in kept}}
+    out |= {part: kept.get(part) for part in ("fsdp", "measure", "run")}
     if "gptq" in parts:
         start = time.time()
         out.update(command=command, calibration={"samples": args.samples, "seq_len": SEQ, "batch_size": BATCH})
@@ -124,6 +170,11 @@ def main() -> None:
         start = time.time()
         out["fsdp"] = {"command": command, **compare("bench", steps=8)}
         out["fsdp"].update(seconds=round(time.time() - start, 1), load_average=load_average())
+    for part, bench in (("measure", measure_part), ("run", run_part)):
+        if part in parts:
+            start = time.time()
+            out[part] = {"command": command, **bench(args.samples)}
+            out[part].update(seconds=round(time.time() - start, 1), load_average=load_average())
     out["targets"] = targets(out["models"])
     save("scale", out, markdown(out))
     print(markdown(out))
@@ -156,6 +207,78 @@ def gptq_rows(names: list[str], samples: int) -> list[dict]:
     return rows
 
 
+def measure_part(samples: int) -> dict:
+    """The 1.5b's held-out perplexity, loaded whole and a layer at a time, each in a fresh process."""
+    from compressor.memory import measuring
+
+    shape = {**COMMON, **MODELS["1.5b"]}
+    out = {"model": "1.5b", "samples": samples, "seq_len": SEQ, "batch_size": BATCH}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        print("measure: building the 1.5b", flush=True)
+        in_child("build", str(source), json.dumps(shape))
+        for path in ("whole", "layerwise"):
+            print(f"measure: held-out perplexity, {path}", flush=True)
+            got, peak = in_child(f"score-{path}", str(source), str(samples))
+            estimate = measuring(shape, BATCH, SEQ, layerwise=path == "layerwise")
+            out[path] = {**got, "peak_mb": peak / 2**20, "estimate_mb": sum(estimate.values()) / 2**20}
+            print("measure", path, json.dumps(out[path]), flush=True)
+    out["same_ppl"] = out["whole"]["heldout_ppl"] == out["layerwise"]["heldout_ppl"]
+    return out
+
+
+def run_part(samples: int) -> dict:
+    """`compressor run` on the 1.5b, quantized and measured a layer at a time: its peak resident
+    memory (the whole process: Python, validation, calibration data, GPTQ, lm-eval) against the
+    largest of the estimates validation checks."""
+    import yaml
+
+    from compressor.memory import gptq, in_a_run, measuring, parameters
+
+    shape = {**COMMON, **MODELS["1.5b"]}
+    calibration = {"samples": samples, "batch_size": BATCH}
+    stage = {"method": "gptq", "mix": "Q4_K_M", "layerwise": True, "calibration": calibration}
+    evaluation = {"layerwise": True, "latency": {"enabled": False}, "tasks": ["stdlib_mc"], "limit": 12}
+    evaluation["fidelity"] = {"samples": samples, "batch_size": BATCH}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("run: building the 1.5b with a tokenizer", flush=True)
+        in_child("build", str(tmp / "model"), json.dumps(shape), "tokenizer")
+        recipe = {"name": "scale-1.5b", "seed": 0, "teacher": f"hf:{tmp / 'model'}", "data": {"seq_len": SEQ}}
+        recipe |= {"stages": [{"quantize": stage}], "eval": evaluation}
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        print("run: compressor run (quantize a layer at a time, measure a layer at a time)", flush=True)
+        env = {**os.environ, "COMPRESSOR_HOME": str(tmp / "home"), "OMP_NUM_THREADS": str(THREADS)}
+        command = [sys.executable, "-m", "compressor", "run", str(tmp / "recipe.yaml"), "--out", str(tmp / "out")]
+        _, peak = peak_of(command, env)
+        record = json.loads((tmp / "out" / "run.json").read_text())
+    estimates = {  # what validation checks (recipe._check_shapes): each step with the run's own holdings
+        "quantize": sum(in_a_run(gptq(shape, samples, BATCH, SEQ, layerwise=True)).values()),
+        "measuring": sum(in_a_run(measuring(shape, BATCH, SEQ, layerwise=True)).values()),
+    }
+    rows = [
+        {
+            "name": r["name"],
+            "build_seconds": r["build_seconds"],
+            "measure_seconds": r["measure_seconds"],
+            **{k: r["metrics"].get(k) for k in RUN_FIGURES},
+            "accuracy": r["metrics"]["accuracy"],
+            "bits_per_param": r["metrics"]["bits_per_param"],
+            "info": r.get("info", {}),
+        }
+        for r in record["stages"]
+    ]
+    return {
+        "model": "1.5b",
+        "float32_gb": 4 * parameters(shape) / 1e9,
+        "recipe": recipe,
+        "peak_mb": peak / 2**20,
+        "estimate_mb": max(estimates.values()) / 2**20,
+        "estimates_mb": {k: v / 2**20 for k, v in estimates.items()},
+        "rows": rows,
+    }
+
+
 def targets(rows: list[dict]) -> dict:
     """The issue's targets, from the rows measured: the largest model's layerwise peak, its growth
     with depth at one width, its seconds per parameter against the whole path's, the estimates."""
@@ -168,6 +291,56 @@ def targets(rows: list[dict]) -> dict:
         if "0.5b" in by:
             out["layerwise_peak_1.5b_over_0.5b"] = big["layerwise"]["peak_mb"] / by["0.5b"]["layerwise"]["peak_mb"]
     return out
+
+
+def measure_lines(m: dict | None) -> list[str]:
+    if not m:
+        return []
+    w, lw = m["whole"], m["layerwise"]
+    return [
+        "## Measuring a model a decoder layer at a time",
+        "",
+        f"Regenerate: `{m['command']}` ({m['seconds']:.0f} s). Held-out perplexity of the {m['model']} on "
+        f"{m['samples']} blocks of {m['seq_len']} random tokens (batch {m['batch_size']}), each way in a fresh "
+        "process: peak resident memory (loading included) against `compressor.memory.measuring`.",
+        "",
+        "| path | peak MiB | estimate MiB | estimate / peak | seconds | perplexity |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {r['peak_mb']:,.0f} | {r['estimate_mb']:,.0f} | {r['estimate_mb'] / r['peak_mb']:.2f} | "
+            f"{r['seconds']:,.0f} | {r['heldout_ppl']:.6g} |"
+            for name, r in (("whole", w), ("layer by layer", lw))
+        ],
+        "",
+        f"- The same perplexity both ways: {'yes, to the last bit' if m['same_ppl'] else 'NO'}; layer by layer "
+        f"holds {w['peak_mb'] / lw['peak_mb']:.1f}x less and takes {lw['seconds'] / w['seconds']:.2f}x the time.",
+        "",
+    ]
+
+
+def run_lines(r: dict | None) -> list[str]:
+    if not r:
+        return []
+    teacher, quantized = r["rows"][0], r["rows"][-1]
+    acc = quantized["accuracy"].get("stdlib_mc/acc")
+    return [
+        "## `compressor run` on the 1.5b, a layer at a time",
+        "",
+        f"Regenerate: `{r['command']}` ({r['seconds']:.0f} s). A recipe on the 1.5b (a random-initialised "
+        "checkpoint with a BPE tokenizer of the standard library): `quantize: {method: gptq, mix: Q4_K_M, "
+        "layerwise: true}` and `eval: {layerwise: true}` (held-out fidelity, KL to the teacher, lm-eval's "
+        f"stdlib_mc), run as a user runs it: peak resident memory of the whole process {r['peak_mb']:,.0f} MiB "
+        f"= {r['peak_mb'] * 2**20 / 1e9:.2f} GB against the largest estimate {r['estimate_mb']:,.0f} MiB "
+        f"(quantize {r['estimates_mb']['quantize']:,.0f}, measuring {r['estimates_mb']['measuring']:,.0f}); the "
+        f"model is {r['float32_gb']:.1f} GB in float32.",
+        "",
+        f"- quantize built in {quantized['build_seconds']:,.0f} s at {quantized['info'].get('gguf_bits_per_weight')} "
+        f"bits per weight ({quantized['info'].get('gguf_types')}); measured in {quantized['measure_seconds']:,.0f} s "
+        f"(the teacher row in {teacher['measure_seconds']:,.0f} s); KL to the teacher {quantized['teacher_kl']:.4f}, "
+        f"top-1 agreement {quantized['top1_agreement']:.3f}, stdlib_mc acc {acc} (random weights: the figures "
+        "show the path runs, not quality).",
+        "",
+    ]
 
 
 def markdown(out: dict) -> str:
@@ -208,6 +381,8 @@ def markdown(out: dict) -> str:
         f"{f['peak_mb_one_process']:,.0f} MiB in one process, {f['peak_mb_each_of_two']:,.0f} MiB in the larger "
         "of two (each loads both models whole before sharding them).",
         "",
+        *measure_lines(out.get("measure")),
+        *run_lines(out.get("run")),
         "## Targets",
     ]
     lines += ["", f"- Estimate / measured peak: {min(t['estimate_over_peak']):.2f}-{max(t['estimate_over_peak']):.2f} "

@@ -57,8 +57,8 @@ def run_gptq(
                 for x, (args, kwargs) in zip(hidden, calls):
                     layer(x, *args, **kwargs)
                 found = hessians.close() | ({value: mixed.close()} if mixed else {})
+                done += len(found)  # before _quantize empties it
                 _quantize(mods, found, cfg, out, types)
-                done += len(found)
                 hidden = [_hidden(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls)]
                 if stream:
                     stream.done(layer, changed=True, found=out)
@@ -138,9 +138,12 @@ def _hidden(output) -> torch.Tensor:
 def _quantize(mods: dict, hessians: dict, cfg, out: dict, types: dict | None) -> None:
     """GPTQ each Linear on its Hessian (a stack of them: one per block of rows, e.g. per KV head);
     the layer then computes with the quantized weights. `hessians` is emptied as it goes, the
-    narrowest first: each is GPTQ's workspace and freed after, so the widest works alone."""
+    narrowest first: each is GPTQ's workspace and freed after, so the widest works alone (a
+    Hessian two Linears share is copied for the first)."""
     for name in sorted(hessians, key=lambda k: hessians[k].numel()):
         h = hessians.pop(name)
+        if any(other is h for other in hessians.values()):  # shared (quant.Hessians): the last one works in it
+            h = h.clone()
         m = mods[name]
         rows = zip(m.weight.chunk(len(h)), h) if h.dim() == 3 else [(m.weight, h)]
         kind = None if types is None else types[name]

@@ -192,6 +192,7 @@ def streaming(folder: Path, device: torch.device, dtype: torch.dtype | None = No
     Every forward pass reads the layers again (from the page cache when they fit there)."""
     from .models import decoder_layers
 
+    map_large_blocks()  # each layer's weights back to the system when dropped, not kept in the heap
     model = skeleton(folder, dtype)
     for module in model.modules():  # rotary frequencies and the like, made on the CPU
         module._buffers.update({k: b.to(device) for k, b in module._buffers.items() if b is not None})

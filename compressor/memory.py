@@ -5,7 +5,8 @@ a refusal lists the largest); `bench/scale.py` measures it against the peak resi
 the same work.
 
 The parts, all float32 unless a dtype says otherwise:
-- runtime: Python, torch and transformers with a model's code loaded (measured: RUNTIME);
+- runtime: Python, torch and transformers with a model's code loaded (measured: RUNTIME), and in
+  a run, lm-eval with its tasks' data and the recipe's text and tokens (RUN);
 - weights: every parameter once (a stage works on float32 weights);
 - training: gradients and Adam's two moments (3 more copies of the student), the teacher in its
   dtype, the activations kept for the backward pass, and the loss's [chunk × vocabulary] buffers;
@@ -30,6 +31,9 @@ from .sharding import requested as sharding_requested
 
 GIB = 1 << 30
 RUNTIME = 500 << 20  # resident after importing torch + transformers and building a model (bench/scale.py)
+# what `compressor run` holds besides: lm-eval and its tasks' data, the recipe's text and tokens
+# (bench/scale.py's run part: ~1,000 MiB resident before a stage's first layer)
+RUN = 500 << 20
 DTYPE_BYTES = {"float32": 4, "auto": 4, "bfloat16": 2, "float16": 2}  # "auto" is float32 on CPU
 # float32 values the backward pass keeps per token and layer, in units of the hidden width and of
 # the MLP width: norms, q/k/v/o, residuals; gate, up, activation, product (sdpa keeps no scores)
@@ -74,9 +78,10 @@ def gptq(
     attention = 4 * (3 * batch * heads * seq * seq + batch * (heads // kv) * seq * h)
     mlp = 4 * tokens * 3 * i
     widest = max(h, i, width)
-    # the calibration forward: every Hessian of the layer beside one batch's attention, or its MLP's
-    # activations with the widest input's XᵀX on its way into its Hessian (quant.average_into)
-    forward = 4 * (4 * h * h + kv * h * h + width * width + i * i) + max(attention, mlp + 4 * widest * widest)
+    # the calibration forward: every Hessian of the layer (q and k share one, gate and up another:
+    # quant.Hessians) beside one batch's attention, or its MLP's activations with the widest input's
+    # XᵀX on its way into its Hessian (quant.average_into)
+    forward = 4 * (2 * h * h + kv * h * h + width * width + i * i) + max(attention, mlp + 4 * widest * widest)
     # then GPTQ, narrowest first, each Hessian its own workspace (quant.gptq): the widest, alone, with
     # one n × n temporary while it is reordered, and copies of its weight (reordered, codes)
     solve = 4 * (2 * widest * widest + 3 * h * i)
@@ -199,6 +204,11 @@ def for_gptq(
     if calibration.batch_size > 1:
         fixes.append(f"calibration.batch_size: {calibration.batch_size // 2}")
     return parts, fixes
+
+
+def in_a_run(parts: dict[str, int]) -> dict[str, int]:
+    """An estimate of a step as `compressor run` takes it, its own holdings beside (RUN)."""
+    return {**parts, "a run's lm-eval, text and tokens": RUN}
 
 
 def fits(what: str, estimate: tuple[dict[str, int], list[str]]) -> None:

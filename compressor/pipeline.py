@@ -67,16 +67,16 @@ class Session:
     def reference_model(self) -> Loaded:
         return self.teacher if self.spec.teacher.has_logits else self.start
 
-    @cached_property
     def measured_reference(self) -> Loaded:
-        """Row 0's model as measurement reads it: loaded, or a decoder layer at a time (eval.layerwise);
-        with a teacher that has logits, the teacher every row's KL is taken against."""
+        """Row 0's model as measurement reads it: loaded (and kept), or a decoder layer at a time
+        (eval.layerwise: made for each use, so its tables are not held while a stage works); with a
+        teacher that has logits, the teacher every row's KL is taken against."""
         if not self.spec.eval.layerwise:
             return self.reference_model()
         return stream_teacher(reference_row(self.spec)[1], self.device)
 
     def measuring_teacher(self) -> torch.nn.Module | None:
-        return self.measured_reference.model if self.spec.teacher.has_logits else None
+        return self.measured_reference().model if self.spec.teacher.has_logits else None
 
     def load_measured(self, key: str) -> Loaded:
         """An artifact as measurement reads it: loaded, or a decoder layer at a time (eval.layerwise)."""
@@ -86,12 +86,17 @@ class Session:
 
     @cached_property
     def tokenizing(self) -> Loaded:
-        """Whose tokenizer and config pack the data: the first stage's input, not loaded whole to be
-        measured a layer at a time."""
+        """Whose tokenizer and config pack the data: the first stage's input, not loaded (its
+        skeleton, weightless) when every model is measured a layer at a time."""
         if not self.spec.eval.layerwise:
             return self.start
-        start = self.spec.base or self.spec.teacher
-        return self.measured_reference if start is reference_row(self.spec)[1] else stream_teacher(start, self.device)
+        return self.skeleton_of(local_folder(self.spec.base or self.spec.teacher, "eval.layerwise"))
+
+    @staticmethod
+    def skeleton_of(folder: Path) -> Loaded:
+        from transformers import AutoTokenizer
+
+        return Loaded(skeleton(folder), AutoTokenizer.from_pretrained(folder), folder)
 
     @cached_property
     def _documents(self) -> tuple[list[str], list[str]]:
@@ -199,11 +204,9 @@ class Session:
         """What a stage starts from: the previous artifact, or a copy of the start model; for a
         stage that reads it a layer at a time (`StageKind.streams`), its skeleton and folder."""
         if layerwise:
-            from transformers import AutoTokenizer
-
             start = self.spec.base or self.spec.teacher
             folder = self.store.path(input_key) if input_key else local_folder(start, "a layerwise stage")
-            return Loaded(skeleton(folder), AutoTokenizer.from_pretrained(folder), folder)
+            return self.skeleton_of(folder)
         if input_key:
             return self.load_artifact(input_key)
         return Loaded(copy.deepcopy(self.start.model), self.start.tokenizer, None)
@@ -285,9 +288,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
     )
     name, reference = reference_row(session.spec)
     start = time.time()
-    metrics, cached, measure_s = session.measured(
-        name, session.teacher_key, lambda: session.measured_reference, reference=True
-    )
+    metrics, cached, measure_s = session.measured(name, session.teacher_key, session.measured_reference, reference=True)
     rows: list[StageRecord] = [
         {
             "name": name,
@@ -304,7 +305,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
         }
     ]
     if reference.folder() is not None:  # a hub id has no folder to export
-        rows += session.deployed(rows[0], reference.folder(), lambda: session.measured_reference)
+        rows += session.deployed(rows[0], reference.folder(), session.measured_reference)
     input_key = None
     for stage, key in zip(recipe.stages, session.keys):
         start = time.time()

@@ -14,6 +14,7 @@ the `from_pretrained` format (quantized.requantize) and is measured with the ker
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -163,28 +164,46 @@ def average_into(hessian: torch.Tensor, seen: int, gram: torch.Tensor, n: int) -
 
 
 class Hessians:
-    """Accumulates 2/n · XᵀX of the inputs of chosen Linear modules over calibration batches."""
+    """Accumulates 2/n · XᵀX of the inputs of chosen Linear modules over calibration batches.
+
+    Modules called one after the other on the same tensor (q and k on the normed hidden states,
+    gate and up on the MLP's input) share one Hessian: it is found on the first batch (the input
+    is the very tensor the module before received) and made once, not once per module; on a
+    2048-wide layer that is two 16 MB matrices fewer while the layer runs."""
 
     def __init__(self, modules: dict[str, torch.nn.Linear]):
         self.sums = {
             name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in modules.items()
         }
         self.counts = dict.fromkeys(modules, 0)
+        self.owner: dict[str, str] = {}  # a module that shares its input -> the module whose Hessian it is
+        self.last: tuple[weakref.ref, str] | None = None  # the input the latest hook saw, not kept alive
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(_module, args):
+            last, self.last = self.last, (weakref.ref(args[0]), name)
+            same = last is not None and last[0]() is args[0]
+            if self.counts[name] == 0 and name not in self.owner and same:  # first batch: found sharing
+                self.owner[name] = self.owner.get(last[1], last[1])
+                del self.sums[name]
+            if name in self.owner:
+                if not same:
+                    raise RuntimeError(f"{name} shared its input with {self.owner[name]} on one batch, not another")
+                self.last = last
+                return
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             self.counts[name] = average_into(self.sums[name], self.counts[name], x.T @ x, x.shape[0])
 
         return hook
 
     def close(self) -> dict[str, torch.Tensor]:
-        """The Hessians, handed over (this object keeps no reference: the caller may free them)."""
+        """The Hessians, handed over (this object keeps no reference: the caller may free them); a
+        shared one is the same tensor under each name."""
         for h in self.handles:
             h.remove()
         sums, self.sums = self.sums, {}
-        return sums
+        return sums | {name: sums[owner] for name, owner in self.owner.items()}
 
 
 class Importance:

@@ -21,7 +21,7 @@ from . import UserError
 from .data import TextSource
 from .families import family_of
 from .measure import EvalSpec
-from .memory import fits, measuring
+from .memory import fits, in_a_run, measuring
 from .picks import Floor, floor_check
 from .stages import STAGES, StageKind
 from .tasks import problem
@@ -247,6 +247,23 @@ def _check_runtimes(path: Path, spec: RecipeModel, shape: dict, where: str) -> N
             raise _fail(path, where, f"runtime {name}: {why}")
 
 
+def _check_folders(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
+    """A model read a decoder layer at a time is read from its folder: a hub id has none here."""
+    reference = ("teacher", spec.teacher) if spec.teacher.has_logits else ("base", spec.base)
+    start = ("base", spec.base) if spec.base is not None else ("teacher", spec.teacher)
+    readers = [(*reference, "eval.layerwise")] if spec.eval.layerwise else []
+    if stages and stages[0].impl.streams(stages[0].config):
+        readers.append((*start, f"stages[0].{stages[0].kind}.layerwise"))
+    for where, model, setting in readers:
+        if model is not None and model.folder() is None:
+            raise _fail(
+                path,
+                where,
+                f"{setting} reads the model from its folder, and a hub id has none here; download "
+                "it and name the folder (hf:./path/to/model)",
+            )
+
+
 def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> None:
     teacher = spec.teacher.shape() if spec.teacher.has_logits else None
     shape = spec.base.shape() if spec.base is not None else teacher
@@ -270,7 +287,8 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
         try:
             layerwise = spec.eval.layerwise
             parts = measuring(loaded_teacher, spec.eval.fidelity.batch_size, run.seq_len, layerwise)
-            fits("measuring it", (parts, [] if layerwise else ["eval: {layerwise: true, latency: {enabled: false}}"]))
+            fixes = [] if layerwise else ["eval: {layerwise: true, latency: {enabled: false}}"]
+            fits("measuring it", (in_a_run(parts), fixes))
         except ValueError as exc:
             raise _fail(path, "teacher", str(exc)) from None
     for stage in stages:
@@ -278,7 +296,8 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
         try:
             after = stage.impl.check(stage.config, shape, teacher)
             if on_cpu:
-                fits("the stage", stage.impl.memory(stage.config, shape, after, loaded_teacher, run))
+                parts, fixes = stage.impl.memory(stage.config, shape, after, loaded_teacher, run)
+                fits("the stage", (in_a_run(parts), fixes))
         except ValueError as exc:
             raise _fail(path, where, str(exc)) from None
         shape = after
@@ -338,6 +357,7 @@ def _validate(path: Path, raw: dict, check_tasks: bool, chain: bool = True) -> R
         raise _first_error(path, exc) from None
     stages = _parse_stages(path, spec.stages, base)
     _check_black_box(path, spec, stages)
+    _check_folders(path, spec, stages)
     if chain:
         _check_order(path, stages)
         _check_shapes(path, spec, stages)

@@ -73,18 +73,19 @@ def load_recipe_stage(raw: dict):
 def test_a_stage_that_cannot_fit_is_refused_naming_it_and_what_would_fit(write_recipe, monkeypatch, tmp_path, capsys):
     path = write_recipe(distill_recipe())
     load_recipe(path, check_tasks=False)  # fits this machine
-    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (1 << 20))  # 1 MiB beyond the runtime
+    fixed = memory.RUNTIME + memory.RUN  # what any run holds
+    monkeypatch.setattr(memory, "machine_bytes", lambda: fixed + (1 << 20))  # 1 MiB beyond
     with pytest.raises(UserError) as err:
         load_recipe(path, check_tasks=False)
     message = str(err.value)
     assert message.startswith(f"{path}: teacher: measuring it needs about")
     assert message.endswith("try eval: {layerwise: true, latency: {enabled: false}}")
-    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (3 << 20))  # the teacher fits, training not
+    monkeypatch.setattr(memory, "machine_bytes", lambda: fixed + (3 << 20))  # the teacher fits, training not
     with pytest.raises(UserError) as err:
         load_recipe(path, check_tasks=False)
     message = str(err.value)
     assert message.startswith(f"{path}: stages[0].distill: the stage needs about") and "\n" not in message
-    has = f"this machine has {(memory.RUNTIME >> 20) + 3} MiB"
+    has = f"this machine has {(fixed >> 20) + 3} MiB"
     assert f"{has}; try teacher.dtype: bfloat16 or batch_size: 2 with grad_accum: 2" in message
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out)]) == 2 and not out.exists()
@@ -94,7 +95,7 @@ def test_a_stage_that_cannot_fit_is_refused_naming_it_and_what_would_fit(write_r
 def test_gptq_names_its_calibration(write_recipe, monkeypatch):
     stage = {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "calibration": {"samples": 64}}}
     path = write_recipe(recipe(stage))
-    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + (3 << 20))
+    monkeypatch.setattr(memory, "machine_bytes", lambda: memory.RUNTIME + memory.RUN + (3 << 20))
     with pytest.raises(
         UserError, match=r"stages\[0\]\.quantize: .* try calibration.samples: 32 or calibration.batch_size: 2"
     ):

@@ -420,3 +420,22 @@ def test_gptq_in_lazy_batches_makes_the_column_at_a_time_integers(kind, act_orde
     (q_fast, e_fast), (q_slow, e_slow) = error(fast), error(slow)
     assert (q_fast == q_slow).float().mean() > 0.99  # the same sums in another order: a few ties round apart
     assert abs(e_fast / e_slow - 1) < 0.005
+
+
+def test_linears_reading_one_tensor_share_one_hessian():
+    """q and k read the same normed hidden states, gate and up the same MLP input: one Hessian
+    each pair, found on the first batch, equal to the one each would have made alone."""
+    from compressor.quant import Hessians
+
+    model = tiny_llama()
+    layer = model.model.layers[0]
+    mods = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n != "self_attn.v_proj"}
+    shared, alone = Hessians(mods), {n: Hessians({n: m}) for n, m in mods.items()}
+    with torch.no_grad():
+        for seed in range(3):  # batches of different sizes
+            model(torch.randint(0, 512, (seed + 1, 16), generator=torch.Generator().manual_seed(seed)))
+    found = shared.close()
+    assert found["self_attn.k_proj"] is found["self_attn.q_proj"] and found["mlp.up_proj"] is found["mlp.gate_proj"]
+    assert found["self_attn.o_proj"] is not found["self_attn.q_proj"]
+    for name, hessians in alone.items():
+        assert torch.equal(found[name], hessians.close()[name]), name

@@ -74,3 +74,15 @@ def test_eval_layerwise_measures_a_folder_as_loaded(tiny_teacher_folder, tmp_pat
         figures[bool(flags)] = json.loads((out / "run.json").read_text())["stages"][0]["metrics"]
     assert {k: figures[True][k] for k in FIGURES} == {k: figures[False][k] for k in FIGURES}
     assert "decode_ms_per_token" in figures[False] and "decode_ms_per_token" not in figures[True]
+
+
+def test_a_hub_id_cannot_be_read_a_layer_at_a_time(write_recipe, capsys):
+    measured = _no_latency(distill_recipe("hub"), True)
+    measured["teacher"] = "hf:someone/some-model"
+    assert main(["validate", str(write_recipe(measured))]) == 2
+    assert "teacher: eval.layerwise reads the model from its folder, and a hub id has none" in capsys.readouterr().err
+    quantized = distill_recipe("hub")
+    quantized["teacher"] = "hf:someone/some-model"
+    quantized["stages"] = [{"quantize": {"method": "rtn", "type": "Q8_0", "layerwise": True}}]
+    assert main(["validate", str(write_recipe(quantized))]) == 2
+    assert "teacher: stages[0].quantize.layerwise reads the model" in capsys.readouterr().err

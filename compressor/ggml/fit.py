@@ -18,7 +18,8 @@ import torch
 
 from .types import Blocks, GgmlType
 
-CHUNK = 1 << 15  # sub-blocks searched at once: × candidates × sub weights floats (~90 MB)
+CHUNK = 1 << 13  # sub-blocks searched at once: × 21 candidates × 32 weights, ~22 MB a temporary (of ~5)
+ROWS_WEIGHTS = 1 << 22  # weights quantized at once by `quantize` (16 MB): its temporaries are a few times that
 
 
 def element_weights(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
@@ -180,7 +181,12 @@ def fields(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None = None)
 
 
 def quantize(t: GgmlType, x: torch.Tensor, importance: torch.Tensor | None = None) -> Blocks:
-    """x [rows, n] on type t: round to nearest after the importance-weighted scale search."""
+    """x [rows, n] on type t: round to nearest after the importance-weighted scale search, a few
+    rows at a time (every row is fitted on its own: a 262k-row embedding's search would hold
+    several copies of it)."""
+    rows = max(1, ROWS_WEIGHTS // x.shape[1])
+    if x.shape[0] > rows:
+        return Blocks.cat([quantize(t, x[i : i + rows], importance) for i in range(0, x.shape[0], rows)], dim=0)
     blocks = fields(t, x, importance)
     blocks.q = codes(t, x.detach().float(), *blocks.scale_bias())
     return blocks

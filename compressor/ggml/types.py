@@ -105,6 +105,9 @@ def type_for_row(name: str, n_in: int) -> GgmlType | None:
     return t if n_in % t.block == 0 else None
 
 
+DEQUANTIZE_WEIGHTS = 1 << 20  # weights `Blocks.dequantize` makes at once (its temporaries: ~20 bytes each)
+
+
 @dataclass
 class Blocks:
     """One tensor on a GGUF type: the codes and the stored scale fields, as the file holds them."""
@@ -132,6 +135,17 @@ class Blocks:
         return scale, -(self.dmin.float().repeat_interleave(per, dim=1) * self.mn.float())
 
     def dequantize(self) -> torch.Tensor:
+        """The float32 values the file holds, made a few rows at a time into one tensor (every
+        field is per row; a whole embedding's temporaries, an 8-byte index per weight among
+        them, would be several times its values)."""
+        rows, n = self.shape
+        out = torch.empty(rows, n, device=self.q.device)
+        step = max(1, DEQUANTIZE_WEIGHTS // n)
+        for i in range(0, rows, step):
+            out[i : i + step] = self.rows(slice(i, i + step))._values()
+        return out
+
+    def _values(self) -> torch.Tensor:
         scale, bias = self.scale_bias()
         sub = self.type.sub
         values = scale.repeat_interleave(sub, dim=1) * self.type.level_tensor(self.q.device)[self.q.long()]
@@ -149,7 +163,7 @@ class Blocks:
 
         return Blocks(parts[0].type, join("q"), join("d"), join("dmin"), join("sc"), join("mn"))
 
-    def rows(self, index: torch.Tensor) -> Blocks:
+    def rows(self, index: torch.Tensor | slice) -> Blocks:
         """The same tensor with its rows taken in `index`'s order (every field is per row)."""
         pick = lambda x: None if x is None else x[index]  # noqa: E731
         return Blocks(self.type, self.q[index], self.d[index], pick(self.dmin), pick(self.sc), pick(self.mn))
