@@ -334,10 +334,13 @@ def run_lines(r: dict | None) -> list[str]:
         f"(quantize {r['estimates_mb']['quantize']:,.0f}, measuring {r['estimates_mb']['measuring']:,.0f}); the "
         f"model is {r['float32_gb']:.1f} GB in float32.",
         "",
-        f"- quantize built in {quantized['build_seconds']:,.0f} s at {quantized['info'].get('gguf_bits_per_weight')} "
-        f"bits per weight ({quantized['info'].get('gguf_types')}); measured in {quantized['measure_seconds']:,.0f} s "
+        f"- quantize built in {quantized['build_seconds']:,.0f} s (load average at the end "
+        f"{r['load_average'][0]:.1f}) at "
+        f"{quantized['info'].get('gguf_bits_per_weight')} bits per weight "
+        f"({', '.join(f'{k} x{n}' for k, n in sorted(quantized['info'].get('gguf_types', {}).items()))}); "
+        f"measured in {quantized['measure_seconds']:,.0f} s "
         f"(the teacher row in {teacher['measure_seconds']:,.0f} s); KL to the teacher {quantized['teacher_kl']:.4f}, "
-        f"top-1 agreement {quantized['top1_agreement']:.3f}, stdlib_mc acc {acc} (random weights: the figures "
+        f"top-1 agreement {quantized['top1_agreement']:.3f}, stdlib_mc acc {acc:.3f} (random weights: the figures "
         "show the path runs, not quality).",
         "",
     ]
