@@ -213,8 +213,18 @@ def streaming(folder: Path, device: torch.device, dtype: torch.dtype | None = No
 
 def load_streamed(folder: Path, device: torch.device, dtype: torch.dtype | None = None):
     """`streaming`'s model of `folder` with its tokenizer, as `models.load_pretrained` gives one."""
+    return _with_tokenizer(streaming(folder, device, dtype), folder)
+
+
+def load_skeleton(folder: Path):
+    """`skeleton`'s weightless model of `folder` with its tokenizer: its config and tokenizer, or a
+    stage's input that reads its weights itself a layer at a time."""
+    return _with_tokenizer(skeleton(folder), folder)
+
+
+def _with_tokenizer(model: torch.nn.Module, folder: Path):
     from transformers import AutoTokenizer
 
     from .models import Loaded
 
-    return Loaded(streaming(folder, device, dtype), AutoTokenizer.from_pretrained(folder), Path(folder))
+    return Loaded(model, AutoTokenizer.from_pretrained(folder), Path(folder))

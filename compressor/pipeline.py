@@ -22,7 +22,7 @@ from . import FORMAT_VERSION, keys, launch
 from .data import TextSource, documents, load_documents, pack
 from .families import sequence_bos
 from .latency import Timed, TorchRunner, time_models
-from .layerwise import load_streamed, skeleton
+from .layerwise import load_skeleton, load_streamed
 from .measure import EvalSpec, measure, measure_deployed
 from .memory import measuring
 from .models import Loaded, load_pretrained, resolve_device, shape_of
@@ -90,13 +90,7 @@ class Session:
         skeleton, weightless) when every model is measured a layer at a time."""
         if not self.spec.eval.layerwise:
             return self.start
-        return self.skeleton_of(local_folder(self.spec.base or self.spec.teacher, "eval.layerwise"))
-
-    @staticmethod
-    def skeleton_of(folder: Path) -> Loaded:
-        from transformers import AutoTokenizer
-
-        return Loaded(skeleton(folder), AutoTokenizer.from_pretrained(folder), folder)
+        return load_skeleton(local_folder(self.spec.base or self.spec.teacher, "eval.layerwise"))
 
     @cached_property
     def _documents(self) -> tuple[list[str], list[str]]:
@@ -206,7 +200,7 @@ class Session:
         if layerwise:
             start = self.spec.base or self.spec.teacher
             folder = self.store.path(input_key) if input_key else local_folder(start, "a layerwise stage")
-            return self.skeleton_of(folder)
+            return load_skeleton(folder)
         if input_key:
             return self.load_artifact(input_key)
         return Loaded(copy.deepcopy(self.start.model), self.start.tokenizer, None)
