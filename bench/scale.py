@@ -1,7 +1,7 @@
 """GPTQ INT4 on models bigger than the ones we ship: peak resident memory and seconds, measured
 against `compressor.memory`'s estimate.
 
-    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4] [--parts gptq,fsdp,measure,run]
+    python bench/scale.py [--models 0.1b,0.5b,1.5b] [--samples 4] [--parts gptq,fsdp,measure,run,prune]
 
 The models are random-initialised Llamas built from config (no downloads), at widths that are
 multiples of 256 so every GGUF type applies; 0.5b and 1.5b share their width and differ in depth,
@@ -13,7 +13,8 @@ calibration blocks of 512 random tokens, batch 4) whose peak resident memory the
 compared. The `measure` part scores the 1.5b's held-out perplexity loaded whole and a decoder layer
 at a time (eval.layerwise), each in a fresh process. The `run` part gives the 1.5b a tokenizer and
 runs `compressor run` on it, quantizing a layer at a time (GPTQ on llama.cpp's Q4_K_M mix) and
-measuring both rows a layer at a time, as a user would: the peak of that whole process. Writes
+measuring both rows a layer at a time, as a user would: the peak of that whole process. The `prune`
+part prunes the 1.5b (activation importance) loaded whole and a layer at a time. Writes
 reports/scale.{json,md}; a part not run keeps its figures (and the command that made them) from
 the existing report.
 """
@@ -39,7 +40,8 @@ MODELS = {  # Llama shapes; vocabulary 32000, tied embeddings
     "0.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 10, "num_attention_heads": 16},
     "1.5b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 32, "num_attention_heads": 16},
 }
-PARTS = ("gptq", "fsdp", "measure", "run")
+PARTS = ("gptq", "fsdp", "measure", "run", "prune")
+PRUNE = {"targets": {"layers": 0.25, "mlp": 0.5}, "method": "activation"}
 RUN_FIGURES = ("heldout_ppl", "teacher_kl", "top1_agreement", "measured_within_bytes")
 COMMON = {"vocab_size": 32000, "num_key_value_heads": 4, "tie_word_embeddings": True, "model_type": "llama"}
 
@@ -115,6 +117,33 @@ def quantize(path: str, folder: Path, samples: int) -> dict:
     return {"seconds": time.perf_counter() - start, "linears": len(codes)}
 
 
+def prune(path: str, folder: Path, samples: int) -> dict:
+    """A prune stage (`PRUNE`) of the checkpoint in `folder`, importance on `samples` calibration
+    blocks, written as a checkpoint beside it: the whole model loaded, or (`layerwise`) a layer at a
+    time. Seconds from loading to the last file written."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compressor.layerwise import skeleton
+    from compressor.stages.base import StageContext
+    from compressor.stages.prune import Config, prune
+
+    cpu, out = torch.device("cpu"), folder.with_name(f"pruned-{path}")
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    blocks = torch.randint(0, vocab, (samples, SEQ), generator=torch.Generator().manual_seed(0))
+    cfg = Config(**PRUNE, layerwise=path == "layerwise", calibration={"samples": samples, "batch_size": BATCH})
+    ctx = StageContext(
+        name="prune", config=cfg, device=cpu, seed=0, scratch=folder.with_name("scratch"), cache=folder.parent,
+        load_teacher=lambda: None, train_blocks=lambda _: blocks, seq_len=SEQ, cache_key="scale", source=folder,
+    )  # fmt: skip
+    start = time.perf_counter()
+    if path == "whole":
+        prune(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), ctx).save_pretrained(out)
+    else:
+        prune(skeleton(folder), ctx).rename(out)
+    return {"seconds": time.perf_counter() - start, "params_after": ctx.info["params_after"]}
+
+
 def in_child(*args: str) -> tuple[dict, int]:
     """Run this file's `--child` mode in a fresh process; its JSON answer and peak RSS in bytes."""
     out, peak = peak_of([sys.executable, __file__, "--child", *args])
@@ -135,9 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument(
-        "--parts", default=",".join(PARTS), help="gptq (the models), fsdp (bench/fsdp.py), measure, run (the 1.5b)"
-    )
+    parts_help = "gptq (the models), fsdp (bench/fsdp.py), measure, run, prune (the 1.5b)"
+    parser.add_argument("--parts", default=",".join(PARTS), help=parts_help)
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -149,6 +177,8 @@ def main() -> None:
             print(json.dumps({}))
         elif kind.startswith("score-"):
             print(json.dumps(score(kind.removeprefix("score-"), Path(folder), int(rest[0]))))
+        elif kind.startswith("prune-"):
+            print(json.dumps(prune(kind.removeprefix("prune-"), Path(folder), int(rest[0]))))
         else:
             print(json.dumps(quantize(kind, Path(folder), int(rest[0]))))
         return
@@ -157,7 +187,7 @@ def main() -> None:
     kept = json.loads((ROOT / "reports" / "scale.json").read_text()) if parts != set(PARTS) else {}
     gptq_keys = ("command", "calibration", "models", "gptq_seconds", "gptq_load_average")
     out = {"threads": THREADS, **{k: kept[k] for k in gptq_keys if k in kept}}
-    out |= {part: kept.get(part) for part in ("fsdp", "measure", "run")}
+    out |= {part: kept.get(part) for part in ("fsdp", "measure", "run", "prune")}
     if "gptq" in parts:
         start = time.time()
         out.update(command=command, calibration={"samples": args.samples, "seq_len": SEQ, "batch_size": BATCH})
@@ -170,7 +200,7 @@ def main() -> None:
         start = time.time()
         out["fsdp"] = {"command": command, **compare("bench", steps=8)}
         out["fsdp"].update(seconds=round(time.time() - start, 1), load_average=load_average())
-    for part, bench in (("measure", measure_part), ("run", run_part)):
+    for part, bench in (("measure", measure_part), ("run", run_part), ("prune", prune_part)):
         if part in parts:
             start = time.time()
             out[part] = {"command": command, **bench(args.samples)}
@@ -225,6 +255,42 @@ def measure_part(samples: int) -> dict:
             print("measure", path, json.dumps(out[path]), flush=True)
     out["same_ppl"] = out["whole"]["heldout_ppl"] == out["layerwise"]["heldout_ppl"]
     return out
+
+
+def prune_part(samples: int) -> dict:
+    """The 1.5b pruned (`PRUNE`) loaded whole and a layer at a time, each in a fresh process: peak
+    resident memory against the stage's estimate, and whether both wrote the same weights."""
+    from types import SimpleNamespace
+
+    from compressor.layerwise import Checkpoint
+    from compressor.stages.prune import Config, Prune
+
+    shape = {**COMMON, **MODELS["1.5b"]}
+    calibration = {"samples": samples, "batch_size": BATCH}
+    out = {"model": "1.5b", "prune": PRUNE, "calibration": calibration, "seq_len": SEQ}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        print("prune: building the 1.5b", flush=True)
+        in_child("build", str(source), json.dumps(shape))
+        for path in ("whole", "layerwise"):
+            print(f"prune: {path}", flush=True)
+            got, peak = in_child(f"prune-{path}", str(source), str(samples))
+            cfg = Config(**PRUNE, layerwise=path == "layerwise", calibration=calibration)
+            after = Prune().check(cfg, shape, shape)
+            estimate = Prune().memory(cfg, shape, after, shape, SimpleNamespace(seq_len=SEQ))[0]
+            out[path] = {**got, "peak_mb": peak / 2**20, "estimate_mb": sum(estimate.values()) / 2**20}
+            print("prune", path, json.dumps(out[path]), flush=True)
+        whole, layered = (Checkpoint(source.with_name(f"pruned-{p}")) for p in ("whole", "layerwise"))
+        out["same_weights"] = whole.files.keys() == layered.files.keys() and all(
+            torch_equal(whole.read([k]), layered.read([k])) for k in whole.files
+        )
+    return out
+
+
+def torch_equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def run_part(samples: int) -> dict:
@@ -318,6 +384,32 @@ def measure_lines(m: dict | None) -> list[str]:
     ]
 
 
+def prune_lines(m: dict | None) -> list[str]:
+    if not m:
+        return []
+    w, lw = m["whole"], m["layerwise"]
+    return [
+        "## Pruning a model a decoder layer at a time",
+        "",
+        f"Regenerate: `{m['command']}` ({m['seconds']:.0f} s). A prune stage `{json.dumps(m['prune'])}` on the "
+        f"{m['model']}, importance on {m['calibration']['samples']} calibration blocks of {m['seq_len']} random "
+        "tokens, each way in a fresh process (loading and writing included); estimate: the stage's own "
+        f"(`Prune.memory`). {w['params_after'] / 1e9:.2f}B parameters stay.",
+        "",
+        "| path | peak MiB | estimate MiB | estimate / peak | seconds |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {name} | {r['peak_mb']:,.0f} | {r['estimate_mb']:,.0f} | {r['estimate_mb'] / r['peak_mb']:.2f} | "
+            f"{r['seconds']:,.0f} |"
+            for name, r in (("whole", w), ("layer by layer", lw))
+        ],
+        "",
+        f"- The same weights both ways: {'yes, every tensor bit for bit' if m['same_weights'] else 'NO'}; layer by "
+        f"layer holds {w['peak_mb'] / lw['peak_mb']:.1f}x less and takes {lw['seconds'] / w['seconds']:.2f}x the time.",
+        "",
+    ]
+
+
 def run_lines(r: dict | None) -> list[str]:
     if not r:
         return []
@@ -386,6 +478,7 @@ def markdown(out: dict) -> str:
         "",
         *measure_lines(out.get("measure")),
         *run_lines(out.get("run")),
+        *prune_lines(out.get("prune")),
         "## Targets",
     ]
     lines += ["", f"- Estimate / measured peak: {min(t['estimate_over_peak']):.2f}-{max(t['estimate_over_peak']):.2f} "

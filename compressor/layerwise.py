@@ -63,9 +63,15 @@ def _set(module: torch.nn.Module, local: str, value: torch.Tensor) -> None:
     sub._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def _to_meta(module: torch.nn.Module) -> None:
-    for local, p in list(module.named_parameters()):
+def _to_meta(module: torch.nn.Module, recurse: bool = True) -> None:
+    for local, p in list(module.named_parameters(recurse=recurse)):
         _set(module, local, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+def transplant(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """`target` (a meta-device module of the same structure and shapes) takes `source`'s weights."""
+    for local, p in source.named_parameters():
+        _set(target, local, p.data)
 
 
 def skeleton(folder: Path, dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
@@ -96,6 +102,7 @@ class Reader:
         self.prefix = {m: (name + "." if name else "") for name, m in model.named_modules()}
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         self.tied = head is not None and head.weight is embed.weight
+        self.embed, self.head = embed, head
         self.embed_key = self.prefix[embed] + "weight"
 
     def _key(self, name: str) -> str:
@@ -108,9 +115,30 @@ class Reader:
         for full, local in names.items():
             _set(module, local, found[self._key(full)].to(self.device))
 
-    def drop(self, module: torch.nn.Module) -> None:
-        _to_meta(module)
+    def drop(self, module: torch.nn.Module, recurse: bool = True) -> None:
+        _to_meta(module, recurse)
+        if self.tied and module is self.embed:  # a tied head goes on sharing its tensor
+            self.head.weight = module.weight
         trim()
+
+    def outside_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The modules holding weights no decoder layer holds (embeddings, final norm, an untied head)."""
+        from .models import decoder_layers
+
+        inside = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+        head = model.get_output_embeddings()
+        return [
+            module
+            for module in model.modules()
+            if any(id(p) not in inside for p in module.parameters(recurse=False)) and not (module is head and self.tied)
+        ]
+
+    def load_outside_layers(self, model: torch.nn.Module) -> None:
+        """The weights no decoder layer holds: loaded for good; a tied head shares the embeddings' tensor."""
+        for module in self.outside_layers(model):
+            self.load(module, recurse=False)
+        if self.tied:
+            self.head.weight = self.embed.weight
 
 
 class Streamed(Reader):
@@ -119,28 +147,30 @@ class Streamed(Reader):
 
     def __init__(self, model: torch.nn.Module, source: Checkpoint, out: Path, device: torch.device):
         super().__init__(model, source, device)
+        self.names = {self.prefix[m] + n for m in self.prefix for n, _ in m.named_parameters(recurse=False)}
         self.out = Path(out)
         self.written: dict[str, str] = {}  # tensor name -> the shard that holds it
         self.parts: list[str] = []
         self.out.mkdir(parents=True, exist_ok=True)
         map_large_blocks()
 
-    def done(self, module: torch.nn.Module, changed: bool, found: dict | None = None) -> None:
-        """Write the module's weights (when the work changed them) and the integers `found` holds
-        for it (taken out of `found`: module name -> (int8 codes, scales) or ggml.Blocks), then
-        give their memory back."""
+    def done(self, module: torch.nn.Module, changed: bool, found: dict | None = None, recurse: bool = True) -> None:
+        """Write the module's weights (when the work changed them; `recurse` False: only those it
+        holds itself) and the integers `found` holds for it (taken out of `found`: module name ->
+        (int8 codes, scales) or ggml.Blocks), then give their memory back."""
         if changed:
-            self._write(module, found or {})
-        self.drop(module)
+            self._write(module, found or {}, recurse)
+        self.drop(module, recurse)
 
-    def _write(self, module: torch.nn.Module, found: dict) -> None:
+    def _write(self, module: torch.nn.Module, found: dict, recurse: bool) -> None:
         from safetensors.torch import save_file
 
         from .quantized import GGML_SHARDS, write_ggml
 
         part = len(self.parts)
         self.parts.append(f"part-{part:05d}.safetensors")
-        tensors = {self.prefix[module] + n: p.data.contiguous().cpu() for n, p in module.named_parameters()}
+        params = module.named_parameters(recurse=recurse)
+        tensors = {self.prefix[module] + n: p.data.contiguous().cpu() for n, p in params}
         save_file(tensors, self.out / self.parts[-1], metadata={"format": "pt"})
         self.written.update(dict.fromkeys(tensors, self.parts[-1]))
         mine = {n: found.pop(n) for n in list(found) if (n + ".").startswith(self.prefix[module])}
@@ -153,12 +183,13 @@ class Streamed(Reader):
             (self.out / CODES).mkdir(exist_ok=True)
             save_file(ints, self.out / CODES / f"int-{part:05d}.safetensors")
 
-    def finish(self) -> None:
+    def finish(self, config=None) -> None:
         """Copy the tensors the work left as they were (embeddings, norms), one at a time, and
-        write the index and the config, so `out` loads with `from_pretrained`."""
+        write the index and the config (the source's, or `config` when the work changed the
+        shape), so `out` loads with `from_pretrained`."""
         from safetensors.torch import save_file
 
-        rest = [k for k in self.source.files if k not in self.written]
+        rest = [k for k in self.source.files if k not in self.written and k in self.names]
         for i, name in enumerate(rest):
             file = f"kept-{i:05d}.safetensors"
             save_file(self.source.read([name]), self.out / file, metadata={"format": "pt"})
@@ -166,7 +197,9 @@ class Streamed(Reader):
         total = sum((self.out / f).stat().st_size for f in set(self.written.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.written.items()))}
         (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for name in ("config.json", "generation_config.json"):
+        if config is not None:
+            config.save_pretrained(self.out)
+        for name in ("generation_config.json",) if config is not None else ("config.json", "generation_config.json"):
             if (self.source.folder / name).exists():
                 shutil.copy2(self.source.folder / name, self.out / name)
 
@@ -197,17 +230,10 @@ def streaming(folder: Path, device: torch.device, dtype: torch.dtype | None = No
     for module in model.modules():  # rotary frequencies and the like, made on the CPU
         module._buffers.update({k: b.to(device) for k, b in module._buffers.items() if b is not None})
     reader = Reader(model, Checkpoint(folder), device, dtype)
-    layers = decoder_layers(model)
-    for layer in layers:
+    for layer in decoder_layers(model):
         layer.register_forward_pre_hook(lambda module, _args: reader.load(module))
         layer.register_forward_hook(lambda module, _args, _out: reader.drop(module))
-    inside = {id(p) for layer in layers for p in layer.parameters()}
-    head = model.get_output_embeddings()
-    for module in model.modules():
-        if any(id(p) not in inside for p in module.parameters(recurse=False)) and not (module is head and reader.tied):
-            reader.load(module, recurse=False)
-    if reader.tied:
-        head.weight = model.get_input_embeddings().weight
+    reader.load_outside_layers(model)
     return model.eval()
 
 

@@ -108,6 +108,16 @@ def module_at_work(shape: dict) -> int:
     return 4 * max(2 * layer_parameters(shape), shape["vocab_size"] * shape["hidden_size"])
 
 
+def cut_copy(before: dict, after: dict) -> int:
+    """Pruning a layer at a time: a layer's cut copy and the copy safetensors serialises when it is
+    written, or, when the hidden width shrinks, the cut embeddings (and head) beside the old."""
+    tables = 1 if after.get("tie_word_embeddings", True) else 2
+    cut_tables = (
+        tables * after["vocab_size"] * after["hidden_size"] if after["hidden_size"] < before["hidden_size"] else 0
+    )
+    return 4 * max(2 * layer_parameters(after), cut_tables)
+
+
 def training(
     shape: dict, teacher: dict | None, batch: int, seq: int, chunk_tokens: int, teacher_dtype: str, shards: int = 1
 ) -> dict[str, int]:

@@ -65,7 +65,8 @@ def test_gguf_types_from_a_sharded_checkpoint(tmp_path):
     assert whole.keys() == streamed.keys() == types.keys() and all(same(whole[k], streamed[k]) for k in whole)
 
 
-def _quantize_run(tmp_path, stages: list, layerwise: bool, name: str):
+def _layerwise_run(tmp_path, stages: list, layerwise: bool, name: str):
+    """A run of `stages`, the last one a layer at a time or not; its last row."""
     import yaml
     from conftest import FAST_EVAL, TINY_TEACHER
 
@@ -73,7 +74,8 @@ def _quantize_run(tmp_path, stages: list, layerwise: bool, name: str):
     from compressor.recipe import load_recipe
 
     *before, last = stages
-    last = {"quantize": {**last["quantize"], "layerwise": layerwise}}
+    ((kind, settings),) = last.items()
+    last = {kind: {**settings, "layerwise": layerwise}}
     raw = {"name": name, "seed": 0, "teacher": TINY_TEACHER, "data": {"seq_len": 64}, "stages": [*before, last]}
     raw["eval"] = {**FAST_EVAL, "latency": {"enabled": False}}
     path = tmp_path / f"{name}-{layerwise}.yaml"
@@ -100,7 +102,7 @@ def test_a_layerwise_quantize_stage_writes_the_whole_paths_artifact(stages, tmp_
     from compressor.exporters import export
     from compressor.quantized import read_ggml
 
-    whole, layered = (_quantize_run(tmp_path, stages, on, "q") for on in (False, True))
+    whole, layered = (_layerwise_run(tmp_path, stages, on, "q") for on in (False, True))
     assert whole["key"] != layered["key"]
     a, b = Path(whole["artifact"]), Path(layered["artifact"])
     assert (b / "model.safetensors.index.json").is_file() and (b / "ggml").is_dir()  # written a layer at a time
@@ -124,6 +126,7 @@ def test_a_layerwise_quantize_stage_writes_the_whole_paths_artifact(stages, tmp_
         ({"method": "bnb", "bits": 4}, "layerwise: writes GGUF types"),
         ({"method": "rtn", "target_bits": 4.5}, "layerwise: target_bits ranks every matrix"),
         ({"method": "rtn", "type": "Q4_0", "importance": True}, "layerwise: importance weighs"),
+        ({"targets": {"mlp": 0.5}, "method": "taylor"}, "layerwise: taylor needs every layer's gradients"),
     ],
 )
 def test_what_cannot_run_a_layer_at_a_time_is_refused(settings, refusal, write_recipe, capsys):
@@ -131,6 +134,88 @@ def test_what_cannot_run_a_layer_at_a_time_is_refused(settings, refusal, write_r
 
     from compressor.cli import main
 
-    path = write_recipe(recipe({"quantize": {**settings, "layerwise": True}}))
+    kind = "prune" if "targets" in settings else "quantize"
+    path = write_recipe(recipe({kind: {**settings, "layerwise": True}}))
     assert main(["validate", str(path)]) == 2
     assert refusal in capsys.readouterr().err
+
+
+PRUNINGS = [
+    ({"layers": 0.34, "mlp": 0.5, "heads": 0.5}, "activation", "groups"),
+    ({"hidden": 0.25, "heads": 0.5}, "magnitude", "within"),
+]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_layerwise_prune_cuts_the_whole_models_weights(model_type, tmp_path):
+    """Importance from the streamed model and each layer cut alone: the same kept structures,
+    weights, config and report as pruning the model loaded whole."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from compressor.stages import prune as prune_stage
+    from compressor.stages.base import StageContext
+
+    model = tiny(model_type)
+    source = tmp_path / "source"
+    model.save_pretrained(source, max_shard_size="100KB")
+    blocks = torch.randint(1, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    for n, (targets, method, gqa) in enumerate(PRUNINGS):
+        contexts = []
+        for layerwise in (False, True):
+            calibration = {"samples": 6, "batch_size": 4}
+            cfg = prune_stage.Config(
+                targets=targets, method=method, gqa=gqa, layerwise=layerwise, calibration=calibration
+            )
+            scratch = tmp_path / f"scratch-{n}-{layerwise}"
+            contexts.append(
+                StageContext(
+                    name="prune",
+                    config=cfg,
+                    device=CPU,
+                    seed=0,
+                    scratch=scratch,
+                    cache=tmp_path,
+                    load_teacher=lambda: None,
+                    train_blocks=lambda _: blocks,
+                    seq_len=blocks.shape[1],
+                    cache_key="k",
+                    source=source,
+                )
+            )
+        whole = prune_stage.prune(copy.deepcopy(model), contexts[0])
+        folder = prune_stage.prune(skeleton(source), contexts[1])
+        assert (folder / "model.safetensors.index.json").is_file()
+        written = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        configs = [{k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"} for m in (whole, written)]
+        assert contexts[0].info == contexts[1].info and configs[0] == configs[1]
+        expected, got = whole.state_dict(), written.state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), targets
+        with torch.no_grad():
+            assert torch.equal(written(blocks).logits, whole(blocks).logits)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [{"prune": {"targets": {"layers": 0.5, "mlp": 0.5}, "method": "activation", "calibration": {"samples": 4}}}],
+        [DISTILL, {"prune": {"targets": {"heads": 0.5}, "method": "magnitude"}}],
+    ],
+    ids=["activation-first", "magnitude-after-distill"],
+)
+def test_a_layerwise_prune_stage_writes_the_whole_paths_artifact(stages, tmp_path, tiny_teacher_folder):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    whole, layered = (_layerwise_run(tmp_path, stages, on, "p") for on in (False, True))
+    a, b = Path(whole["artifact"]), Path(layered["artifact"])
+    assert (b / "model.safetensors.index.json").is_file()  # written a layer at a time
+    weights_a = load_file(a / "model.safetensors")
+    weights_b = Checkpoint(b).read(list(weights_a))
+    assert weights_a.keys() == Checkpoint(b).files.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert whole["info"] == layered["info"] and whole["metrics"]["accuracy"] == layered["metrics"]["accuracy"]
+    for key in ("params", "heldout_ppl", "teacher_kl", "top1_agreement"):
+        assert whole["metrics"][key] == layered["metrics"][key], key

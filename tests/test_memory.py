@@ -118,15 +118,23 @@ def test_measuring_layer_by_layer_holds_a_layer_and_the_tables():
     assert whole["activations"] == streamed["activations"] and sum(streamed.values()) < sum(whole.values()) / 3
 
 
-def test_quantizing_a_7b_layer_by_layer_fits_where_the_whole_model_does_not():
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"quantize": {"method": "gptq", "mix": "Q4_K_M"}},
+        {"quantize": {"method": "rtn", "mix": "Q4_K_M"}},
+        {"prune": {"targets": {"mlp": 0.5}, "method": "activation"}},
+    ],
+)
+def test_a_7b_layer_by_layer_fits_where_the_whole_model_does_not(settings):
     from types import SimpleNamespace
 
     shape = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28}
     shape |= {"num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False}
     run = SimpleNamespace(seq_len=512, teacher_dtype="auto")
-    for method in ("gptq", "rtn"):
-        stage = load_recipe_stage(recipe({"quantize": {"method": method, "mix": "Q4_K_M"}}))
-        whole, fixes = stage.impl.memory(stage.config, shape, shape, shape, run)
-        layered = stage.impl.memory(stage.config.model_copy(update={"layerwise": True}), shape, shape, shape, run)[0]
-        assert sum(whole.values()) > 24 * memory.GIB and "layerwise: true" in fixes
-        assert sum(layered.values()) < 8 * memory.GIB, (method, layered)  # gptq: 7.0 GiB, the down projection's Hessian
+    stage = load_recipe_stage(recipe(settings))
+    after = stage.impl.check(stage.config, shape, shape)
+    whole, fixes = stage.impl.memory(stage.config, shape, after, shape, run)
+    layered = stage.impl.memory(stage.config.model_copy(update={"layerwise": True}), shape, after, shape, run)[0]
+    assert sum(whole.values()) > 24 * memory.GIB and "layerwise: true" in fixes
+    assert sum(layered.values()) < 8 * memory.GIB, layered  # gptq: 7.0 GiB, the down projection's Hessian

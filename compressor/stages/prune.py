@@ -17,15 +17,19 @@ removes the same number of query heads inside every group; the stage reports how
 
 from __future__ import annotations
 
+import copy
 import math
+import shutil
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data import Batches, Calibration
 from ..families import Rows, family_of
-from ..memory import gradients, measuring
+from ..layerwise import Checkpoint, Reader, Streamed, streaming, transplant
+from ..memory import cut_copy, gradients, measuring
 from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
 from ..progress import Bar, say
 from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
@@ -67,6 +71,20 @@ class Config(BaseModel):
     gqa: Literal["groups", "within"] = "groups"
     multiple_of: int = Field(1, ge=1, description="round kept MLP and hidden widths to a multiple of this")
     calibration: Calibration = Calibration()
+    layerwise: bool = Field(
+        False,
+        description="read the input a decoder layer at a time, for its importance and its cut",
+        exclude_if=lambda on: not on,  # off, it is left out of the stage's key: keys made before it stay valid
+    )
+
+    @model_validator(mode="after")
+    def _streamable(self) -> "Config":
+        if self.layerwise and self.method == "taylor":
+            raise ValueError(
+                "layerwise: taylor needs every layer's gradients at once; method activation or magnitude "
+                "reads a layer at a time"
+            )
+        return self
 
 
 # --- how many of each structure stay -----------------------------------------------------------
@@ -198,30 +216,40 @@ class Scores:
         self.hidden = 0.0
         self.block = [0.0] * n_layers
 
+    def of_layer(self, j: int) -> "Scores":
+        """Layer j's scores alone (the hidden channels' are the model's), for a model of that layer."""
+        alone = copy.copy(self)
+        alone.mlp, alone.head, alone.kv = [self.mlp[j]], [self.head[j]], [self.kv[j]]
+        return alone
+
     def group(self, i: int, group: int) -> torch.Tensor:
         """Importance of each KV group of layer i: its KV head plus its query heads."""
         return self.kv[i] + self.head[i].view(-1, group).sum(1)
 
 
-def _weight_scores(model: torch.nn.Module, scores: Scores, value) -> None:
+def _weight_scores(model: torch.nn.Module, scores: Scores, value, reader: Reader | None = None) -> None:
     """Score structures from a per-weight quantity (|w|^p, or |w * grad| for Taylor) of the
-    projections that carry them, as the family lays them out (fused or not)."""
+    projections that carry them, as the family lays them out (fused or not). With a `reader`,
+    each decoder layer is read for its turn and dropped after."""
     cfg = model.config
     family = family_of(model)
     hd = head_dim(cfg)
+    hidden = value(model.get_input_embeddings()).sum(0)
     for i, layer in enumerate(decoder_layers(model)):
+        if reader is not None:
+            reader.load(layer)
         p = family.parts(layer, cfg)
         o, down = layer.get_submodule(family.o_proj), layer.get_submodule(family.down_proj)
         scores.mlp[i] = value(p["gate"]).sum(1) + value(p["up"]).sum(1) + value(down).sum(0)
         q = value(p["q"]).sum(1).view(-1, hd).sum(1) + value(o).sum(0).view(-1, hd).sum(1)
         kv = value(p["k"]).sum(1).view(-1, hd).sum(1) + value(p["v"]).sum(1).view(-1, hd).sum(1)
         scores.head[i], scores.kv[i] = q, kv
-    hidden = value(model.get_input_embeddings()).sum(0)
-    for layer in decoder_layers(model):
         for linear in family.readers(layer, cfg):
             hidden = hidden + value(linear).sum(0)
         for linear in family.writers(layer):
             hidden = hidden + value(linear).sum(1)
+        if reader is not None:
+            reader.drop(layer)
     scores.hidden = hidden
 
 
@@ -306,17 +334,24 @@ def _taylor(x) -> torch.Tensor:
 
 
 def importance(
-    model: torch.nn.Module, cfg: Config, batches, n_batches: int, need_blocks: bool, need_widths: bool = True
+    model: torch.nn.Module,
+    cfg: Config,
+    batches,
+    n_batches: int,
+    need_blocks: bool,
+    need_widths: bool = True,
+    reader: Reader | None = None,
 ) -> Scores:
     """Block influence when layers go, the method's scores when widths go (a layers-only prune
-    needs forward passes alone: no gradients, no activation statistics)."""
+    needs forward passes alone: no gradients, no activation statistics). With a `reader`, `model`
+    is `layerwise.streaming`'s: its layers read their weights for each pass."""
     scores = Scores(model)
     method = cfg.method if need_widths else "magnitude"
     if method != "magnitude" or need_blocks:
         _calibration_pass(model, batches, n_batches, method == "taylor", method == "activation", scores)
     with torch.no_grad():
         if need_widths and method != "activation":
-            _weight_scores(model, scores, _magnitude(cfg.norm) if method == "magnitude" else _taylor)
+            _weight_scores(model, scores, _magnitude(cfg.norm) if method == "magnitude" else _taylor, reader)
     model.zero_grad(set_to_none=True)
     return scores
 
@@ -328,10 +363,11 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(score, k).indices.sort().values
 
 
-def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
-    """The pruned model; what was removed and how it rounded go to ctx.info."""
+def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module | Path:
+    """The pruned model (`layerwise`: `model` is the input's skeleton, and the folder the pruned
+    model was written to is returned); what was removed and how it rounded go to ctx.info."""
     cfg: Config = ctx.config
-    model = model.float()
+    model = model if cfg.layerwise else model.float()
     before = count_params(model)
     shape = {k: getattr(model.config, k) for k in SHAPE_KEYS}
     like = {**model.config.to_dict(), **shape}
@@ -344,7 +380,13 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
     drops_layers = target["num_hidden_layers"] < shape["num_hidden_layers"]
     widths = ("intermediate_size", "hidden_size", "num_attention_heads")
     drops_widths = any(target[k] < shape[k] for k in widths)
-    scores = importance(model, cfg, batches, n_batches, need_blocks=drops_layers, need_widths=drops_widths)
+    if cfg.layerwise:
+        streamed = streaming(ctx.source, ctx.device, torch.float32)
+        reader = Reader(streamed, Checkpoint(ctx.source), ctx.device)
+        scores = importance(streamed, cfg, batches, n_batches, drops_layers, drops_widths, reader)
+        del streamed, reader
+    else:
+        scores = importance(model, cfg, batches, n_batches, need_blocks=drops_layers, need_widths=drops_widths)
 
     kept = list(range(shape["num_hidden_layers"]))
     if drops_layers:
@@ -354,8 +396,27 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
             f"layers kept {kept} (block influence {[round(scores.block[i], 4) for i in kept]}), dropped "
             f"{sorted(set(range(shape['num_hidden_layers'])) - set(kept))}"
         )
-        model = keep_layers(model, kept)
         scores.mlp, scores.head, scores.kv = ([s[i] for i in kept] for s in (scores.mlp, scores.head, scores.kv))
+    pruned = keep_layers(model, kept) if drops_layers or cfg.layerwise else model
+    if cfg.layerwise:
+        written = _cut_a_layer_at_a_time(model, pruned, kept, target, shape, scores, ctx)
+    else:
+        _cut(pruned, target, shape, scores, cfg.gqa)
+    say(f"{ctx.name}: {before:,} -> {count_params(pruned):,} parameters")
+    ctx.info.update(
+        method=cfg.method,
+        ratios=ratios,
+        rounding=notes,
+        params_before=before,
+        params_after=count_params(pruned),
+        kept_layers=kept,
+        shape={k: getattr(pruned.config, k) for k in shape},
+    )
+    return written if cfg.layerwise else pruned
+
+
+def _cut(model: torch.nn.Module, target: dict, shape: dict, scores: Scores, gqa: str) -> None:
+    """Slice `model` (its decoder layers the kept ones, `scores` theirs) to the `target` shape."""
     # widths before heads: the final hidden size is a multiple of the final head count
     if target["intermediate_size"] < shape["intermediate_size"]:
         keep_mlp_channels(model, [_top(s, target["intermediate_size"]) for s in scores.mlp])
@@ -365,7 +426,7 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
         group = shape["num_attention_heads"] // shape["num_key_value_heads"]
         keep_kv, keep_q = [], []
         for i, head_score in enumerate(scores.head):
-            if cfg.gqa == "groups":
+            if gqa == "groups":
                 kv = _top(scores.group(i, group), target["num_key_value_heads"])
                 q = torch.cat([torch.arange(g * group, (g + 1) * group) for g in kv.tolist()])
             else:
@@ -375,17 +436,38 @@ def prune(model: torch.nn.Module, ctx: StageContext) -> torch.nn.Module:
             keep_kv.append(kv)
             keep_q.append(q)
         keep_heads(model, keep_kv, keep_q)
-    say(f"{ctx.name}: {before:,} -> {count_params(model):,} parameters")
-    ctx.info.update(
-        method=cfg.method,
-        ratios=ratios,
-        rounding=notes,
-        params_before=before,
-        params_after=count_params(model),
-        kept_layers=kept,
-        shape={k: getattr(model.config, k) for k in shape},
-    )
-    return model
+
+
+def _cut_a_layer_at_a_time(
+    skeleton: torch.nn.Module, pruned: torch.nn.Module, kept: list[int], target: dict, shape: dict, scores, ctx
+) -> Path:
+    """`_cut` with one decoder layer in memory: the pruned skeleton is cut with its layers on the
+    meta device (its embeddings, norm and head read and cut for real), then each kept layer is
+    read from `ctx.source`, cut by the same code in a model that holds it alone, written and
+    dropped. The same slices, so the same weights as cutting the whole model."""
+    source = Checkpoint(ctx.source)
+    reader = Reader(skeleton, source, ctx.device)  # the input's names: layer i is read as itself
+    Reader(pruned, source, ctx.device).load_outside_layers(pruned)  # names a dropped layer does not change
+    _cut(pruned, target, shape, scores, ctx.config.gqa)
+    out = ctx.scratch / "layerwise"
+    shutil.rmtree(out, ignore_errors=True)  # a killed attempt's layers
+    stream = Streamed(pruned, source, out, ctx.device)
+    layers = decoder_layers(skeleton)
+    skeleton.model.layers = torch.nn.ModuleList()  # what a model of one layer is copied from
+    with Bar(f"{ctx.name}: cutting", len(kept), unit="layer") as bar:
+        for j, i in enumerate(kept):
+            reader.load(layers[i])
+            alone = copy.deepcopy(skeleton)
+            alone.model.layers = torch.nn.ModuleList([layers[i]])
+            _cut(alone, target, shape, scores.of_layer(j), ctx.config.gqa)
+            transplant(layers[i], decoder_layers(pruned)[j])
+            reader.drop(layers[i])
+            stream.done(decoder_layers(pruned)[j], changed=True)
+            bar.update(1)
+    for module in stream.outside_layers(pruned):
+        stream.done(module, changed=True, recurse=False)
+    stream.finish(pruned.config)
+    return out
 
 
 class Prune(StageKind):
@@ -399,8 +481,17 @@ class Prune(StageKind):
         batch = cfg.calibration.batch_size
         if cfg.method == "taylor":
             fewer = [f"calibration.batch_size: {batch // 2}"] if batch > 1 else []
-            return gradients(before, batch, run.seq_len), fewer + ["method: activation"]
-        return measuring(before, batch, run.seq_len), []
+            streamed = "method: activation with layerwise: true"
+            return gradients(before, batch, run.seq_len), [*fewer, "method: activation", streamed]
+        if cfg.layerwise:  # the importance pass, or the cut: a layer and its cut copy (or cut tables)
+            scoring = measuring(before, batch, run.seq_len, layerwise=True)
+            keep = ("runtime", "embeddings, head", "one decoder layer")
+            cutting = {**{k: scoring[k] for k in keep}, "the cut copy": cut_copy(before, after)}
+            return max(scoring, cutting, key=lambda parts: sum(parts.values())), []
+        return measuring(before, batch, run.seq_len), ["layerwise: true"]
 
-    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
+    def streams(self, cfg: Config) -> bool:
+        return cfg.layerwise
+
+    def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module | Path:
         return prune(model, ctx)
