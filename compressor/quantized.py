@@ -176,15 +176,37 @@ def read_ggml_file(path) -> dict:
     """{tensor name: ggml.Blocks} of a file `write_ggml` wrote."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        return {key: _blocks(f, key) for key in f.keys()}
+
+
+def _blocks(f, key: str):
     from .ggml import unpack
 
-    out = {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        for key in f.keys():
-            rows, n = (int(v) for v in meta[f"shape:{key}"].split("x"))
-            out[key] = unpack(meta[f"type:{key}"], f.get_tensor(key).numpy(), (rows, n))
-    return out
+    meta = f.metadata()
+    rows, n = (int(v) for v in meta[f"shape:{key}"].split("x"))
+    return unpack(meta[f"type:{key}"], f.get_tensor(key).numpy(), (rows, n))
+
+
+class GgmlBlocks:
+    """A stage's GGUF blocks read one tensor at a time (`get`), for a writer that holds one layer."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+
+        self.files = {}
+        for path in ggml_files(folder):
+            with safe_open(str(path), framework="pt") as f:
+                self.files |= dict.fromkeys(f.keys(), path)
+
+    def get(self, key: str):
+        """The blocks of tensor `key`, or None when the stage has none for it."""
+        from safetensors import safe_open
+
+        if key not in self.files:
+            return None
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return _blocks(f, key)
 
 
 def ggml_kinds(folder) -> dict[str, tuple[str, tuple[int, int]]]:

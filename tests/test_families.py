@@ -192,6 +192,18 @@ def test_an_f32_gguf_of_every_family_gives_torchs_logits_in_llama_cpp(model_type
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_gguf_written_a_layer_at_a_time_is_the_loaded_models_file(model_type, folder_of, tmp_path):
+    from compressor.exporters.gguf import write_artifact, write_gguf
+
+    folder = folder_of(tiny(model_type))
+    loaded = load_pretrained(str(folder), CPU, dtype="auto")
+    for n, options in enumerate(({}, {"weights": "f32", "embeddings": "q8_0"})):
+        whole = write_gguf(loaded.model, loaded.tokenizer, folder, tmp_path / f"whole-{n}.gguf", options, "m")
+        streamed = write_artifact(folder, tmp_path / f"streamed-{n}.gguf", options, "m")
+        assert whole.read_bytes() == streamed.read_bytes(), options
+
+
 def _q8_0_codes(tensor) -> np.ndarray:
     """The int8 codes of a Q8_0 tensor, [rows, cols] (blocks: fp16 scale, then 32 codes)."""
     raw = np.array(tensor.data).view(np.uint8).reshape(-1, 34)[:, 2:].view(np.int8)

@@ -100,6 +100,8 @@ def test_a_layerwise_quantize_stage_writes_the_whole_paths_artifact(stages, tmp_
     from safetensors.torch import load_file
 
     from compressor.exporters import export
+    from compressor.exporters.gguf import write_gguf
+    from compressor.models import load_pretrained
     from compressor.quantized import read_ggml
 
     whole, layered = (_layerwise_run(tmp_path, stages, on, "q") for on in (False, True))
@@ -117,6 +119,9 @@ def test_a_layerwise_quantize_stage_writes_the_whole_paths_artifact(stages, tmp_
     folders = [export(tmp_path / f"q-{on}", tmp_path / f"gguf-{on}", "quantize", "gguf") for on in (False, True)]
     files = [next(folder.glob("*.gguf")).read_bytes() for folder in folders]
     assert files[0] == files[1]
+    loaded = load_pretrained(str(b), CPU, dtype="auto")  # the export read it a layer at a time: as loaded whole
+    written = write_gguf(loaded.model, loaded.tokenizer, b, tmp_path / "loaded.gguf", {}, "quantize")
+    assert written.read_bytes() == files[1]
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # imported where used: `compressor export --help` loads no to
 WEIGHTS = ("auto", "f32", "f16")
 EMBEDDINGS = ("f16", "f32", "q8_0")
 BLOCK = 32
+SPOOL_BYTES = 256 << 20  # tensors the GGUF writer holds in memory before it spools them to disk
 
 
 def check_config(config) -> None:
@@ -153,14 +154,27 @@ class GGUFExporter(Exporter):
             raise UserError(f"--embeddings q8_0: hidden_size {config['hidden_size']} is not a multiple of 32")
 
     def write(self, job: Export, out: Path) -> None:
-        import torch
-
-        from ..models import load_pretrained
-
-        loaded = load_pretrained(str(job.artifact), torch.device("cpu"), dtype="auto")
         path = out / f"{job.record.get('recipe') or 'model'}-{job.stage['name']}.gguf"
-        write_gguf(loaded.model, loaded.tokenizer, job.artifact, path, job.options, name=job.stage["name"])
+        write_artifact(job.artifact, path, job.options, name=job.stage["name"])
         (out / "README.md").write_text(card(job, path))
+
+
+def write_artifact(folder: Path, path: Path, options: dict, name: str) -> Path:
+    """The model in `folder` as a GGUF file. Float weights (a float stage's, or a stage's on GGUF
+    types, whose blocks lie beside them) are read a decoder layer at a time, so a model bigger than
+    memory exports; an INT grid's or bitsandbytes' tensors (`quantization_config`) load whole."""
+    import torch
+
+    from ..layerwise import Checkpoint, Reader, load_skeleton
+    from ..models import load_pretrained
+
+    cpu = torch.device("cpu")
+    if "quantization_config" in json.loads((Path(folder) / "config.json").read_text()):
+        loaded = load_pretrained(str(folder), cpu, dtype="auto")
+        return write_gguf(loaded.model, loaded.tokenizer, folder, path, options, name)
+    skeleton = load_skeleton(folder)
+    reader = Reader(skeleton.model, Checkpoint(folder), cpu, dtype=None)  # as stored, as dtype="auto" loads
+    return write_gguf(skeleton.model, skeleton.tokenizer, folder, path, options, name, reader)
 
 
 def _float(w: torch.Tensor, kind: str) -> np.ndarray:
@@ -203,26 +217,32 @@ def tensor_data(
     return (q4_0_blocks(codes, blocks), T.Q4_0) if bits == 4 else (q8_0_blocks(codes, blocks), T.Q8_0)
 
 
-def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: str) -> Path:
+def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: str, reader=None) -> Path:
     """Write `model` (float or on our integer grid) and its tokenizer to `path`, as llama.cpp's
-    architecture for the model's family."""
+    architecture for the model's family. With a `reader` (compressor.layerwise), `model` is a
+    skeleton: its embeddings, norm and head are read, and each decoder layer for its turn. Tensors
+    go to a file beside `path` as they are made (the header, written first, needs them all)."""
+    import tempfile
+
     import gguf
     from gguf import GGMLQuantizationType as T
 
     from ..families import family_of
     from ..ggml import pack
-    from ..quantized import read_ggml
+    from ..quantized import GgmlBlocks
     from .gguf_vocab import vocabulary
 
     cfg = model.config
-    found = read_ggml(folder)
+    found = GgmlBlocks(folder)
     full_name = {m: n for n, m in model.named_modules()}
     check_config(cfg)
     family = family_of(cfg)
     weights = options.get("weights") or "auto"
     embeddings = options.get("embeddings") or "f16"
     arch = family.gguf_arch
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)
+    # its spool beside the file, not in /tmp: a big model's tensors go where the file goes
+    writer.temp_file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=Path(path).parent)
     writer.add_name(name)
     for key, value in family.gguf_metadata(cfg).items():
         _add(writer, f"{arch}.{key}", value)
@@ -239,6 +259,8 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     def norm(tensor_name: str, module) -> None:  # llama.cpp multiplies by the stored weight itself
         add(tensor_name, (module.weight.detach().float() + family.norm_offset).numpy())
 
+    if reader is not None:
+        reader.load_outside_layers(model)
     emb = model.get_input_embeddings().weight.detach().float()
     emb_blocks = found.get(f"{full_name[model.get_input_embeddings()]}.weight")
     if emb_blocks is not None:  # a mix quantized the embedding: its blocks, as they are
@@ -247,7 +269,10 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
         add("token_embd.weight", gguf.quants.quantize(emb.numpy(), T.Q8_0), T.Q8_0)
     else:
         add("token_embd.weight", _float(emb, embeddings))
+    del emb  # a float copy of the table
     for i, layer in enumerate(model.model.layers):
+        if reader is not None:
+            reader.load(layer)
         for hf, short in {**family.hidden_norms, **family.head_norms}.items():
             norm(f"blk.{i}.{short}.weight", layer.get_submodule(hf))
         for hf, short in family.gguf_linears.items():
@@ -259,6 +284,8 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
             if module.bias is not None:
                 bias = module.bias.detach().float()
                 add(f"blk.{i}.{short}.bias", (bias[permute] if permute is not None else bias).numpy())
+        if reader is not None:
+            reader.drop(layer)
     norm("output_norm.weight", model.model.norm)
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:

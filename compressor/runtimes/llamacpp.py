@@ -180,15 +180,13 @@ class LlamaCpp(Runtime):
 
     def deploy(self, artifact: Path, key: str, options: dict, cache: Path) -> Path:
         """The artifact as a GGUF file, written once per (artifact, export options)."""
-        from ..exporters.gguf import write_gguf
-        from ..models import load_pretrained
+        from ..exporters.gguf import write_artifact
 
         folder = cache / f"{key}-{digest([options, EXPORT_VERSION])}"
         path = folder / "model.gguf"
         if not path.is_file():
-            loaded = load_pretrained(str(artifact), torch.device("cpu"), dtype="auto")
             with atomic_dir(folder) as tmp:
-                write_gguf(loaded.model, loaded.tokenizer, artifact, tmp / "model.gguf", options, name=key)
+                write_artifact(artifact, tmp / "model.gguf", options, name=key)
                 (tmp / "export.json").write_text(json.dumps({"artifact": str(artifact), "options": options}))
         return path
 
