@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -99,7 +100,8 @@ class Reader:
 
     def __init__(self, model: torch.nn.Module, source: Checkpoint, device: torch.device, dtype=torch.float32):
         self.source, self.device, self.dtype = source, device, dtype
-        self.prefix = {m: (name + "." if name else "") for name, m in model.named_modules()}
+        # weak: a module the work replaces (a sliced Linear's old one) goes, with its weights
+        self.prefix = weakref.WeakKeyDictionary({m: (name + "." if name else "") for name, m in model.named_modules()})
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         self.tied = head is not None and head.weight is embed.weight
         self.embed, self.head = embed, head

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..data import Batches, Calibration
 from ..families import Rows, family_of
 from ..layerwise import Checkpoint, Reader, Streamed, streaming, transplant
-from ..memory import cut_copy, gradients, measuring
+from ..memory import cut_copy, gradients, measuring, parameters
 from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
 from ..progress import Bar, say
 from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
@@ -488,7 +488,9 @@ class Prune(StageKind):
             keep = ("runtime", "embeddings, head", "one decoder layer")
             cutting = {**{k: scoring[k] for k in keep}, "the cut copy": cut_copy(before, after)}
             return max(scoring, cutting, key=lambda parts: sum(parts.values())), []
-        return measuring(before, batch, run.seq_len), ["layerwise: true"]
+        # loading maps the checkpoint while its tensors are copied in, saving serialises a copy
+        whole = {**measuring(before, batch, run.seq_len), "a second copy, loading or saving": 4 * parameters(before)}
+        return whole, ["layerwise: true"]
 
     def streams(self, cfg: Config) -> bool:
         return cfg.layerwise
