@@ -237,22 +237,32 @@ def gptq_rows(names: list[str], samples: int) -> list[dict]:
     return rows
 
 
+def each_way(part: str, samples: int, estimate, out: dict, after=None) -> None:
+    """The 1.5b built in a temporary folder, then this file's `--child {part}-{path}` run on it
+    loaded whole and a layer at a time, each in a fresh process: its answer, peak resident memory
+    and `estimate(path)` (parts in bytes) go to out[path]; `after(source)` runs while the files are
+    there."""
+    shape = {**COMMON, **MODELS["1.5b"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "source"
+        print(f"{part}: building the 1.5b", flush=True)
+        in_child("build", str(source), json.dumps(shape))
+        for path in ("whole", "layerwise"):
+            print(f"{part}: {path}", flush=True)
+            got, peak = in_child(f"{part}-{path}", str(source), str(samples))
+            out[path] = {**got, "peak_mb": peak / 2**20, "estimate_mb": sum(estimate(path).values()) / 2**20}
+            print(part, path, json.dumps(out[path]), flush=True)
+        if after is not None:
+            after(source)
+
+
 def measure_part(samples: int) -> dict:
     """The 1.5b's held-out perplexity, loaded whole and a layer at a time, each in a fresh process."""
     from compressor.memory import measuring
 
     shape = {**COMMON, **MODELS["1.5b"]}
     out = {"model": "1.5b", "samples": samples, "seq_len": SEQ, "batch_size": BATCH}
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "source"
-        print("measure: building the 1.5b", flush=True)
-        in_child("build", str(source), json.dumps(shape))
-        for path in ("whole", "layerwise"):
-            print(f"measure: held-out perplexity, {path}", flush=True)
-            got, peak = in_child(f"score-{path}", str(source), str(samples))
-            estimate = measuring(shape, BATCH, SEQ, layerwise=path == "layerwise")
-            out[path] = {**got, "peak_mb": peak / 2**20, "estimate_mb": sum(estimate.values()) / 2**20}
-            print("measure", path, json.dumps(out[path]), flush=True)
+    each_way("score", samples, lambda path: measuring(shape, BATCH, SEQ, layerwise=path == "layerwise"), out)
     out["same_ppl"] = out["whole"]["heldout_ppl"] == out["layerwise"]["heldout_ppl"]
     return out
 
@@ -268,22 +278,18 @@ def prune_part(samples: int) -> dict:
     shape = {**COMMON, **MODELS["1.5b"]}
     calibration = {"samples": samples, "batch_size": BATCH}
     out = {"model": "1.5b", "prune": PRUNE, "calibration": calibration, "seq_len": SEQ}
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "source"
-        print("prune: building the 1.5b", flush=True)
-        in_child("build", str(source), json.dumps(shape))
-        for path in ("whole", "layerwise"):
-            print(f"prune: {path}", flush=True)
-            got, peak = in_child(f"prune-{path}", str(source), str(samples))
-            cfg = Config(**PRUNE, layerwise=path == "layerwise", calibration=calibration)
-            after = Prune().check(cfg, shape, shape)
-            estimate = Prune().memory(cfg, shape, after, shape, SimpleNamespace(seq_len=SEQ))[0]
-            out[path] = {**got, "peak_mb": peak / 2**20, "estimate_mb": sum(estimate.values()) / 2**20}
-            print("prune", path, json.dumps(out[path]), flush=True)
+
+    def estimate(path: str) -> dict:
+        cfg = Config(**PRUNE, layerwise=path == "layerwise", calibration=calibration)
+        return Prune().memory(cfg, shape, Prune().check(cfg, shape, shape), shape, SimpleNamespace(seq_len=SEQ))[0]
+
+    def compare(source: Path) -> None:
         whole, layered = (Checkpoint(source.with_name(f"pruned-{p}")) for p in ("whole", "layerwise"))
         out["same_weights"] = whole.files.keys() == layered.files.keys() and all(
             torch_equal(whole.read([k]), layered.read([k])) for k in whole.files
         )
+
+    each_way("prune", samples, estimate, out, compare)
     return out
 
 

@@ -157,10 +157,10 @@ def test_a_layerwise_prune_cuts_the_whole_models_weights(model_type, tmp_path):
     weights, config and report as pruning the model loaded whole."""
     import copy
 
+    from test_prune import _ctx
     from transformers import AutoModelForCausalLM
 
     from compressor.stages import prune as prune_stage
-    from compressor.stages.base import StageContext
 
     model = tiny(model_type)
     source = tmp_path / "source"
@@ -173,22 +173,7 @@ def test_a_layerwise_prune_cuts_the_whole_models_weights(model_type, tmp_path):
             cfg = prune_stage.Config(
                 targets=targets, method=method, gqa=gqa, layerwise=layerwise, calibration=calibration
             )
-            scratch = tmp_path / f"scratch-{n}-{layerwise}"
-            contexts.append(
-                StageContext(
-                    name="prune",
-                    config=cfg,
-                    device=CPU,
-                    seed=0,
-                    scratch=scratch,
-                    cache=tmp_path,
-                    load_teacher=lambda: None,
-                    train_blocks=lambda _: blocks,
-                    seq_len=blocks.shape[1],
-                    cache_key="k",
-                    source=source,
-                )
-            )
+            contexts.append(_ctx(cfg, tmp_path / f"scratch-{n}-{layerwise}", blocks=blocks, source=source))
         whole = prune_stage.prune(copy.deepcopy(model), contexts[0])
         folder = prune_stage.prune(skeleton(source), contexts[1])
         assert (folder / "model.safetensors.index.json").is_file()

@@ -110,7 +110,7 @@ def test_plan_rounds_gqa_and_refuses_what_cannot_exist():
     assert out["intermediate_size"] == 256 and out["hidden_size"] == 128
 
 
-def _ctx(config, tmp_path, teacher=None, blocks=None):
+def _ctx(config, tmp_path, teacher=None, blocks=None, source=None):
     if blocks is None:
         blocks = torch.randint(0, 512, (16, 16), generator=torch.Generator().manual_seed(1))
     return StageContext(
@@ -124,6 +124,7 @@ def _ctx(config, tmp_path, teacher=None, blocks=None):
         train_blocks=lambda n: blocks,
         seq_len=blocks.shape[1],
         cache_key="k",
+        source=source,
     )
 
 

@@ -47,6 +47,14 @@ class StageContext:
         return self.load_teacher()
 
 
+def layerwise_field(description: str):
+    """A stage's `layerwise` setting (`StageKind.streams`): off, it is left out of the stage's key,
+    so keys made before it existed stay valid."""
+    from pydantic import Field
+
+    return Field(False, description=description, exclude_if=lambda on: not on)
+
+
 class StageKind(ABC):
     """One stage kind, registered by name in `compressor/stages/__init__.py`."""
 

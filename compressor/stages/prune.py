@@ -33,7 +33,7 @@ from ..memory import cut_copy, gradients, measuring, parameters
 from ..models import SHAPE_KEYS, count_params, decoder_layers, head_dim, keep_layers
 from ..progress import Bar, say
 from ..slicing import keep_heads, keep_hidden, keep_mlp_channels
-from .base import StageContext, StageKind
+from .base import StageContext, StageKind, layerwise_field
 
 TARGETS = ("layers", "heads", "mlp", "hidden")
 
@@ -71,11 +71,7 @@ class Config(BaseModel):
     gqa: Literal["groups", "within"] = "groups"
     multiple_of: int = Field(1, ge=1, description="round kept MLP and hidden widths to a multiple of this")
     calibration: Calibration = Calibration()
-    layerwise: bool = Field(
-        False,
-        description="read the input a decoder layer at a time, for its importance and its cut",
-        exclude_if=lambda on: not on,  # off, it is left out of the stage's key: keys made before it stay valid
-    )
+    layerwise: bool = layerwise_field("read the input a decoder layer at a time, for its importance and its cut")
 
     @model_validator(mode="after")
     def _streamable(self) -> "Config":

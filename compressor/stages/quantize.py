@@ -41,7 +41,7 @@ from ..gptq_model import DAMP, run_gptq
 from ..layerwise import Checkpoint, Streamed
 from ..memory import RUNTIME, for_gptq, measuring, module_at_work, parameters
 from ..quantized import Scheme, bnb_config, check_scheme, ggml_kinds, requantize, rtn_codes, torchao_config
-from .base import StageContext, StageKind
+from .base import StageContext, StageKind, layerwise_field
 
 BACKENDS = {"rtn": ("torchao",), "gptq": ("torchao",), "bnb": ("bitsandbytes",)}
 
@@ -54,11 +54,7 @@ class Config(Scheme, GgufChoice):
     damp: float = Field(DAMP, gt=0, lt=1, description="gptq: dampening, fraction of the mean Hessian diagonal")
     calibration: Calibration = Calibration(samples=64)
     importance: bool = Field(False, description="rtn on GGUF types: weigh errors by calibration activations")
-    layerwise: bool = Field(
-        False,
-        description="GGUF types: read the input a decoder layer at a time, write each as it is done",
-        exclude_if=lambda on: not on,  # off, it is left out of the stage's key: keys made before it stay valid
-    )
+    layerwise: bool = layerwise_field("GGUF types: read the input a decoder layer at a time, write each as it is done")
 
     @model_validator(mode="after")
     def _runs(self) -> "Config":
