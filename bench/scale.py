@@ -368,7 +368,6 @@ def targets(rows: list[dict]) -> dict:
 def measure_lines(m: dict | None) -> list[str]:
     if not m:
         return []
-    w, lw = m["whole"], m["layerwise"]
     return [
         "## Measuring a model a decoder layer at a time",
         "",
@@ -376,24 +375,37 @@ def measure_lines(m: dict | None) -> list[str]:
         f"{m['samples']} blocks of {m['seq_len']} random tokens (batch {m['batch_size']}), each way in a fresh "
         "process: peak resident memory (loading included) against `compressor.memory.measuring`.",
         "",
-        "| path | peak MiB | estimate MiB | estimate / peak | seconds | perplexity |",
-        "|---|---|---|---|---|---|",
-        *[
-            f"| {name} | {r['peak_mb']:,.0f} | {r['estimate_mb']:,.0f} | {r['estimate_mb'] / r['peak_mb']:.2f} | "
-            f"{r['seconds']:,.0f} | {r['heldout_ppl']:.6g} |"
-            for name, r in (("whole", w), ("layer by layer", lw))
-        ],
-        "",
-        f"- The same perplexity both ways: {'yes, to the last bit' if m['same_ppl'] else 'NO'}; layer by layer "
-        f"holds {w['peak_mb'] / lw['peak_mb']:.1f}x less and takes {lw['seconds'] / w['seconds']:.2f}x the time.",
+        *each_way_lines(m, "perplexity", lambda r: f"{r['heldout_ppl']:.6g}"),
+        f"- The same perplexity both ways: {'yes, to the last bit' if m['same_ppl'] else 'NO'}; {_ratios(m)}",
         "",
     ]
+
+
+def each_way_lines(m: dict, column: str | None = None, value=None) -> list[str]:
+    """The table of a part run whole and a layer at a time (`each_way`), with one more `column`."""
+    more = (f" {column} |", "---|") if column else ("", "")
+    return [
+        f"| path | peak MiB | estimate MiB | estimate / peak | seconds |{more[0]}",
+        f"|---|---|---|---|---|{more[1]}",
+        *[
+            f"| {name} | {r['peak_mb']:,.0f} | {r['estimate_mb']:,.0f} | {r['estimate_mb'] / r['peak_mb']:.2f} | "
+            f"{r['seconds']:,.0f} |" + (f" {value(r)} |" if column else "")
+            for name, r in (("whole", m["whole"]), ("layer by layer", m["layerwise"]))
+        ],
+        "",
+    ]
+
+
+def _ratios(m: dict) -> str:
+    w, lw = m["whole"], m["layerwise"]
+    less, time = w["peak_mb"] / lw["peak_mb"], lw["seconds"] / w["seconds"]
+    return f"layer by layer holds {less:.1f}x less and takes {time:.2f}x the time."
 
 
 def prune_lines(m: dict | None) -> list[str]:
     if not m:
         return []
-    w, lw = m["whole"], m["layerwise"]
+    w = m["whole"]
     return [
         "## Pruning a model a decoder layer at a time",
         "",
@@ -402,16 +414,8 @@ def prune_lines(m: dict | None) -> list[str]:
         "tokens, each way in a fresh process (loading and writing included); estimate: the stage's own "
         f"(`Prune.memory`). {w['params_after'] / 1e9:.2f}B parameters stay.",
         "",
-        "| path | peak MiB | estimate MiB | estimate / peak | seconds |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {name} | {r['peak_mb']:,.0f} | {r['estimate_mb']:,.0f} | {r['estimate_mb'] / r['peak_mb']:.2f} | "
-            f"{r['seconds']:,.0f} |"
-            for name, r in (("whole", w), ("layer by layer", lw))
-        ],
-        "",
-        f"- The same weights both ways: {'yes, every tensor bit for bit' if m['same_weights'] else 'NO'}; layer by "
-        f"layer holds {w['peak_mb'] / lw['peak_mb']:.1f}x less and takes {lw['seconds'] / w['seconds']:.2f}x the time.",
+        *each_way_lines(m),
+        f"- The same weights both ways: {'yes, every tensor bit for bit' if m['same_weights'] else 'NO'}; {_ratios(m)}",
         "",
     ]
 

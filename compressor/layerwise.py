@@ -199,11 +199,11 @@ class Streamed(Reader):
         total = sum((self.out / f).stat().st_size for f in set(self.written.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.written.items()))}
         (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        if config is not None:
-            config.save_pretrained(self.out)
-        for name in ("generation_config.json",) if config is not None else ("config.json", "generation_config.json"):
+        for name in ("config.json", "generation_config.json"):
             if (self.source.folder / name).exists():
                 shutil.copy2(self.source.folder / name, self.out / name)
+        if config is not None:
+            config.save_pretrained(self.out)
 
     def codes(self) -> dict:
         """Every integer written, read back: module name -> (int8 codes, scales) or ggml.Blocks."""
