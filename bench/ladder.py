@@ -3,7 +3,7 @@ token ids in one run.
 
     python bench/ladder.py [--model smollm2-135m-instruct|gemma3-270m] [--rungs Q4_K_M,IQ4_XS,...]
                            [--ours gptq:Q4_K_M,qat:Q4_K_M,rtn:Q8_0,...] [--qat-steps 32]
-                           [--windows 8] [--rounds 3]
+                           [--windows 8] [--rounds 3] [--report ladder_qat]
 
 Rows:
 - `llamacpp`: each rung (llama.cpp's named mix) made by `llama-quantize` with an importance matrix
@@ -93,11 +93,13 @@ def main() -> None:
     p.add_argument("--qat-steps", type=int, default=32, help="training steps of each qat row (batch 4 x 512)")
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--report", default=None, help="report name under reports/ (default: ladder, ladder_gemma3)")
     args = p.parse_args()
     rungs = args.rungs.split(",")
     every = [(m, r) for m in ("gptq", "rtn") for r in rungs]
     pairs = [o.split(":") for o in args.ours.split(",")] if args.ours else every
     what, report = MODELS[args.model]
+    report = args.report or report
     prepare(THREADS)
     import torch
 
