@@ -233,9 +233,13 @@ class Batches:
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
-    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+    def indices(self, step: int) -> torch.Tensor:
+        """The rows batch `step` holds."""
         start = step * self.batch_size
-        idx = torch.stack([self._perm(i // self.n)[i % self.n] for i in range(start, start + self.batch_size)])
+        return torch.stack([self._perm(i // self.n)[i % self.n] for i in range(start, start + self.batch_size)])
+
+    def __call__(self, step: int) -> dict[str, torch.Tensor]:
+        idx = self.indices(step)
         return {name: rows[idx] for name, rows in self.rows.items()}
 
 

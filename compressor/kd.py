@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,6 +28,7 @@ from .losses import LossConfig, Workspace, hidden_loss, kd_loss, shift_labels
 from .models import count_params
 from .seeds import epoch_seed
 from .sharding import sharded
+from .teacher_cache import KEYS, TeacherCache, capture, folder
 from .train import Batch, LossFn, TrainConfig, train
 
 
@@ -62,6 +63,9 @@ class Knobs(TrainConfig):
     sequences: Sequences | None = Field(None, description="train on teacher generations instead of the text")
     on_policy: OnPolicy | None = None
     seq_len: int | None = Field(None, ge=8, description="training sequence length (default: data.seq_len)")
+    teacher_cache: TeacherCache | None = Field(
+        None, description="train from the teacher's top-k log-probabilities, captured once into the shared cache"
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> "Knobs":
@@ -69,7 +73,23 @@ class Knobs(TrainConfig):
             raise ValueError("on_policy.prompt_tokens must be shorter than seq_len")
         if self.loss.alpha == 0 and (self.on_policy is not None and self.on_policy.fraction > 0):
             raise ValueError("on_policy needs a divergence term: alpha is 0 (plain CE)")
+        if self.teacher_cache is not None:
+            self._cacheable()
         return self
+
+    def _cacheable(self) -> None:
+        """What a cache of the teacher's top-k log-probabilities on fixed rows cannot serve."""
+        if self.loss.alpha == 0:
+            raise ValueError("teacher_cache: alpha is 0 (plain cross-entropy): there are no teacher logits to cache")
+        if self.loss.divergence != "forward_kl":
+            raise ValueError(
+                f"teacher_cache: trains on forward_kl only (its exact top-k form), not {self.loss.divergence}"
+            )
+        if self.loss.top_k is not None:
+            raise ValueError("teacher_cache: its k is the top-k; leave loss.top_k out")
+        for name, why in (("hidden", "the teacher's hidden states"), ("on_policy", "the teacher scoring new samples")):
+            if getattr(self, name) is not None:
+                raise ValueError(f"teacher_cache: {name} needs {why} at every step; leave one of them out")
 
 
 def ce_only(cfg: Knobs) -> Knobs:
@@ -129,8 +149,10 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
             ids, labels, loss_cfg = sampled["input_ids"], sampled["labels"], student_loss
             logs["on_policy"] = 1.0
         s_out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
-        t_out = None
-        if teacher is not None and (loss_cfg.alpha > 0 or cfg.hidden is not None):
+        t_out, cached = None, None
+        if KEYS[0] in batch:  # the teacher's top-k from the cache: no teacher forward
+            cached = tuple(batch[k] for k in KEYS)
+        elif teacher is not None and (loss_cfg.alpha > 0 or cfg.hidden is not None):
             with torch.no_grad():
                 t_out = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1)
         t_final = t_out.hidden_states[-1].to(s_out.hidden_states[-1].device) if t_out is not None else None
@@ -142,6 +164,7 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
             labels,
             loss_cfg,
             workspace,
+            cached,
         )
         if cfg.hidden is not None:
             mask = labels != -100
@@ -171,13 +194,16 @@ def distill_train(
             ctx.info["teacher_sequences"] = len(rows["input_ids"])
         else:
             rows = blocks
+    batches = Batches(rows, cfg.batch_size, ctx.seed)
+    if cfg.teacher_cache is not None:
+        batches, teacher = from_cache(teacher, batches, cfg, ctx), None  # the teacher runs no more
     proj = projections(cfg, student, teacher, ctx.seed)
     frozen = teacher if isinstance(teacher, torch.nn.Module) else None  # a text-only teacher has no weights
     with sharded([student, frozen], ctx.device) as (student_replica, teacher_replica):
         summary = train(
             student_replica,
             kd_step(teacher_replica if frozen is not None else teacher, cfg, ctx.seed, proj),
-            Batches(rows, cfg.batch_size, ctx.seed),
+            batches,
             cfg,
             device=ctx.device,
             seed=ctx.seed,
@@ -188,6 +214,33 @@ def distill_train(
     if launch.rank() > 0:
         raise launch.Trained
     return summary
+
+
+def from_cache(teacher: torch.nn.Module, batches: Batches, cfg: Knobs, ctx) -> Callable[[int], dict]:
+    """`batches` with the teacher's top-k log-probabilities of their rows beside them, from the
+    shared cache (the rows the training visits captured first where they are not there yet);
+    ctx.info["teacher_cache"] says what it held, made and saved."""
+    micro_batches = cfg.steps * cfg.grad_accum
+    visited = sorted({r for step in range(micro_batches) for r in batches.indices(step).tolist()})
+    ids, T = batches.rows["input_ids"], cfg.loss.temperature
+    path = folder(ctx.cache, ctx.cache_key, ids, cfg.teacher_cache.k, T)
+    with torch.no_grad():
+        found = capture(teacher, ids, visited, cfg.teacher_cache, T, path)
+    ctx.info["teacher_cache"] = {
+        "k": cfg.teacher_cache.k,
+        "bytes_per_token": found["bytes_per_token"],
+        "rows": len(visited),
+        "captured_rows": found["captured_rows"],
+        "capture_seconds": found["capture_seconds"],
+        "teacher_forwards_saved": micro_batches,  # each of batch_size rows
+        "folder": path.name,
+    }
+
+    def batch(step: int) -> dict:
+        at = torch.tensor([found["row"][r] for r in batches.indices(step).tolist()])
+        return batches(step) | {key: found[key][at] for key in KEYS}
+
+    return batch
 
 
 # --- which teacher a recovery distills from ------------------------------------------------------
@@ -202,6 +255,15 @@ class Recovery(Knobs):
     def teacher_shape(self, before: dict, teacher: dict | None) -> dict | None:
         """The shape of the model this stage distills from (None: no teacher is loaded)."""
         return {"original": teacher, "input": before, "none": None}[self.teacher]
+
+    @model_validator(mode="after")
+    def _cached_original(self) -> "Recovery":
+        if self.teacher_cache is not None and self.teacher != "original":
+            raise ValueError(
+                f"teacher_cache: holds the original teacher's logits, shared by every stage; teacher: {self.teacher} "
+                "has none to share (use teacher: original, or leave teacher_cache out)"
+            )
+        return self
 
     def logits_field(self) -> str | None:
         """The setting that needs the teacher's logits (a text-only teacher has none)."""

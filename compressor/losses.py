@@ -201,13 +201,55 @@ def _logit_grad(
     return loss, grad
 
 
+def _bucketed_grad(
+    z: torch.Tensor, cached: tuple[torch.Tensor, ...], labels: torch.Tensor, cfg: LossConfig, ws: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_logit_grad` from a teacher-logit cache (compressor.teacher_cache): the forward KL between
+    the teacher's and the student's distributions over k + 1 buckets, the teacher's top-k tokens
+    and the rest as one, with `cached` = (ids [N, k], log-probs [N, k], tail log-mass [N]) at T,
+    renormalised over the buckets. Its gradient is alpha T (q_T - p~): p~ is the teacher's
+    probability on its top-k, and off them the tail's mass spread as the student spreads its own
+    (p_tail q_j / q_tail), computed as an exp of log-probs so no ratio of small numbers is formed."""
+    alpha, T = cfg.alpha, cfg.temperature
+    ids, stored, stored_tail = cached
+    buckets = torch.cat([stored.float(), stored_tail.float()[:, None]], 1).log_softmax(-1)
+    t_logp, t_tail = buckets[:, :-1], buckets[:, -1]
+    y = labels.unsqueeze(-1)
+    grad = ws.take("q", z.shape, z.device)
+    shared = T == 1  # one softmax serves both terms
+    logq = torch.log_softmax(z, -1, out=grad) if alpha < 1 and not shared else None  # before z is divided
+    logq_T = torch.log_softmax(z.div_(T) if T != 1 else z, -1, out=ws.take("q_T", z.shape, z.device))
+    rest = ws.take("p", z.shape, z.device)
+    rest.copy_(logq_T).scatter_(-1, ids, float("-inf"))
+    s_tail = rest.logsumexp(-1)
+    p, p_tail = t_logp.exp(), t_tail.exp()
+    kl = _dot(p, t_logp - logq_T.gather(-1, ids)) + torch.where(p_tail > 0, p_tail * (t_tail - s_tail), 0.0)
+    loss = alpha * T * T * kl.sum()
+    if alpha < 1:
+        loss = loss - (1 - alpha) * (logq_T if shared else logq).gather(-1, y).sum()
+    if shared:  # (1 - alpha) q + alpha q
+        torch.exp(logq_T, out=grad)
+    else:
+        if alpha < 1:
+            grad.exp_().mul_(1 - alpha)
+        else:
+            grad.zero_()
+        grad.add_(logq_T.exp_(), alpha=alpha * T)
+    if alpha < 1:  # cross-entropy: (1 - alpha)(q - onehot)
+        grad.scatter_add_(-1, y, grad.new_full(y.shape, -(1 - alpha)))
+    shift = torch.where(p_tail > 0, t_tail - s_tail, float("-inf"))  # log(p_tail / q_tail); no tail: none
+    grad.sub_(rest.add_(shift[:, None]).exp_(), alpha=alpha * T)
+    grad.scatter_add_(-1, ids, p.mul_(-alpha * T))
+    return loss, grad
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Projects, compares and differentiates one chunk of tokens at a time, in forward: what
     backward needs is then only d/d(hidden) [N, H] and d/d(head) [V, H], never the logits, and
     no chunk is computed twice (a checkpointed chunk redoes both heads and the loss)."""
 
     @staticmethod
-    def forward(ctx, s_flat, weight, bias, t_flat, t_head, labels, cfg, ws):
+    def forward(ctx, s_flat, weight, bias, t_flat, t_head, labels, cfg, ws, cached):
         total = torch.zeros((), dtype=torch.float32, device=s_flat.device)
         g_h = torch.empty_like(s_flat)
         g_w = torch.zeros_like(weight, dtype=torch.float32)
@@ -217,10 +259,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             part = slice(start, start + cfg.chunk_tokens)
             h = s_flat[part]
             z = head_logits(h, weight, bias, ws.take("z", (h.shape[0], weight.shape[0]), h.device))
-            teacher = None
-            if t_flat is not None:
-                teacher = lambda out, rows=t_flat[part]: head_logits(rows, t_head.weight, t_bias, out)  # noqa: E731
-            loss, g = _logit_grad(z, teacher, labels[part], cfg, ws)
+            if cached is not None:
+                loss, g = _bucketed_grad(z, [c[part] for c in cached], labels[part], cfg, ws)
+            else:
+                teacher = None
+                if t_flat is not None:
+                    teacher = lambda out, rows=t_flat[part]: head_logits(rows, t_head.weight, t_bias, out)  # noqa: E731
+                loss, g = _logit_grad(z, teacher, labels[part], cfg, ws)
             total += loss
             g_h[part] = (g.to(weight.dtype) @ weight).to(g_h.dtype)
             g_w.addmm_(g.T, h.to(torch.float32))
@@ -236,7 +281,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         scale = grad_out.to(torch.float32)
         g_w = (g_w * scale).to(ctx.head_dtype)
         g_b = (g_b * scale).to(ctx.head_dtype) if g_b is not None else None
-        return g_h * scale.to(g_h.dtype), g_w, g_b, None, None, None, None, None
+        return g_h * scale.to(g_h.dtype), g_w, g_b, None, None, None, None, None, None
 
 
 def kd_loss(
@@ -247,20 +292,26 @@ def kd_loss(
     labels: torch.Tensor,
     cfg: LossConfig,
     workspace: Workspace | None = None,
+    cached: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Mean loss over valid tokens from final hidden states [B, L, H], chunk by chunk (teacher
-    states may be None when alpha = 0: plain cross-entropy). A training loop passes one
-    `workspace` to every step so that the chunks' buffers are allocated once."""
+    states may be None when alpha = 0: plain cross-entropy, or with `cached`: the teacher's top-k
+    ids and log-probs [B, L, k] and tail log-mass [B, L] from compressor.teacher_cache, forward KL
+    only). A training loop passes one `workspace` to every step so that the chunks' buffers are
+    allocated once."""
     y = labels.flatten()
     keep = y != -100
     s_flat, y = s_hidden.flatten(0, 1)[keep], y[keep]
-    t_flat = t_hidden.flatten(0, 1)[keep] if cfg.alpha > 0 else None
+    t_flat = t_hidden.flatten(0, 1)[keep] if cfg.alpha > 0 and cached is None else None
+    if cached is not None:
+        cached = [c.flatten(0, 1)[keep].to(s_flat.device) for c in cached]
+        cached[0] = cached[0].long()
     n = y.numel()
     if n == 0:
         return s_hidden.sum() * 0.0
     ws = workspace if workspace is not None else Workspace()
     # Function.forward runs without autograd: the teacher's head needs no no_grad of its own
-    return _ChunkedHeadLoss.apply(s_flat, s_head.weight, s_head.bias, t_flat, t_head, y, cfg, ws) / n
+    return _ChunkedHeadLoss.apply(s_flat, s_head.weight, s_head.bias, t_flat, t_head, y, cfg, ws, cached) / n
 
 
 def hidden_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str) -> torch.Tensor:

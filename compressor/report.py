@@ -137,6 +137,16 @@ def stage_notes(stages: list[dict]) -> list[str]:
                 f"- **{label(s)}** ({s['kind']}): {info['steps']} steps, final loss {_fmt(info['final_loss'])}, "
                 f"{_fmt(info.get('train_seconds'))} s of training."
             )
+        if "teacher_cache" in info:
+            c = info["teacher_cache"]
+            made = (
+                f"captured {c['captured_rows']} in {c['capture_seconds']:.0f} s" if c["captured_rows"] else "all read"
+            )
+            notes.append(
+                f"- **{label(s)}**: trained from the teacher-logit cache (top-{c['k']}, "
+                f"{c['bytes_per_token']:.0f} bytes per token): {c['rows']} rows, {made}; "
+                f"{c['teacher_forwards_saved']} teacher forwards saved."
+            )
     return notes
 
 

@@ -189,6 +189,8 @@ class Distill(StageKind):
         return for_training(cfg, after, teacher, run)
 
     def white_box_fields(self, cfg: Config) -> str | None:
+        if cfg.teacher_cache is not None:
+            return "teacher_cache"
         if cfg.sequences is None and cfg.cot is None:
             return "sequences"
         if cfg.sequences is not None and cfg.sequences.method == "beam":

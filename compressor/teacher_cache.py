@@ -1,0 +1,136 @@
+"""The teacher's logits, paid for once: its top-k log-probabilities and the log of the mass left
+outside them (the tail), captured per token of the training rows into the shared cache and
+reused by every stage and ordering that distills from the same teacher on the same rows.
+
+A KD step's teacher forward is half a CE step on SmolLM2 (reports/smollm2_lab.md); from the
+cache a step runs none. The loss on the cache (`losses.kd_loss(..., cached=)`) is the exact
+forward KL between the teacher's and the student's distributions over k + 1 buckets: the
+teacher's top-k tokens, one by one, and everything else as one bucket. The stored fp16
+log-probabilities and fp32 tail are renormalised over those buckets first, so the loss is exact
+for what is stored.
+
+A folder is named by content: the teacher and data identity (`ctx.cache_key`), a hash of all the
+training rows' token ids, k and the temperature; a different teacher or text never reads
+another's. In it, only the rows a training visits are captured (a few steps over a large text
+visit a sliver of it), in parts of `PART` rows, each written to a temporary file renamed into
+place; a later stage that visits other rows captures only those. A capture killed mid-way
+resumes with the parts it wrote, and the rest falls into the same parts as an unkilled run's
+(the missing rows, sorted, `PART` at a time), so the cache is the same bytes. Token ids are
+stored as uint16 where the vocabulary fits (k x 4 + 4 bytes per token), else int32 (k x 6 + 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .losses import Workspace, head_logits
+from .storage import digest
+
+PART = 16  # rows per file: what a killed capture loses at most
+KEYS = ("topk_ids", "topk_logp", "tail_logp")  # the batch fields a cached KD step reads
+
+
+class TeacherCache(BaseModel):
+    """`teacher_cache: {k: 64}`: train from the teacher's top-k log-probabilities captured once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(64, ge=1, le=1024, description="teacher tokens kept per position; the rest is one bucket")
+    batch_size: int = Field(4, ge=1, description="rows per teacher forward while capturing")
+
+
+def folder(cache: Path, cache_key: str, ids: torch.Tensor, k: int, temperature: float) -> Path:
+    """Where captures of (teacher and data, these token ids, k, temperature) live."""
+    rows = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return cache / "teacher-logits" / digest([cache_key, rows, list(ids.shape), k, temperature])
+
+
+def capture(
+    teacher: torch.nn.Module, ids: torch.Tensor, rows: list[int], cfg: TeacherCache, temperature: float, path: Path
+) -> dict:
+    """The teacher's top-k log-probabilities at `temperature` and the tail's log-mass at every
+    position of the rows `rows` of `ids` [N, L], read from `path` or computed into it; returns
+    {"row": {row: index}, "topk_ids", "topk_logp", "tail_logp" (stacked in that index),
+    "captured_rows", "capture_seconds", "bytes_per_token"}."""
+    from .progress import Bar
+
+    head = teacher.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    wide, k = vocab > 1 << 16, min(cfg.k, vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    held = _held(path)
+    missing = sorted(set(rows) - held.keys())
+    start, ws = time.time(), Workspace()
+    if missing:
+        with Bar("teacher logits (cache)", len(missing), unit="row") as bar:
+            for p in range(0, len(missing), PART):
+                part = missing[p : p + PART]
+                batch = ids[part]
+                out = [_topk(teacher, head, b, k, temperature, ws) for b in batch.split(cfg.batch_size)]
+                tensors = {key: torch.cat([o[i] for o in out]) for i, key in enumerate(KEYS)}
+                tensors["topk_ids"] = tensors["topk_ids"].to(torch.int32 if wide else torch.uint16)
+                tensors["row"] = torch.tensor(part)
+                name = path / f"{digest(part)}.safetensors"
+                tmp = name.with_suffix(f".{os.getpid()}.tmp")  # a launch's processes capture side by side
+                save_file(tensors, tmp)
+                tmp.replace(name)
+                held.update({r: name for r in part})
+                bar.update(len(part))
+    wanted = sorted(set(rows))
+    found: dict[str, list] = {key: [] for key in KEYS}
+    for file in dict.fromkeys(held[r] for r in wanted):
+        part = load_file(file)
+        keep = [i for i, r in enumerate(part["row"].tolist()) if r in set(wanted)]
+        for key in KEYS:
+            found[key].append(part[key][keep])
+        found.setdefault("rows", []).extend(part["row"][keep].tolist())
+    stacked = {key: torch.cat(found[key]) for key in KEYS}
+    stored = sum(t.numel() * t.element_size() for t in stacked.values())
+    return {
+        "row": {r: i for i, r in enumerate(found["rows"])},
+        **stacked,
+        "captured_rows": len(missing),
+        "capture_seconds": time.time() - start if missing else 0.0,
+        "bytes_per_token": stored / (len(wanted) * ids.shape[1]),
+    }
+
+
+def _held(path: Path) -> dict[int, Path]:
+    """{row: its file} of the parts already in `path`."""
+    held = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            held.update({r: file for r in f.get_tensor("row").tolist()})
+    return held
+
+
+@torch.no_grad()
+def _topk(teacher, head, ids: torch.Tensor, k: int, temperature: float, ws: Workspace, chunk: int = 1024):
+    """(top-k ids, their log-probs in fp16, the tail's log-mass) of a batch [B, L], a chunk of
+    tokens at a time through the head (a 262k vocabulary's logits are the memory)."""
+    h = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    flat = h.flatten(0, 1)
+    top, logp, tail = [], [], []
+    for part in flat.split(chunk):
+        size = (len(part), head.weight.shape[0])
+        z = head_logits(part, head.weight, getattr(head, "bias", None), ws.take("z", size, part.device))
+        z = torch.log_softmax(z.div_(temperature), -1, out=ws.take("logp", size, part.device))
+        values, idx = z.topk(k, dim=-1)
+        rest = z.scatter_(-1, idx, float("-inf")).logsumexp(-1)  # z is spent
+        top.append(idx.cpu())
+        logp.append(values.to(torch.float16).cpu())
+        tail.append(rest.cpu())
+    shape = ids.shape
+    return (
+        torch.cat(top).reshape(*shape, k),
+        torch.cat(logp).reshape(*shape, k),
+        torch.cat(tail).reshape(shape),
+    )
