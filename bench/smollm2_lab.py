@@ -21,6 +21,11 @@ gpt2-medium 24.87, distilgpt2 46.13 before and 36.41 after KD.
 Writes reports/smollm2_lab.json ({teacher_ppl, student_init_ppl, ce_ppl, kd_ppl, steps, tokens,
 seconds, ...}) and reports/smollm2_lab.md.
 
+A third student trains by the same KD from the teacher-logit cache (`teacher_cache: {k:
+--cache-k}`): the teacher's top-k log-probabilities of every row the training visits, captured
+once, then no teacher forward in any step; its perplexity against the live KD student's, the
+cache's bytes per token and capture seconds are reported.
+
 The KD/CE step ratio is measured twice: over the two trainings (each stage's own clock), and side
 by side after them, `--timing-rounds` rounds of one CE step, one KD step and the teacher's forward
 alone on the same batch, interleaved. The teacher's forward (its blocks, then its head on every
@@ -44,23 +49,32 @@ TRAIN_TEXTS = {  # name -> (file under ../shared/data, what the report calls it,
 }
 
 
-def step_timing(teacher, student, batch, loss: dict, lr: float, rounds: int) -> dict:
-    """Seconds of a CE optimiser step, a KD step (teacher forward included) and the teacher's
-    forward alone, interleaved on one batch; the student is a copy, its updates thrown away."""
+def step_timing(teacher, student, batch, loss: dict, lr: float, rounds: int, cache_k: int, tmp: Path) -> dict:
+    """Seconds of a CE optimiser step, a KD step (teacher forward included), a KD step from the
+    teacher-logit cache and the teacher's forward alone, interleaved on one batch; the student is
+    a copy, its updates thrown away."""
     import torch
 
     from compressor.kd import Knobs, ce_only, kd_step
     from compressor.losses import Workspace, head_logits
+    from compressor.teacher_cache import TeacherCache, capture
 
     student = copy.deepcopy(student).float().train().requires_grad_(True)
     knobs = Knobs(loss=loss, lr=lr)
-    steps = {"ce": kd_step(None, ce_only(knobs), 0, None), "kd": kd_step(teacher, knobs, 0, None)}
+    rows = list(range(len(batch)))
+    captured, _ = capture(teacher, batch, rows, TeacherCache(k=cache_k), loss["temperature"], tmp)
+    cached = {"input_ids": batch, **captured.take(rows)}
+    steps = {
+        "ce": kd_step(None, ce_only(knobs), 0, None),
+        "kd": kd_step(teacher, knobs, 0, None),
+        "kd_cache": kd_step(None, knobs, 0, None),
+    }
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95))
     head, ws = teacher.get_output_embeddings(), Workspace()
     chunk = knobs.loss.chunk_tokens
 
     def optimiser_step(kind: str) -> None:
-        loss_value, _ = steps[kind](student, {"input_ids": batch}, 0)
+        loss_value, _ = steps[kind](student, cached if kind == "kd_cache" else {"input_ids": batch}, 0)
         loss_value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -73,7 +87,7 @@ def step_timing(teacher, student, batch, loss: dict, lr: float, rounds: int) -> 
                 out = ws.take("t", (rows.shape[0], head.weight.shape[0]), h.device)
                 head_logits(rows, head.weight, getattr(head, "bias", None), out)
 
-    runs = {"ce": lambda: optimiser_step("ce"), "kd": lambda: optimiser_step("kd"), "teacher_forward": teacher_forward}
+    runs = {kind: lambda kind=kind: optimiser_step(kind) for kind in steps} | {"teacher_forward": teacher_forward}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():  # a warm-up round, not timed
         run()
@@ -92,6 +106,11 @@ def step_timing(teacher, student, batch, loss: dict, lr: float, rounds: int) -> 
             max(k / c for k, c in zip(seconds["kd"], seconds["ce"])),
         ],
         "floor": (med["ce"] + med["teacher_forward"]) / med["ce"],
+        "kd_cache_over_ce": med["kd_cache"] / med["ce"],
+        "kd_cache_over_ce_range": [
+            min(k / c for k, c in zip(seconds["kd_cache"], seconds["ce"])),
+            max(k / c for k, c in zip(seconds["kd_cache"], seconds["ce"])),
+        ],
     }
 
 
@@ -105,6 +124,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2.0e-4)
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term (the rest CE on labels)")
     p.add_argument("--timing-rounds", type=int, default=5, help="interleaved CE/KD/teacher rounds timed after")
+    p.add_argument("--cache-k", type=int, default=64, help="teacher tokens per position in the teacher-logit cache")
     args = p.parse_args()
     prepare()
     import torch
@@ -132,8 +152,9 @@ def main() -> None:
             {"name": "half", "prune": {"targets": {"layers": 0.5}, "calibration": {"samples": 32, "batch_size": 4}}},
             {"name": "ce", "recover": {"teacher": "none", **train}},
             {"name": "kd", "recover": {"teacher": "original", "loss": kd_loss, **train}},
+            {"name": "kd_cache", "recover": {"loss": kd_loss, "teacher_cache": {"k": args.cache_k}, **train}},
         ],
-        "orderings": {"ce": ["half", "ce"], "kd": ["half", "kd"]},
+        "orderings": {"ce": ["half", "ce"], "kd": ["half", "kd"], "kd_cache": ["half", "kd_cache"]},
         "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": args.blocks, "batch_size": 4}},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,9 +176,11 @@ def main() -> None:
             kd_loss,
             args.lr,
             args.timing_rounds,
+            args.cache_k,
+            Path(tmp) / "timing-cache",
         )
-    rows = {s["ordering"]: s for s in record["stages"] if s["name"] in ("ce", "kd")}
-    ce, kd = rows["ce"]["info"], rows["kd"]["info"]
+    rows = {s["ordering"]: s for s in record["stages"] if s["name"] in ("ce", "kd", "kd_cache")}
+    ce, kd, kd_cache = rows["ce"]["info"], rows["kd"]["info"], rows["kd_cache"]["info"]
     out = {
         "teacher_ppl": record["stages"][0]["metrics"]["heldout_ppl"],
         "student_init_ppl": half["metrics"]["heldout_ppl"],
@@ -171,7 +194,10 @@ def main() -> None:
         # a resumed run times the steps since its checkpoint only
         "ce_seconds_per_step": ce["train_seconds"] / (args.steps - ce.get("resumed_at", 0)),
         "kd_seconds_per_step": kd["train_seconds"] / (args.steps - kd.get("resumed_at", 0)),
-        "steps_timed": {"ce": args.steps - ce.get("resumed_at", 0), "kd": args.steps - kd.get("resumed_at", 0)},
+        "kd_cache_ppl": rows["kd_cache"]["metrics"]["heldout_ppl"],
+        "kd_cache_seconds_per_step": kd_cache["train_seconds"] / (args.steps - kd_cache.get("resumed_at", 0)),
+        "cache": kd_cache["teacher_cache"],
+        "steps_timed": {n: args.steps - rows[n]["info"].get("resumed_at", 0) for n in ("ce", "kd", "kd_cache")},
         "teacher_params": record["stages"][0]["metrics"]["params"],
         "student_params": rows["kd"]["metrics"]["params"],
         "heldout_tokens": rows["kd"]["metrics"]["heldout_tokens"],
@@ -180,9 +206,12 @@ def main() -> None:
         "step_timing": timing,
     }
     out["load_average"] = load_average()
-    out["seconds"] = round(args.steps * (out["ce_seconds_per_step"] + out["kd_seconds_per_step"]), 1)  # both trainings
+    per_step = out["ce_seconds_per_step"] + out["kd_seconds_per_step"] + out["kd_cache_seconds_per_step"]
+    out["seconds"] = round(args.steps * per_step, 1)  # the three trainings
     out["kd_vs_ce"] = out["kd_ppl"] / out["ce_ppl"] - 1
     out["kd_step_over_ce_step"] = out["kd_seconds_per_step"] / out["ce_seconds_per_step"]
+    out["kd_cache_step_over_ce_step"] = out["kd_cache_seconds_per_step"] / out["ce_seconds_per_step"]
+    out["kd_cache_vs_kd"] = out["kd_cache_ppl"] / out["kd_ppl"] - 1
     lines = [
         "# Distillation lab on SmolLM2-135M",
         "",
@@ -201,6 +230,13 @@ def main() -> None:
         f"| student, cross-entropy only | {out['ce_ppl']:.2f} |",
         f"| student, KD (forward KL, T = 1, weight {args.alpha:g}; CE on labels {1 - args.alpha:g}) | "
         f"{out['kd_ppl']:.2f} ({100 * out['kd_vs_ce']:+.1f}% vs CE) |",
+        f"| student, the same KD from the teacher-logit cache (top-{args.cache_k}) | {out['kd_cache_ppl']:.2f} "
+        f"({100 * out['kd_cache_vs_kd']:+.1f}% vs live KD) |",
+        "",
+        f"The cache: {out['cache']['bytes_per_token']:.0f} bytes per token, {out['cache']['rows']} rows captured in "
+        f"{out['cache']['capture_seconds']:.0f} s (the teacher's forwards of the whole training, once); its "
+        f"training steps ran no teacher forward: {out['kd_cache_seconds_per_step']:.1f} s per step "
+        f"({out['kd_cache_step_over_ce_step']:.2f}× the CE step).",
         "",
         f"KD step {out['kd_seconds_per_step']:.1f} s vs CE step {out['ce_seconds_per_step']:.1f} s "
         f"({out['kd_step_over_ce_step']:.2f}×, the teacher's forward included; timed over the last "
@@ -212,7 +248,10 @@ def main() -> None:
         f"KD step {statistics.median(timing['seconds']['kd']):.1f} s, the teacher's forward alone "
         f"{statistics.median(timing['seconds']['teacher_forward']):.1f} s: KD/CE {timing['kd_over_ce']:.2f}× "
         f"(rounds {timing['kd_over_ce_range'][0]:.2f}–{timing['kd_over_ce_range'][1]:.2f}×); the teacher's forward "
-        f"alone puts the floor at {timing['floor']:.2f}× (CE step + teacher forward, over CE step).",
+        f"alone puts the floor at {timing['floor']:.2f}× (CE step + teacher forward, over CE step). "
+        f"A KD step from the cache: {statistics.median(timing['seconds']['kd_cache']):.1f} s, "
+        f"{timing['kd_cache_over_ce']:.2f}× the CE step (rounds {timing['kd_cache_over_ce_range'][0]:.2f}–"
+        f"{timing['kd_cache_over_ce_range'][1]:.2f}×).",
     ]
     save(report, out, "\n".join(lines))
     print("\n".join(lines))

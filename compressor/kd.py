@@ -225,20 +225,17 @@ def from_cache(teacher: torch.nn.Module, batches: Batches, cfg: Knobs, ctx) -> C
     ids, T = batches.rows["input_ids"], cfg.loss.temperature
     path = folder(ctx.cache, ctx.cache_key, ids, cfg.teacher_cache.k, T)
     with torch.no_grad():
-        found = capture(teacher, ids, visited, cfg.teacher_cache, T, path)
+        captured, stats = capture(teacher, ids, visited, cfg.teacher_cache, T, path)
     ctx.info["teacher_cache"] = {
         "k": cfg.teacher_cache.k,
-        "bytes_per_token": found["bytes_per_token"],
+        **stats,
         "rows": len(visited),
-        "captured_rows": found["captured_rows"],
-        "capture_seconds": found["capture_seconds"],
         "teacher_forwards_saved": micro_batches,  # each of batch_size rows
         "folder": path.name,
     }
 
     def batch(step: int) -> dict:
-        at = torch.tensor([found["row"][r] for r in batches.indices(step).tolist()])
-        return batches(step) | {key: found[key][at] for key in KEYS}
+        return batches(step) | captured.take(batches.indices(step).tolist())
 
     return batch
 

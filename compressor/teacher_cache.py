@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .losses import Workspace, head_logits
 from .storage import digest
@@ -53,28 +53,44 @@ def folder(cache: Path, cache_key: str, ids: torch.Tensor, k: int, temperature: 
     return cache / "teacher-logits" / digest([cache_key, rows, list(ids.shape), k, temperature])
 
 
+class Captured:
+    """The captures of one folder, read a batch's rows at a time (a long training's rows need not
+    fit in memory: only the batch's are read, each from its part)."""
+
+    def __init__(self, where: dict[int, tuple[Path, int]], bytes_per_token: int):
+        self.where, self.bytes_per_token = where, bytes_per_token
+
+    def take(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """{"topk_ids", "topk_logp", "tail_logp"} of `rows`, stacked in their order."""
+        out: dict[str, list] = {key: [] for key in KEYS}
+        for r in rows:
+            file, i = self.where[r]
+            with safe_open(file, "pt") as f:
+                for key in KEYS:
+                    out[key].append(f.get_slice(key)[i : i + 1])
+        return {key: torch.cat(parts) for key, parts in out.items()}
+
+
 def capture(
     teacher: torch.nn.Module, ids: torch.Tensor, rows: list[int], cfg: TeacherCache, temperature: float, path: Path
-) -> dict:
+) -> tuple[Captured, dict]:
     """The teacher's top-k log-probabilities at `temperature` and the tail's log-mass at every
-    position of the rows `rows` of `ids` [N, L], read from `path` or computed into it; returns
-    {"row": {row: index}, "topk_ids", "topk_logp", "tail_logp" (stacked in that index),
-    "captured_rows", "capture_seconds", "bytes_per_token"}."""
+    position of the rows `rows` of `ids` [N, L]: those not in `path` yet are computed into it.
+    Returns what reads them, and {"captured_rows", "capture_seconds", "bytes_per_token"}."""
     from .progress import Bar
 
     head = teacher.get_output_embeddings()
     vocab = head.weight.shape[0]
     wide, k = vocab > 1 << 16, min(cfg.k, vocab)
     path.mkdir(parents=True, exist_ok=True)
-    held = _held(path)
-    missing = sorted(set(rows) - held.keys())
+    where = _held(path)
+    missing = sorted(set(rows) - where.keys())
     start, ws = time.time(), Workspace()
     if missing:
         with Bar("teacher logits (cache)", len(missing), unit="row") as bar:
             for p in range(0, len(missing), PART):
                 part = missing[p : p + PART]
-                batch = ids[part]
-                out = [_topk(teacher, head, b, k, temperature, ws) for b in batch.split(cfg.batch_size)]
+                out = [_topk(teacher, head, b, k, temperature, ws) for b in ids[part].split(cfg.batch_size)]
                 tensors = {key: torch.cat([o[i] for o in out]) for i, key in enumerate(KEYS)}
                 tensors["topk_ids"] = tensors["topk_ids"].to(torch.int32 if wide else torch.uint16)
                 tensors["row"] = torch.tensor(part)
@@ -82,34 +98,24 @@ def capture(
                 tmp = name.with_suffix(f".{os.getpid()}.tmp")  # a launch's processes capture side by side
                 save_file(tensors, tmp)
                 tmp.replace(name)
-                held.update({r: name for r in part})
+                where.update({r: (name, i) for i, r in enumerate(part)})
                 bar.update(len(part))
-    wanted = sorted(set(rows))
-    found: dict[str, list] = {key: [] for key in KEYS}
-    for file in dict.fromkeys(held[r] for r in wanted):
-        part = load_file(file)
-        keep = [i for i, r in enumerate(part["row"].tolist()) if r in set(wanted)]
-        for key in KEYS:
-            found[key].append(part[key][keep])
-        found.setdefault("rows", []).extend(part["row"][keep].tolist())
-    stacked = {key: torch.cat(found[key]) for key in KEYS}
-    stored = sum(t.numel() * t.element_size() for t in stacked.values())
-    return {
-        "row": {r: i for i, r in enumerate(found["rows"])},
-        **stacked,
+    per_token = k * (4 if wide else 2) + k * 2 + 4  # ids, fp16 log-probs, fp32 tail
+    stats = {
         "captured_rows": len(missing),
         "capture_seconds": time.time() - start if missing else 0.0,
-        "bytes_per_token": stored / (len(wanted) * ids.shape[1]),
+        "bytes_per_token": per_token,
     }
+    return Captured(where, per_token), stats
 
 
-def _held(path: Path) -> dict[int, Path]:
-    """{row: its file} of the parts already in `path`."""
-    held = {}
+def _held(path: Path) -> dict[int, tuple[Path, int]]:
+    """{row: (its file, its place there)} of the parts already in `path`."""
+    where = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            held.update({r: file for r in f.get_tensor("row").tolist()})
-    return held
+            where.update({r: (file, i) for i, r in enumerate(f.get_tensor("row").tolist())})
+    return where
 
 
 @torch.no_grad()

@@ -84,10 +84,19 @@ def test_a_capture_killed_mid_way_resumes_to_the_same_cache_and_its_name_is_its_
     ids = torch.randint(0, V, (60, 12), generator=torch.Generator().manual_seed(1))
     rows = list(range(0, 60, 3)) + [4, 5]  # 22 rows of 60: only what a training visits
     cfg = TeacherCache(k=8, batch_size=3)
-    whole = capture(teacher, ids, rows, cfg, 2.0, tmp_path / "whole")
-    assert whole["captured_rows"] == 22 and whole["topk_ids"].dtype == torch.uint16
-    assert whole["bytes_per_token"] == 8 * 2 + 8 * 2 + 4  # uint16 ids, fp16 log-probs, fp32 tail
-    assert sorted(whole["row"]) == sorted(rows)
+    whole, stats = capture(teacher, ids, rows, cfg, 2.0, tmp_path / "whole")
+    assert stats["captured_rows"] == 22 and stats["bytes_per_token"] == 8 * 2 + 8 * 2 + 4  # uint16, fp16, fp32
+    got = whole.take(rows)
+    assert got["topk_ids"].dtype == torch.uint16 and got["topk_logp"].shape == (22, 12, 8)
+    files = lambda name: {f.name: f.read_bytes() for f in (tmp_path / name).iterdir()}  # noqa: E731
+    assert sum(len(f) for f in files("whole").values()) < 1.1 * 22 * 12 * stats["bytes_per_token"]
+    # what it holds is the teacher's: its top-k log-probabilities at T and the tail's log-mass
+    with torch.no_grad():
+        want = (teacher(ids[rows]).logits / 2.0).log_softmax(-1)
+    top = want.topk(8, -1)
+    assert torch.equal(got["topk_ids"].long(), top.indices)
+    assert torch.allclose(got["topk_logp"].float(), top.values, atol=2e-3)
+    assert torch.allclose(got["tail_logp"], want.scatter(-1, top.indices, float("-inf")).logsumexp(-1), atol=1e-5)
 
     real, calls = teacher_cache.save_file, []
 
@@ -101,15 +110,13 @@ def test_a_capture_killed_mid_way_resumes_to_the_same_cache_and_its_name_is_its_
     with pytest.raises(KeyboardInterrupt):
         capture(teacher, ids, rows, cfg, 2.0, tmp_path / "resumed")
     monkeypatch.setattr(teacher_cache, "save_file", real)
-    resumed = capture(teacher, ids, rows, cfg, 2.0, tmp_path / "resumed")
-    assert resumed["captured_rows"] == 22 - PART  # the first part was kept
-    files = lambda name: {f.name: f.read_bytes() for f in (tmp_path / name).iterdir()}  # noqa: E731
+    _, stats = capture(teacher, ids, rows, cfg, 2.0, tmp_path / "resumed")
+    assert stats["captured_rows"] == 22 - PART  # the first part was kept
     assert files("resumed") == files("whole")  # the same parts, the same bytes
-    again = capture(teacher, ids, rows[:5] + [7], cfg, 2.0, tmp_path / "resumed")  # a later stage's rows
-    assert again["captured_rows"] == 1 and len(files("resumed")) == 3
-    for r in rows[:5]:
-        for key in teacher_cache.KEYS:
-            assert torch.equal(again[key][again["row"][r]], whole[key][whole["row"][r]]), key
+    again, stats = capture(teacher, ids, rows[:5] + [7], cfg, 2.0, tmp_path / "resumed")  # a later stage's rows
+    assert stats["captured_rows"] == 1 and len(files("resumed")) == 3
+    for key, value in again.take(rows[:5]).items():
+        assert torch.equal(value, whole.take(rows[:5])[key]), key
     # named by content: another teacher (or data), other rows, another k or temperature is another folder
     name = folder(tmp_path, "teacher-a:data", ids, 8, 2.0)
     assert name == folder(tmp_path, "teacher-a:data", ids.clone(), 8, 2.0)
