@@ -321,6 +321,10 @@ def plot(out: dict, path: Path) -> None:
     for r in list(out["llamacpp"].values()):
         ax.annotate(r["name"].replace("llama.cpp ", "").replace(" (imatrix)", ""), (r["bytes"] / 1e6, r["kl_to_float"]))
     ax.set_yscale("log")
+    ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+    lo, hi = ax.get_xlim()  # a single rung's files differ by bytes: show MB, not an offset
+    middle, half = (lo + hi) / 2, max(hi - lo, 0.04 * (lo + hi) / 2) / 2
+    ax.set_xlim(middle - half, middle + half)
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("mean KL to the float model (log)")
     ax.set_title(out["model"])
