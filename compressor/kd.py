@@ -63,8 +63,10 @@ class Knobs(TrainConfig):
     sequences: Sequences | None = Field(None, description="train on teacher generations instead of the text")
     on_policy: OnPolicy | None = None
     seq_len: int | None = Field(None, ge=8, description="training sequence length (default: data.seq_len)")
-    teacher_cache: TeacherCache | None = Field(
-        None, description="train from the teacher's top-k log-probabilities, captured once into the shared cache"
+    teacher_cache: TeacherCache | None = Field(  # off, it is left out of stage keys: keys made before stay valid
+        None,
+        description="train from the teacher's top-k log-probabilities, captured once into the shared cache",
+        exclude_if=lambda cache: cache is None,
     )
 
     @model_validator(mode="after")

@@ -178,3 +178,15 @@ def test_what_a_cache_cannot_serve_is_refused_in_one_line(stage, message, write_
     assert main(["validate", str(write_recipe(recipe(stage)))]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "teacher_cache" in err and "\n" not in err
+
+
+def test_a_stage_without_the_cache_keeps_the_key_it_had_before_the_field_existed(write_recipe):
+    from conftest import recipe
+
+    from compressor.recipe import load_recipe
+
+    plain, cached = (
+        load_recipe(write_recipe(recipe({"recover": {"steps": 2, **extra}}), f"{i}.yaml")).stages[0].params()
+        for i, extra in enumerate(({}, {"teacher_cache": {"k": 8}}))
+    )
+    assert "teacher_cache" not in plain["config"] and cached["config"]["teacher_cache"] == {"k": 8, "batch_size": 4}
