@@ -233,8 +233,9 @@ def main() -> None:
         f"| student, the same KD from the teacher-logit cache (top-{args.cache_k}) | {out['kd_cache_ppl']:.2f} "
         f"({100 * out['kd_cache_vs_kd']:+.1f}% vs live KD) |",
         "",
-        f"The cache: {out['cache']['bytes_per_token']:.0f} bytes per token, {out['cache']['rows']} rows captured in "
-        f"{out['cache']['capture_seconds']:.0f} s (the teacher's forwards of the whole training, once); its "
+        f"The cache: {out['cache']['bytes_per_token']:.0f} bytes per token; {out['cache']['captured_rows']} of the "
+        f"{out['cache']['rows']} rows the training visits captured in {out['cache']['capture_seconds']:.0f} s (the "
+        "teacher's forwards of the whole training, once; the rest were in the cache already); its "
         f"training steps ran no teacher forward: {out['kd_cache_seconds_per_step']:.1f} s per step "
         f"({out['kd_cache_step_over_ce_step']:.2f}× the CE step).",
         "",
