@@ -179,8 +179,8 @@ def main() -> None:
             print(json.dumps(score(kind.removeprefix("score-"), Path(folder), int(rest[0]))))
         elif kind.startswith("prune-"):
             print(json.dumps(prune(kind.removeprefix("prune-"), Path(folder), int(rest[0]))))
-        else:
-            print(json.dumps(quantize(kind, Path(folder), int(rest[0]))))
+        elif kind.startswith("gptq-"):
+            print(json.dumps(quantize(kind.removeprefix("gptq-"), Path(folder), int(rest[0]))))
         return
 
     command = shlex.join(["python", "bench/scale.py", *sys.argv[1:]])
@@ -219,33 +219,21 @@ def gptq_rows(names: list[str], samples: int) -> list[dict]:
         shape = {**COMMON, **MODELS[name]}
         row = {"name": name, "params": parameters(shape), "layers": shape["num_hidden_layers"]}
         row["hidden"] = shape["hidden_size"]
-        with tempfile.TemporaryDirectory() as tmp:
-            source = Path(tmp) / "source"
-            print(f"{name}: building {row['params'] / 1e9:.2f}B parameters", flush=True)
-            in_child("build", str(source), json.dumps(shape))
-            for path in ("whole", "layerwise"):
-                print(f"{name}: GPTQ INT4, {path}", flush=True)
-                got, peak = in_child(path, str(source), str(samples))
-                estimate = gptq(shape, samples, BATCH, SEQ, layerwise=path == "layerwise")
-                row[path] = {
-                    "peak_mb": peak / 2**20,
-                    "seconds": got["seconds"],
-                    "estimate_mb": sum(estimate.values()) / 2**20,
-                }
-                print(name, path, json.dumps(row[path]), flush=True)
+        estimate = lambda path, shape=shape: gptq(shape, samples, BATCH, SEQ, layerwise=path == "layerwise")  # noqa: E731
+        each_way("gptq", samples, estimate, row, model=name)
         rows.append(row)
     return rows
 
 
-def each_way(part: str, samples: int, estimate, out: dict, after=None) -> None:
-    """The 1.5b built in a temporary folder, then this file's `--child {part}-{path}` run on it
+def each_way(part: str, samples: int, estimate, out: dict, after=None, model: str = "1.5b") -> None:
+    """`model` built in a temporary folder, then this file's `--child {part}-{path}` run on it
     loaded whole and a layer at a time, each in a fresh process: its answer, peak resident memory
     and `estimate(path)` (parts in bytes) go to out[path]; `after(source)` runs while the files are
     there."""
-    shape = {**COMMON, **MODELS["1.5b"]}
+    shape = {**COMMON, **MODELS[model]}
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "source"
-        print(f"{part}: building the 1.5b", flush=True)
+        print(f"{part}: building the {model}", flush=True)
         in_child("build", str(source), json.dumps(shape))
         for path in ("whole", "layerwise"):
             print(f"{part}: {path}", flush=True)
