@@ -23,12 +23,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import launch
+from .crosstok import Crossing, CrossTokenizer, cross_tokenizer_loss, crossing, fraction
 from .data import Batches, Sequences, continue_prompts, teacher_sequences
 from .losses import LossConfig, Workspace, hidden_loss, kd_loss, shift_labels
 from .models import count_params
 from .seeds import epoch_seed
 from .sharding import sharded
-from .teacher_cache import KEYS, TeacherCache, capture, folder
+from .teacher_cache import KEYS, TeacherCache, capture, folder, teacher_states, topk_at
 from .train import Batch, LossFn, TrainConfig, train
 
 
@@ -68,6 +69,11 @@ class Knobs(TrainConfig):
         description="train from the teacher's top-k log-probabilities, captured once into the shared cache",
         exclude_if=lambda cache: cache is None,
     )
+    cross_tokenizer: CrossTokenizer | None = Field(
+        None,
+        description="the teacher keeps its own tokenizer: logits matched at aligned positions (crosstok)",
+        exclude_if=lambda cross: cross is None,
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> "Knobs":
@@ -77,7 +83,34 @@ class Knobs(TrainConfig):
             raise ValueError("on_policy needs a divergence term: alpha is 0 (plain CE)")
         if self.teacher_cache is not None:
             self._cacheable()
+        if self.cross_tokenizer is not None:
+            self._crossable()
         return self
+
+    def same_tokens_field(self) -> str | None:
+        """The first setting that reads the teacher in the data's own tokens (None: the
+        cross-tokenizer losses read it across, or nothing reads it)."""
+        if self.cross_tokenizer is not None:
+            return None
+        if self.loss.alpha > 0:
+            return "loss"
+        return next((n for n in ("hidden", "on_policy", "sequences") if getattr(self, n) is not None), None)
+
+    def _crossable(self) -> None:
+        """What the cross-tokenizer losses replace or cannot serve."""
+        cross = self.cross_tokenizer
+        if self.loss.divergence != "forward_kl":
+            raise ValueError(
+                f"cross_tokenizer: its loss ({cross.loss}) measures the gap across tokenizers; "
+                f"leave loss.divergence ({self.loss.divergence}) out"
+            )
+        if self.loss.top_k is not None:
+            raise ValueError("cross_tokenizer: its top_k is the teacher's top-k; leave loss.top_k out")
+        if self.teacher_cache is not None and self.teacher_cache.k != cross.top_k:
+            raise ValueError(
+                f"teacher_cache.k ({self.teacher_cache.k}) differs from cross_tokenizer.top_k ({cross.top_k}): "
+                "the cache holds the top-k the loss reads; give them the same value"
+            )
 
     def _cacheable(self) -> None:
         """What a cache of the teacher's top-k log-probabilities on fixed rows cannot serve."""
@@ -130,12 +163,20 @@ def projections(
     )
 
 
-def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.nn.ModuleDict | None) -> LossFn:
-    """The training step of every distillation stage. The teacher may be None for plain CE."""
+def kd_step(
+    teacher: torch.nn.Module | None,
+    cfg: Knobs,
+    seed: int,
+    proj: torch.nn.ModuleDict | None,
+    cross: Crossing | None = None,
+) -> LossFn:
+    """The training step of every distillation stage. The teacher may be None for plain CE;
+    `cross`: the teacher reads its own tokens of the text (compressor.crosstok)."""
     t_head = teacher.get_output_embeddings() if teacher is not None else None
     on_policy = cfg.on_policy if cfg.on_policy is not None and cfg.on_policy.fraction > 0 else None
     student_loss = cfg.loss.model_copy(update={"alpha": 1.0})  # on student samples: divergence only
     workspace = Workspace()  # the loss's [chunk, vocab] buffers, allocated once for the whole training
+    t_workspace = Workspace()  # the teacher's top-k across tokenizers
 
     def step(model: torch.nn.Module, batch: Batch, step_index: int):
         ids = batch["input_ids"]
@@ -151,6 +192,8 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
             ids, labels, loss_cfg = sampled["input_ids"], sampled["labels"], student_loss
             logs["on_policy"] = 1.0
         s_out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        if cross is not None:
+            return crossed(model, s_out, batch, ids, labels, loss_cfg, logs)
         t_out, cached = None, None
         if KEYS[0] in batch:  # the teacher's top-k from the cache: no teacher forward
             cached = tuple(batch[k] for k in KEYS)
@@ -170,25 +213,60 @@ def kd_step(teacher: torch.nn.Module | None, cfg: Knobs, seed: int, proj: torch.
         )
         if cfg.hidden is not None:
             mask = labels != -100
-            parts = []
-            for s_layer, t_layer in cfg.hidden.layer_map.items():
-                s_h = s_out.hidden_states[s_layer + 1][mask]
-                if proj is not None:
-                    s_h = proj[str(s_layer)](s_h)
-                parts.append(hidden_loss(s_h, t_out.hidden_states[t_layer + 1][mask].to(s_h.device), cfg.hidden.loss))
-            matched = torch.stack(parts).mean()
-            logs["hidden"] = matched.item()
-            loss = loss + cfg.hidden.weight * matched
+            loss = loss + hidden_term(s_out, mask, lambda layer: t_out.hidden_states[layer][mask], logs)
+        return loss, logs
+
+    def hidden_term(s_out, mask, teacher_at: Callable[[int], torch.Tensor], logs: dict) -> torch.Tensor:
+        """The weighted hidden-state term over the student's positions `mask`; `teacher_at(i)`: the
+        teacher's states of layer output i at the matching positions."""
+        parts = []
+        for s_layer, t_layer in cfg.hidden.layer_map.items():
+            s_h = s_out.hidden_states[s_layer + 1][mask]
+            if proj is not None:
+                s_h = proj[str(s_layer)](s_h)
+            parts.append(hidden_loss(s_h, teacher_at(t_layer + 1).to(s_h.device), cfg.hidden.loss))
+        matched = torch.stack(parts).mean()
+        logs["hidden"] = matched.item()
+        return cfg.hidden.weight * matched
+
+    def crossed(model, s_out, batch, ids, labels, loss_cfg, logs):
+        """The step across tokenizers: the teacher's top-k at the positions aligned with the
+        student's (live, or from the cache), hidden states matched there too."""
+        view = cross.aligner(ids.cpu())
+        aligned = (view.positions >= 0).to(ids.device)
+        cached, t_states = None, None
+        if KEYS[0] in batch:
+            cached = tuple(batch[k] for k in KEYS)
+        elif teacher is not None and (loss_cfg.alpha > 0 or cfg.hidden is not None):
+            with torch.no_grad():
+                t_states = teacher_states(teacher, view)
+                cached = topk_at(t_head, t_states[-1], view.positions, cross.k, loss_cfg.temperature, t_workspace)
+        head = _unwrap(model).get_output_embeddings()
+        loss = cross_tokenizer_loss(
+            s_out.hidden_states[-1], head, labels, aligned, cached, cross.vmap, loss_cfg, cross.loss
+        )
+        logs["aligned"] = fraction(aligned, labels)
+        if cfg.hidden is not None:  # at the aligned positions
+            mask = aligned & (labels != -100)
+            on = mask.to(t_states[0].device)
+            rows = torch.arange(len(on), device=on.device)[:, None].expand_as(on)[on]
+            at = view.positions.to(on.device)[on]
+            loss = loss + hidden_term(s_out, mask, lambda layer: t_states[layer][rows, at], logs)
         return loss, logs
 
     return step
 
 
 def distill_train(
-    student: torch.nn.Module, teacher: torch.nn.Module | None, cfg: Knobs, ctx, rows: dict | None = None
+    student: torch.nn.Module,
+    tokenizer,
+    teacher: torch.nn.Module | None,
+    cfg: Knobs,
+    ctx,
+    rows: dict | None = None,
 ) -> dict:
-    """Train `student` in place with the knobs of `cfg` (on `rows` when given); return the
-    training summary."""
+    """Train `student` (whose tokenizer is `tokenizer`) in place with the knobs of `cfg` (on
+    `rows` when given); return the training summary."""
     if rows is None:
         blocks = ctx.train_blocks(cfg.seq_len or ctx.seq_len)
         if cfg.sequences is not None:
@@ -197,14 +275,25 @@ def distill_train(
         else:
             rows = blocks
     batches = Batches(rows, cfg.batch_size, ctx.seed)
+    cross = None
+    if cfg.cross_tokenizer is not None:
+        cross = crossing(cfg.cross_tokenizer, student, tokenizer, ctx.teacher)
+        first = batches(0)
+        labels = first["labels"] if "labels" in first else shift_labels(first["input_ids"])
+        ctx.info["cross_tokenizer"] = {
+            "loss": cross.loss,
+            "top_k": cross.k,
+            "mapped_teacher_tokens": int((cross.vmap >= 0).sum()),
+            "aligned_first_batch": round(fraction(cross.aligner(first["input_ids"]).positions >= 0, labels), 4),
+        }
     if cfg.teacher_cache is not None:
-        batches, teacher = from_cache(teacher, batches, cfg, ctx), None  # the teacher runs no more
+        batches, teacher = from_cache(teacher, batches, cfg, ctx, cross), None  # the teacher runs no more
     proj = projections(cfg, student, teacher, ctx.seed)
     frozen = teacher if isinstance(teacher, torch.nn.Module) else None  # a text-only teacher has no weights
     with sharded([student, frozen], ctx.device) as (student_replica, teacher_replica):
         summary = train(
             student_replica,
-            kd_step(teacher_replica if frozen is not None else teacher, cfg, ctx.seed, proj),
+            kd_step(teacher_replica if frozen is not None else teacher, cfg, ctx.seed, proj, cross),
             batches,
             cfg,
             device=ctx.device,
@@ -218,16 +307,19 @@ def distill_train(
     return summary
 
 
-def from_cache(teacher: torch.nn.Module, batches: Batches, cfg: Knobs, ctx) -> Callable[[int], dict]:
+def from_cache(
+    teacher: torch.nn.Module, batches: Batches, cfg: Knobs, ctx, cross: Crossing | None = None
+) -> Callable[[int], dict]:
     """`batches` with the teacher's top-k log-probabilities of their rows beside them, from the
     shared cache (the rows the training visits captured first where they are not there yet);
     ctx.info["teacher_cache"] says what it held, made and saved."""
     micro_batches = cfg.steps * cfg.grad_accum
     visited = sorted({r for step in range(micro_batches) for r in batches.indices(step).tolist()})
     ids, T = batches.rows["input_ids"], cfg.loss.temperature
-    path = folder(ctx.cache, ctx.cache_key, ids, cfg.teacher_cache.k, T)
+    reader, aligner = (cross.reader, cross.aligner) if cross is not None else (None, None)
+    path = folder(ctx.cache, ctx.cache_key, ids, cfg.teacher_cache.k, T, reader)
     with torch.no_grad():
-        captured, stats = capture(teacher, ids, visited, cfg.teacher_cache, T, path)
+        captured, stats = capture(teacher, ids, visited, cfg.teacher_cache, T, path, aligner)
     ctx.info["teacher_cache"] = {
         "k": cfg.teacher_cache.k,
         **stats,
@@ -262,7 +354,20 @@ class Recovery(Knobs):
                 f"teacher_cache: holds the original teacher's logits, shared by every stage; teacher: {self.teacher} "
                 "has none to share (use teacher: original, or leave teacher_cache out)"
             )
+        if self.cross_tokenizer is not None and self.teacher != "original":
+            raise ValueError(
+                f"cross_tokenizer: teacher: {self.teacher} is the stage's own input, which has the student's "
+                "tokenizer (use teacher: original, or leave cross_tokenizer out)"
+            )
+        if self.cross_tokenizer is not None and self.sequences is not None:
+            raise ValueError(
+                "cross_tokenizer: the teacher's sequences across tokenizers are written as text by a distill "
+                "stage; leave sequences out here"
+            )
         return self
+
+    def same_tokens_field(self) -> str | None:
+        return super().same_tokens_field() if self.teacher == "original" else None
 
     def logits_field(self) -> str | None:
         """The setting that needs the teacher's logits (a text-only teacher has none)."""

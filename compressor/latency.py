@@ -205,6 +205,7 @@ class Timed:
     name: str  # what progress shows
     load: Callable[[], TorchRunner]  # -> a runner (TorchRunner or a runtime's own)
     runner: TorchRunner | None = None
+    prompt: torch.Tensor | None = None  # its own prompt tokens (a teacher with its own tokenizer)
 
     def __post_init__(self):
         self.prefill: list[float] = []
@@ -286,6 +287,10 @@ def _fits(models: list[Timed], device: torch.device) -> bool:
     return len(models) <= 1 or device.type == "cpu" and psutil.virtual_memory().available > 8 << 30
 
 
+def _own(t: Timed, prompt: torch.Tensor) -> torch.Tensor:
+    return t.prompt if t.prompt is not None else prompt
+
+
 def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, device: torch.device) -> dict:
     """Time every model in interleaved rounds; {"models": {key: figures}, "session": {...}}."""
     bandwidths = []  # sampled after each round, at the rounds' threads
@@ -296,7 +301,7 @@ def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, de
         bar = Bar("latency", len(models) * spec.repeats, unit="model-round")
         for t in models:
             t.runner = t.load()
-            _warm(t, prompt, spec)
+            _warm(t, _own(t, prompt), spec)
             if not resident:
                 t.drop()
         for r in range(spec.repeats):
@@ -304,7 +309,7 @@ def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, de
             for t in order:
                 if t.runner is None:
                     t.runner = t.load()
-                _round(t, prompt, spec, last=r == spec.repeats - 1)
+                _round(t, _own(t, prompt), spec, last=r == spec.repeats - 1)
                 if not resident and r < spec.repeats - 1:
                     t.drop()
                 bar.update(1, model=t.name)
@@ -315,7 +320,7 @@ def time_models(models: list[Timed], prompt: torch.Tensor, spec: LatencySpec, de
         for t in models:
             if t.runner is None:
                 t.runner = t.load()
-            figures[t.key] = _summary(t, spec, len(_prompt(t.runner, prompt, spec)), bandwidth)
+            figures[t.key] = _summary(t, spec, len(_prompt(t.runner, _own(t, prompt), spec)), bandwidth)
             t.drop()
     session = {
         "order": "interleaved rounds, rotating start",

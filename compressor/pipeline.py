@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import FORMAT_VERSION, keys, launch
+from .crosstok import same_tokenizer
 from .data import TextSource, documents, load_documents, pack
 from .families import sequence_bos
 from .latency import Timed, TorchRunner, time_models
@@ -27,7 +28,7 @@ from .measure import EvalSpec, measure, measure_deployed
 from .memory import measuring
 from .models import Loaded, load_pretrained, resolve_device, shape_of
 from .progress import say, stage_progress
-from .recipe import Recipe, Stage
+from .recipe import Recipe, Stage, check_crossing
 from .record import RunRecord, StageRecord, machine, make_record, versions
 from .report import write_report
 from .runtimes import RUNTIMES
@@ -76,7 +77,17 @@ class Session:
         return stream_teacher(reference_row(self.spec)[1], self.device)
 
     def measuring_teacher(self) -> torch.nn.Module | None:
-        return self.measured_reference().model if self.spec.teacher.has_logits else None
+        """The model each row's KL is taken against: the teacher, unless it has none or reads
+        other tokens than the rows' (`crossed`)."""
+        return self.measured_reference().model if self.spec.teacher.has_logits and not self.crossed else None
+
+    @cached_property
+    def crossed(self) -> bool:
+        """The teacher has a tokenizer of its own (a `base` of another family): the data is in the
+        base's tokens, the teacher is measured on its own, and no row's KL to it is taken."""
+        if self.spec.base is None or not self.spec.teacher.has_logits:
+            return False
+        return not same_tokenizer(tokenizer_of(self.spec.teacher), tokenizer_of(self.spec.base))
 
     def load_measured(self, key: str) -> Loaded:
         """An artifact as measurement reads it: loaded, or a decoder layer at a time (eval.layerwise)."""
@@ -96,24 +107,28 @@ class Session:
     def _documents(self) -> tuple[list[str], list[str]]:
         return documents(self.spec.data)
 
-    def blocks(self, split: str, seq_len: int) -> torch.Tensor:
-        if (split, seq_len) not in self._blocks:
+    def blocks(self, split: str, seq_len: int, teachers: bool = False) -> torch.Tensor:
+        """The data in blocks of the first stage's input's tokens (`teachers`: the teacher's own,
+        where it has another tokenizer)."""
+        if (split, seq_len, teachers) not in self._blocks:
             data = self.spec.data
             source = data.heldout.identity() if split == "heldout" and data.heldout else data.train.identity()
+            by = self.measured_reference() if teachers else self.tokenizing
             blocks = pack(
                 lambda: self._documents[0 if split == "train" else 1],
-                self.tokenizing.tokenizer,
+                by.tokenizer,
                 seq_len,
-                cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}",
-                bos=sequence_bos(self.tokenizing.model.config, self.tokenizing.tokenizer),
+                cache_key=f"{self.teacher_key}:{source}:{split}:{data.heldout_fraction}" + (":teachers" * teachers),
+                bos=sequence_bos(by.model.config, by.tokenizer),
             )
             if split == "train" and data.max_train_tokens:
                 blocks = blocks[: max(1, data.max_train_tokens // seq_len)]
-            self._blocks[(split, seq_len)] = blocks
-        return self._blocks[(split, seq_len)]
+            self._blocks[(split, seq_len, teachers)] = blocks
+        return self._blocks[(split, seq_len, teachers)]
 
-    def heldout(self) -> torch.Tensor:
-        return self.blocks("heldout", self.spec.data.seq_len)
+    def heldout(self, reference: bool = False) -> torch.Tensor:
+        """Held-out blocks; row 0's (`reference`) in the teacher's own tokens where it has them."""
+        return self.blocks("heldout", self.spec.data.seq_len, teachers=reference and self.crossed)
 
     def measured(self, label: str, key: str, load, reference: bool = False) -> tuple[dict, bool, float]:
         """Metrics of the artifact `key` but latency (cached), whether they were cached, seconds."""
@@ -125,13 +140,22 @@ class Session:
         say(f"measuring {label}: size, fidelity, accuracy ({', '.join(self.spec.eval.tasks) or 'no tasks'})")
         teacher = None if reference else self.measuring_teacher()
         metrics = measure(
-            loaded.model, loaded.tokenizer, loaded.folder, self.spec.eval, self.heldout(), teacher, self.spec.seed
+            loaded.model,
+            loaded.tokenizer,
+            loaded.folder,
+            self.spec.eval,
+            self.heldout(reference),
+            teacher,
+            self.spec.seed,
         )
+        if reference and self.crossed:  # per token of its own tokens: not comparable with the rows'
+            metrics.pop("heldout_ppl", None)
+            metrics["higher_is_better"].pop("heldout_ppl", None)
         if self.spec.eval.layerwise:
             metrics["measured_within_bytes"] = layerwise_bound(
                 self.spec.eval, self.spec.data.seq_len, loaded.model.config, teacher
             )
-        if reference and self.spec.teacher.has_logits:
+        if reference and self.spec.teacher.has_logits and not self.crossed:
             metrics.update(teacher_kl=0.0, top1_agreement=1.0)
             metrics["higher_is_better"].update(teacher_kl=False, top1_agreement=True)
         write_json(path, metrics)
@@ -144,8 +168,8 @@ class Session:
         """Context a runtime needs: the longest of lm-eval's windows and the held-out blocks."""
         return max(scoring_length(self.spec.eval, model_config), self.spec.data.seq_len) + 1
 
-    def deployed(self, row: StageRecord, folder: Path, load) -> list[StageRecord]:
-        """Rows of `row`'s model as each other runtime of eval.runtimes runs it."""
+    def deployed(self, row: StageRecord, folder: Path, load, reference: bool = False) -> list[StageRecord]:
+        """Rows of `row`'s model (row 0's: `reference`) as each other runtime of eval.runtimes runs it."""
         rows = []
         options = self.spec.eval.gguf.model_dump()
         for name in self.spec.eval.runtimes:
@@ -170,7 +194,7 @@ class Session:
                         path,
                         runtime.kernel(path),
                         self.spec.eval,
-                        self.heldout(),
+                        self.heldout(reference),
                         self.measuring_teacher(),
                         self.spec.seed,
                     )
@@ -259,6 +283,16 @@ class Session:
         return self.store.get(key, verify=False)
 
 
+def tokenizer_of(spec: TeacherSpec):
+    """A model's tokenizer, without its weights: from its folder (converted first where it is made
+    into one), or a hub id's."""
+    from transformers import AutoTokenizer
+
+    if spec.folder() is None:
+        return AutoTokenizer.from_pretrained(spec.target, revision=spec.revision)
+    return AutoTokenizer.from_pretrained(local_folder(spec, "comparing tokenizers"))
+
+
 def layerwise_bound(spec: EvalSpec, seq: int, config, teacher: torch.nn.Module | None) -> int:
     """Estimated peak of measuring a model a layer at a time (memory.measuring): held-out fidelity,
     the teacher's resident tables beside it, or an lm-eval batch, whichever is larger."""
@@ -276,6 +310,8 @@ def build_and_measure(session: Session) -> list[StageRecord]:
     finished = [store.get(k) is not None for k in session.keys]
     if not all(finished):
         session.spec.teacher.impl.preflight()
+        if session.crossed:  # a vocabulary of the same size, other tokens: validate could not tell
+            check_crossing(recipe.path, session.spec, recipe.stages, "the teacher's tokenizer is not the base's")
     say(
         f"recipe {recipe.name}: {len(session.keys)} stage(s); "
         + ", ".join(f"{s.name} {'cached' if done else 'to run'}" for s, done in zip(recipe.stages, finished))
@@ -299,7 +335,7 @@ def build_and_measure(session: Session) -> list[StageRecord]:
         }
     ]
     if reference.folder() is not None:  # a hub id has no folder to export
-        rows += session.deployed(rows[0], reference.folder(), session.measured_reference)
+        rows += session.deployed(rows[0], reference.folder(), session.measured_reference, reference=True)
     input_key = None
     for stage, key in zip(recipe.stages, session.keys):
         start = time.time()
@@ -352,11 +388,11 @@ def attach_latency(runs: list[tuple[Session, list[StageRecord]]]) -> dict | None
                 runtime, path = RUNTIMES[row["runtime"]], Path(row["artifact"])
                 n_ctx = spec.prompt_tokens + spec.new_tokens + 1
                 load = lambda r=runtime, p=path, s=s, n=n_ctx: r.runner(p, s.threads(), n, n)  # noqa: E731
-                models[row["key"]] = (f"{row['name']} @{row['runtime']}", load)
+                models[row["key"]] = (f"{row['name']} @{row['runtime']}", load, row["kind"] == "teacher" and s.crossed)
                 continue
             reference = row["kind"] in ("teacher", "base")
             load = s.reference_model if reference else (lambda k=row["key"], s=s: s.load_artifact(k))
-            models[row["key"]] = (row["name"], _for_timing(load))
+            models[row["key"]] = (row["name"], _for_timing(load), reference and s.crossed)
     cache = (
         session.store.root
         / "measurements"
@@ -366,7 +402,8 @@ def attach_latency(runs: list[tuple[Session, list[StageRecord]]]) -> dict | None
         timing = read_json(cache)
         say(f"latency: cached ({timing['session']['models']} models)")
     else:
-        timed = [Timed(key, name, load) for key, (name, load) in models.items()]
+        own = session.heldout(reference=True).flatten() if session.crossed else None  # the teacher's tokens
+        timed = [Timed(key, name, load, prompt=own if theirs else None) for key, (name, load, theirs) in models.items()]
         say(f"latency: timing {len(timed)} models in {spec.repeats} interleaved rounds")
         timing = time_models(timed, session.heldout().flatten(), spec, session.device)
         write_json(cache, timing)
@@ -397,6 +434,12 @@ def finish(session: Session, rows: list[StageRecord], timing: dict | None, out: 
         pick=session.spec.pick.model_dump(exclude_none=True),
     )
     notes = session.spec.teacher.impl.notes()
+    if session.crossed:
+        notes = [
+            *notes,
+            "The teacher has a tokenizer of its own: its held-out perplexity counts its own tokens and is "
+            "not shown, no row has a KL or top-1 agreement with it, and lm-eval's scores compare across.",
+        ]
     if notes:
         record["notes"] = notes
     write_json(out / "run.json", record)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -222,15 +222,52 @@ def _check_black_box(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -
         raise _fail(
             path, "base", f"required with an {spec.teacher.kind}: teacher: the local model the student starts from"
         )
+    _refuse_field(
+        path,
+        stages,
+        lambda stage: stage.impl.white_box_fields(stage.config),
+        lambda field: (
+            f"needs the teacher's logits or weights; an {spec.teacher.kind}: teacher answers in text only"
+            + (" (set sequences or cot)" if field == "sequences" else "")
+        ),
+    )
+
+
+def _refuse_field(path: Path, stages: tuple[Stage, ...], field_of: Callable, why: Callable[[str], str]) -> None:
+    """Refuse the first stage setting `field_of(stage)` names, saying `why(field)`."""
     for stage in stages:
-        field = stage.impl.white_box_fields(stage.config)
+        field = field_of(stage)
         if field:
-            raise _fail(
-                path,
-                f"stages[{stage.index}].{stage.kind}.{field}",
-                f"needs the teacher's logits or weights; an {spec.teacher.kind}: teacher answers in text only"
-                + (" (set sequences or cot)" if field == "sequences" else ""),
+            raise _fail(path, f"stages[{stage.index}].{stage.kind}.{field}", why(field))
+
+
+def check_crossing(path: Path, spec: RecipeModel, stages: tuple[Stage, ...], why: str) -> None:
+    """A teacher with a tokenizer of its own (`why`): what reads it token by token is refused,
+    each setting naming the cross-tokenizer one (compressor.crosstok)."""
+    if spec.eval.speculative.enabled:
+        raise _fail(path, "eval.speculative", f"a draft model proposes the teacher's own tokens, and {why}")
+    floor = spec.pick
+    if floor.metric in ("teacher_kl", "top1_agreement") or (floor.metric == "heldout_ppl" and floor.retain):
+        raise _fail(
+            path,
+            "pick.metric",
+            f"{floor.metric} {'is' if floor.metric != 'heldout_ppl' else 'against the teacher is'} taken in the "
+            f"teacher's tokens, and {why}: floor on an lm-eval score (pick: {{metric: <task>/<metric>}}) or on "
+            "an absolute value (pick: {metric: heldout_ppl, value: 40})",
+        )
+    _refuse_field(
+        path,
+        stages,
+        lambda stage: stage.impl.same_tokens_field(stage.config),
+        lambda field: (
+            f"reads the teacher token by token, and {why}: "
+            + (
+                "build the student from the base (student.from: input)"
+                if field == "student.from"
+                else "set cross_tokenizer: {loss: hybrid} (or uld, mapped) in this stage"
             )
+        ),
+    )
 
 
 def _check_runtimes(path: Path, spec: RecipeModel, shape: dict, where: str) -> None:
@@ -268,9 +305,8 @@ def _check_shapes(path: Path, spec: RecipeModel, stages: tuple[Stage, ...]) -> N
     teacher = spec.teacher.shape() if spec.teacher.has_logits else None
     shape = spec.base.shape() if spec.base is not None else teacher
     if teacher and shape and spec.base is not None and teacher["vocab_size"] != shape["vocab_size"]:
-        raise _fail(
-            path, "base", f"vocabulary of {shape['vocab_size']} differs from the teacher's {teacher['vocab_size']}"
-        )
+        why = f"the teacher's vocabulary ({teacher['vocab_size']:,}) is not the base's ({shape['vocab_size']:,})"
+        check_crossing(path, spec, stages, why)
     for where, model in (("teacher", teacher), ("base", shape if spec.base is not None else None)):
         if model and "model_type" in model:
             try:

@@ -47,10 +47,15 @@ class TeacherCache(BaseModel):
     batch_size: int = Field(4, ge=1, description="rows per teacher forward while capturing")
 
 
-def folder(cache: Path, cache_key: str, ids: torch.Tensor, k: int, temperature: float) -> Path:
-    """Where captures of (teacher and data, these token ids, k, temperature) live."""
+def folder(
+    cache: Path, cache_key: str, ids: torch.Tensor, k: int, temperature: float, reader: str | None = None
+) -> Path:
+    """Where captures of (teacher and data, these token ids, k, temperature) live; `reader`
+    names the student's tokenizer when the teacher reads the rows' text with its own
+    (compressor.crosstok): the same ids are other text under another tokenizer."""
     rows = hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return cache / "teacher-logits" / digest([cache_key, rows, list(ids.shape), k, temperature])
+    parts = [cache_key, rows, list(ids.shape), k, temperature] + ([reader] if reader is not None else [])
+    return cache / "teacher-logits" / digest(parts)
 
 
 class Captured:
@@ -72,10 +77,17 @@ class Captured:
 
 
 def capture(
-    teacher: torch.nn.Module, ids: torch.Tensor, rows: list[int], cfg: TeacherCache, temperature: float, path: Path
+    teacher: torch.nn.Module,
+    ids: torch.Tensor,
+    rows: list[int],
+    cfg: TeacherCache,
+    temperature: float,
+    path: Path,
+    aligner=None,
 ) -> tuple[Captured, dict]:
     """The teacher's top-k log-probabilities at `temperature` and the tail's log-mass at every
-    position of the rows `rows` of `ids` [N, L]: those not in `path` yet are computed into it.
+    position of the rows `rows` of `ids` [N, L] (with an `aligner`, at the teacher's positions
+    aligned with them: compressor.crosstok): those not in `path` yet are computed into it.
     Returns what reads them, and {"captured_rows", "capture_seconds", "bytes_per_token"}."""
     from .progress import Bar
 
@@ -90,7 +102,7 @@ def capture(
         with Bar("teacher logits (cache)", len(missing), unit="row") as bar:
             for p in range(0, len(missing), PART):
                 part = missing[p : p + PART]
-                out = [_topk(teacher, head, b, k, temperature, ws) for b in ids[part].split(cfg.batch_size)]
+                out = [_topk(teacher, head, b, k, temperature, ws, aligner) for b in ids[part].split(cfg.batch_size)]
                 tensors = {key: torch.cat([o[i] for o in out]) for i, key in enumerate(KEYS)}
                 tensors["topk_ids"] = tensors["topk_ids"].to(torch.int32 if wide else torch.uint16)
                 tensors["row"] = torch.tensor(part)
@@ -119,11 +131,45 @@ def _held(path: Path) -> dict[int, tuple[Path, int]]:
 
 
 @torch.no_grad()
-def _topk(teacher, head, ids: torch.Tensor, k: int, temperature: float, ws: Workspace, chunk: int = 1024):
-    """(top-k ids, their log-probs in fp16, the tail's log-mass) of a batch [B, L], a chunk of
-    tokens at a time through the head (a 262k vocabulary's logits are the memory)."""
-    h = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    flat = h.flatten(0, 1)
+def _topk(teacher, head, ids: torch.Tensor, k: int, temperature: float, ws: Workspace, aligner=None):
+    """(top-k ids, their log-probs in fp16, the tail's log-mass) of a batch of rows [B, L]; with
+    an `aligner` (compressor.crosstok) the teacher reads its own tokens of the rows' text and
+    each student position gets the top-k of its aligned teacher position (zeros where none)."""
+    if aligner is None:
+        h = teacher(input_ids=ids.to(teacher.device), output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        return topk_of(head, h.flatten(0, 1), k, temperature, ws, ids.shape)
+    view = aligner(ids)
+    h = teacher_states(teacher, view)[-1]
+    return topk_at(head, h, view.positions, k, temperature, ws)
+
+
+def teacher_states(teacher, view) -> tuple[torch.Tensor, ...]:
+    """The teacher's hidden states (every layer's) on its side of a batch (crosstok.View)."""
+    return teacher(
+        input_ids=view.input_ids.to(teacher.device),
+        attention_mask=view.attention_mask.to(teacher.device),
+        output_hidden_states=True,
+        logits_to_keep=1,
+    ).hidden_states
+
+
+def topk_at(head, h: torch.Tensor, positions: torch.Tensor, k: int, temperature: float, ws: Workspace):
+    """`topk_of` the teacher's final states h [B, Lt, H] at `positions` [B, L] (-1: none, zeros)."""
+    on = positions >= 0
+    rows = torch.arange(len(h))[:, None].expand_as(positions)
+    found = topk_of(head, h[rows[on], positions[on]], k, temperature, ws, (int(on.sum()),))
+    out = []
+    for part, dtype in zip(found, (torch.int64, torch.float16, torch.float32)):
+        full = torch.zeros((*positions.shape, *part.shape[1:]), dtype=dtype)
+        full[on] = part.to(dtype)
+        out.append(full)
+    return tuple(out)
+
+
+@torch.no_grad()
+def topk_of(head, flat: torch.Tensor, k: int, temperature: float, ws: Workspace, shape, chunk: int = 1024):
+    """(top-k ids, log-probs in fp16, the tail's log-mass) of final states [N, H], reshaped to
+    `shape`, a chunk of tokens at a time through the head (a 262k vocabulary's logits are the memory)."""
     top, logp, tail = [], [], []
     for part in flat.split(chunk):
         size = (len(part), head.weight.shape[0])
@@ -134,7 +180,6 @@ def _topk(teacher, head, ids: torch.Tensor, k: int, temperature: float, ws: Work
         top.append(idx.cpu())
         logp.append(values.to(torch.float16).cpu())
         tail.append(rest.cpu())
-    shape = ids.shape
     return (
         torch.cat(top).reshape(*shape, k),
         torch.cat(logp).reshape(*shape, k),

@@ -90,6 +90,11 @@ class StageKind(ABC):
 
         return measuring(after, 1, run.seq_len), []
 
+    def same_tokens_field(self, cfg: BaseModel) -> str | None:
+        """The first setting that reads the teacher token by token in the data's tokens (refused
+        when the teacher has a tokenizer of its own); None when it reads no teacher, or across."""
+        return None
+
     def white_box_fields(self, cfg: BaseModel) -> str | None:
         """The first setting that needs the teacher's logits or weights (refused with a
         text-only teacher); None when text answers are enough or no teacher is used."""

@@ -6,7 +6,9 @@ chain-of-thought rationales as data (`cot`) and low-rank adapters (`lora`).
 
 A black-box teacher (`openai:`) answers in text only: its distill stage trains on its answers to
 prompts from the data (`sequences`) or on its kept rationales (`cot`) by cross-entropy, and may
-train LoRA adapters (`lora`) instead of every weight, merged into the saved model.
+train LoRA adapters (`lora`) instead of every weight, merged into the saved model. A teacher
+with a tokenizer of its own (`cross_tokenizer`, compressor.crosstok) writes its sequences as
+text the same way.
 """
 
 from __future__ import annotations
@@ -188,9 +190,13 @@ class Distill(StageKind):
     def memory(self, cfg: Config, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
         return for_training(cfg, after, teacher, run)
 
+    def same_tokens_field(self, cfg: Config) -> str | None:
+        return "student.from" if cfg.student.init == "teacher" else cfg.same_tokens_field()
+
     def white_box_fields(self, cfg: Config) -> str | None:
-        if cfg.teacher_cache is not None:
-            return "teacher_cache"
+        for name in ("teacher_cache", "cross_tokenizer"):
+            if getattr(cfg, name) is not None:
+                return name
         if cfg.sequences is None and cfg.cot is None:
             return "sequences"
         if cfg.sequences is not None and cfg.sequences.method == "beam":
@@ -211,11 +217,12 @@ class Distill(StageKind):
             student_layers=student.config.num_hidden_layers,
         )
         rows = None
-        if not white_box or cfg.cot is not None:
+        crossing = cfg.cross_tokenizer is not None and cfg.sequences is not None  # the teacher writes text
+        if not white_box or cfg.cot is not None or crossing:
             source = Local(teacher, ctx.teacher.tokenizer) if white_box else ctx.teacher
             rows = text_rows(cfg, source, tokenizer, ctx)
         trained = with_lora(student, cfg.lora) if cfg.lora is not None else student
         if cfg.lora is not None:
             ctx.info["lora_trainable_params"] = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        ctx.info.update(distill_train(trained, teacher, cfg if white_box else ce_only(cfg), ctx, rows))
+        ctx.info.update(distill_train(trained, tokenizer, teacher, cfg if white_box else ce_only(cfg), ctx, rows))
         return trained.merge_and_unload() if cfg.lora is not None else student

@@ -99,13 +99,16 @@ class QAT(StageKind):
                 return start, fewer
         return parts, fixes
 
+    def same_tokens_field(self, cfg: Config) -> str | None:
+        return cfg.same_tokens_field()
+
     def white_box_fields(self, cfg: Config) -> str | None:
         return cfg.logits_field()
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         model, teacher, cfg = recovery_start(model, ctx)
         if cfg.gguf() is not None:
-            return on_ggml_types(model, teacher, cfg, ctx)
+            return on_ggml_types(model, tokenizer, teacher, cfg, ctx)
         if cfg.init == "gptq":
             ctx.info["init_scales_kept"] = gptq_start(model, cfg, ctx)
         linears = quantized_linears(model, cfg.lm_head)
@@ -115,7 +118,7 @@ class QAT(StageKind):
             if cfg.activations == "int8":
                 hooks.append(m.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0]),)))
         ctx.info["fake_quantized"] = len(linears)
-        ctx.info.update(distill_train(model, teacher, cfg, ctx))
+        ctx.info.update(distill_train(model, tokenizer, teacher, cfg, ctx))
         for h in hooks:
             h.remove()
         for m in linears.values():
@@ -123,7 +126,7 @@ class QAT(StageKind):
         return requantize(model, ctx.scratch / "float", torchao_config(cfg), ctx.device, rtn_codes(model, cfg))
 
 
-def on_ggml_types(model: torch.nn.Module, teacher, cfg: Config, ctx: StageContext) -> torch.nn.Module:
+def on_ggml_types(model: torch.nn.Module, tokenizer, teacher, cfg: Config, ctx: StageContext) -> torch.nn.Module:
     """Distill through GGUF types' values from `quantize`'s solution on them, their fields kept."""
     from ..ggml.grid import OnFields
     from ..ggml.model import quantize_model
@@ -142,7 +145,7 @@ def on_ggml_types(model: torch.nn.Module, teacher, cfg: Config, ctx: StageContex
     for name, on in trained.items():
         parametrize.register_parametrization(modules[name], "weight", on)
     ctx.info["fake_quantized"] = len(trained)
-    ctx.info.update(distill_train(model, teacher, cfg, ctx))
+    ctx.info.update(distill_train(model, tokenizer, teacher, cfg, ctx))
     for name, on in trained.items():
         found[name] = on.blocks(modules[name].parametrizations.weight.original).to("cpu")
         parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)

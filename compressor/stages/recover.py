@@ -24,10 +24,13 @@ class Recover(StageKind):
     def memory(self, cfg: Recovery, before: dict, after: dict, teacher: dict, run) -> tuple[dict, list[str]]:
         return for_training(cfg, after, cfg.teacher_shape(before, teacher), run)
 
+    def same_tokens_field(self, cfg: Recovery) -> str | None:
+        return cfg.same_tokens_field()
+
     def white_box_fields(self, cfg: Recovery) -> str | None:
         return cfg.logits_field()
 
     def apply(self, model: torch.nn.Module, tokenizer, ctx: StageContext) -> torch.nn.Module:
         model, teacher, cfg = recovery_start(model, ctx)
-        ctx.info.update(distill_train(model, teacher, cfg, ctx))
+        ctx.info.update(distill_train(model, tokenizer, teacher, cfg, ctx))
         return model

@@ -1,0 +1,205 @@
+"""Distillation across tokenizers, measured: the SmolLM2 lab's half-depth student (the 15 of
+SmolLM2-135M's 30 layers with the highest block influence) trained at equal steps, batches and
+text (TinyStories) by
+
+  ce                  cross-entropy alone
+  kd_same_tokenizer   KD from SmolLM2-135M itself (forward KL, the same vocabulary)
+  seq_kd              sequence-level KD: cross-entropy on Gemma 3 270M's continuations of
+                      prompts cut from the text (its own tokenizer; the text re-tokenized)
+  kd_uld, kd_hybrid, kd_mapped
+                      logit KD from Gemma 3 270M across tokenizers (compressor.crosstok)
+  <name>_cache        each logit-KD student again, from the teacher-logit cache
+
+and scored by token perplexity on WikiText-2 test (SmolLM2's tokens: every student has them).
+
+    python bench/crosstok_lab.py [--steps 40] [--batch 4] [--seq 256] [--blocks 32] [--alpha 0.5]
+
+All of it runs through the pipeline (two recipes: Gemma 3 as teacher with SmolLM2 as `base`,
+and SmolLM2 as its own teacher), so it resumes and caches like any recipe. Writes
+reports/crosstok_lab.json ({"students": {name: {ppl, steps, tokens, step_seconds}},
+"teacher_ppl": {...}, "cache": {k, bytes_per_token, capture_seconds}, ...}) and
+reports/crosstok_lab.md. The teachers' perplexities count each one's own tokens: Gemma 3's is not
+comparable with SmolLM2's or the students'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from _reports import SHARED, load_average, prepare, save
+
+LOSSES = ("uld", "hybrid", "mapped")
+
+
+def recipes(args) -> tuple[dict, dict]:
+    """(Gemma 3 teaching a SmolLM2 student, SmolLM2 teaching itself)."""
+    train = {"steps": args.steps, "batch_size": args.batch, "lr": args.lr, "warmup": 0.1, "checkpoint_every": 10}
+    kd = {"divergence": "forward_kl", "temperature": 1.0, "alpha": args.alpha}
+    cache = {"k": args.k}
+    half = {"name": "half", "prune": {"targets": {"layers": 0.5}, "calibration": {"samples": 32, "batch_size": 4}}}
+    common = {
+        "seed": 0,
+        "data": {
+            "train": str(SHARED / "tinystories" / "tinystories_val.txt"),
+            "heldout": str(SHARED / "wikitext2" / "wt2_tokens.test.txt"),
+            "seq_len": args.seq,
+        },
+        "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": args.blocks, "batch_size": 4}},
+    }
+    cross = [half, {"name": "ce", "recover": {"teacher": "none", **train}}]
+    for loss in LOSSES:
+        crossing = {"loss": kd, "cross_tokenizer": {"loss": loss, "top_k": args.k}, **train}
+        cross.append({"name": f"kd_{loss}", "recover": crossing})
+        cross.append({"name": f"kd_{loss}_cache", "recover": {**crossing, "teacher_cache": cache}})
+    sequences = {"prompts": args.prompts, "prompt_tokens": 16, "new_tokens": args.seq - 16, "batch_size": 4}
+    cross.append(
+        {
+            "name": "seq_kd",
+            "distill": {
+                "sequences": sequences,
+                "cross_tokenizer": {"loss": "hybrid", "top_k": args.k},
+                "loss": {**kd, "alpha": 0.0},
+                **train,
+            },
+        }
+    )
+    gemma = {
+        "name": "crosstok-lab",
+        "teacher": "gguf:gemma3-270m",
+        "base": "gguf:smollm2-135m-instruct",
+        "stages": cross,
+        "orderings": {s["name"]: ["half", s["name"]] for s in cross[1:]},
+        "pick": {"metric": "heldout_ppl", "value": 1000.0},
+        **common,
+    }
+    same = [
+        half,
+        {"name": "kd_same_tokenizer", "recover": {"loss": kd, **train}},
+        {"name": "kd_same_tokenizer_cache", "recover": {"loss": kd, "teacher_cache": cache, **train}},
+    ]
+    smollm2 = {
+        "name": "crosstok-lab-same",
+        "teacher": "gguf:smollm2-135m-instruct",
+        "stages": same,
+        "orderings": {s["name"]: ["half", s["name"]] for s in same[1:]},
+        **common,
+    }
+    return gemma, smollm2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=32, help="WikiText-2 test blocks scored")
+    p.add_argument("--lr", type=float, default=2.0e-4)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KD term (the rest CE on labels)")
+    p.add_argument("--k", type=int, default=64, help="the teacher's top-k per position (live and cached)")
+    p.add_argument("--prompts", type=int, default=64, help="Gemma 3 continuations for seq_kd")
+    p.add_argument("--report", default="crosstok_lab")
+    args = p.parse_args()
+    prepare()
+    import yaml
+
+    from compressor.compare import compare, plan
+    from compressor.measure import token_perplexity
+    from compressor.pipeline import Session
+    from compressor.storage import Store
+
+    records = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in recipes(args):
+            path = Path(tmp) / f"{recipe['name']}.yaml"
+            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            variants = plan([str(path)])
+            records[recipe["name"]] = compare(variants, Path(tmp) / recipe["name"], Store())
+            if recipe.get("base"):
+                session = Session(variants[0][1], Store())
+                own = session.heldout(reference=True)[: args.blocks]  # Gemma's own tokens of the same text
+                gemma_ppl = token_perplexity(session.teacher.model, own, batch_size=4)
+                gemma_tokens = int(own.numel())
+    rows = {}
+    for record in records.values():
+        rows.update({s["ordering"]: s for s in record["stages"] if s["name"] not in ("half", "teacher")})
+    students = {}
+    for name, row in rows.items():
+        info = row["info"]
+        ran = args.steps - info.get("resumed_at", 0)
+        students[name] = {
+            "ppl": row["metrics"]["heldout_ppl"],
+            "steps": args.steps,
+            # seq_kd's rows are 16 prompt tokens and at most seq - 16 of Gemma's text (cut at its EOS)
+            "tokens": args.steps * args.batch * args.seq,
+            "step_seconds": info["train_seconds"] / ran if ran else None,
+        }
+        if "cross_tokenizer" in info:
+            students[name]["aligned_first_batch"] = info["cross_tokenizer"]["aligned_first_batch"]
+    same, cross = records["crosstok-lab-same"], records["crosstok-lab"]
+    caches = {
+        s["ordering"]: s["info"]["teacher_cache"]
+        for r in records.values()
+        for s in r["stages"]
+        if "teacher_cache" in s.get("info", {})
+    }
+    cached = caches["kd_uld_cache"]
+    out = {
+        "students": students,
+        "teacher_ppl": {
+            "smollm2_135m": same["stages"][0]["metrics"]["heldout_ppl"],
+            "gemma3_270m_own_tokens": gemma_ppl,
+        },
+        "gemma_heldout_tokens": gemma_tokens,
+        "cache": {
+            "k": cached["k"],
+            "bytes_per_token": cached["bytes_per_token"],
+            "capture_seconds": sum(c["capture_seconds"] for c in caches.values()),
+            "captures": caches,
+        },
+        "student_init_ppl": next(s for s in cross["stages"] if s["name"] == "half")["metrics"]["heldout_ppl"],
+        "heldout_tokens": rows["ce"]["metrics"]["heldout_tokens"],
+        "alpha": args.alpha,
+        "lr": args.lr,
+        "seq": args.seq,
+        "batch": args.batch,
+        "seq_kd_prompts": args.prompts,
+        "mapped_teacher_tokens": rows["kd_hybrid"]["info"]["cross_tokenizer"]["mapped_teacher_tokens"],
+        "load_average": load_average(),
+    }
+    ce = students["ce"]["ppl"]
+    for s in students.values():
+        s["vs_ce"] = s["ppl"] / ce - 1
+    lines = [
+        "# Distillation across tokenizers: Gemma 3 270M into a SmolLM2 student",
+        "",
+        f"Regenerate: `python bench/crosstok_lab.py --steps {args.steps} --alpha {args.alpha:g}` (2 CPU threads). "
+        f"Student: SmolLM2-135M's 15 most influential layers ({out['student_init_ppl']:.0f} ppl before training); "
+        f"{args.steps} steps × {args.batch} × {args.seq} tokens of TinyStories for each student, the same batches; "
+        f"token perplexity on {out['heldout_tokens']:,} SmolLM2 tokens of WikiText-2 test. Logit KD: weight "
+        f"{args.alpha:g} on the divergence, {1 - args.alpha:g} on cross-entropy, T = 1, the teacher's top-{args.k} "
+        "at every aligned position (compressor.crosstok).",
+        "",
+        "| student | WikiText-2 ppl | vs CE | s/step |",
+        "|---|---|---|---|",
+    ]
+    for name, s in students.items():
+        step = f"{s['step_seconds']:.1f}" if s["step_seconds"] else "–"
+        lines.append(f"| {name} | {s['ppl']:.2f} | {100 * s['vs_ce']:+.1f}% | {step} |")
+    lines += [
+        "",
+        f"Teachers: SmolLM2-135M {out['teacher_ppl']['smollm2_135m']:.2f} on the same tokens; Gemma 3 270M "
+        f"{gemma_ppl:.2f} per its own token ({gemma_tokens:,} Gemma tokens of the same text: not comparable).",
+        f"The vocabulary map matches {out['mapped_teacher_tokens']:,} of Gemma 3's 262,144 tokens to SmolLM2 tokens "
+        "of the same text.",
+        f"The cache: {out['cache']['bytes_per_token']} bytes per token at k = {out['cache']['k']}; capture "
+        f"{out['cache']['capture_seconds']:.0f} s in all (once per teacher and rows: the three cross-tokenizer "
+        "students share one). Load average at the end: " + f"{out['load_average'][0]}.",
+    ]
+    save(args.report, out, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
