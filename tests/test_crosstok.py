@@ -230,6 +230,12 @@ def test_distill_across_tokenizers_live_and_from_the_cache(write_recipe, tmp_pat
         {"name": "live", "distill": crossing},
         {"name": "cached", "distill": {**crossing, "teacher_cache": {"k": 16}}},
         {"name": "hidden", "distill": {**crossing, "hidden": {"layer_map": {0: 1}}}},  # at aligned positions
+        # the student's own samples, re-tokenized for the teacher; the teacher's text answers as data
+        {
+            "name": "sampled",
+            "distill": {**crossing, "on_policy": {"fraction": 1.0, "new_tokens": 8, "prompt_tokens": 8}},
+        },
+        {"name": "answers", "distill": {**crossing, "sequences": {"prompts": 4, "prompt_tokens": 8, "new_tokens": 12}}},
     ]
     orderings = {s["name"]: [s["name"]] for s in stages}
     record = compare(plan([str(write_recipe(_crossed(*stages, orderings=orderings)))]), tmp_path / "out")
@@ -246,5 +252,8 @@ def test_distill_across_tokenizers_live_and_from_the_cache(write_recipe, tmp_pat
     # the live step reads the teacher's top-k as the cache stores it: the same training
     assert rows["live"]["info"]["final_loss"] == pytest.approx(rows["cached"]["info"]["final_loss"], rel=1e-4)
     assert rows["hidden"]["info"]["final_loss"] != rows["live"]["info"]["final_loss"]
+    assert rows["answers"]["info"]["teacher_answers"] == 4
+    for name in ("sampled", "answers"):
+        assert rows[name]["info"]["final_loss"] > 0 and rows[name]["metrics"]["heldout_ppl"] > 0
     report = (tmp_path / "out" / "live" / "report.md").read_text()
     assert "tokenizer of its own" in report
