@@ -86,6 +86,10 @@ def recipes(args) -> tuple[dict, dict]:
         "orderings": {s["name"]: ["half", s["name"]] for s in same[1:]},
         **common,
     }
+    # A stage's key holds the data's identity but not data.seq_len (keys.data_identity): without a
+    # budget of its own this recipe would reuse the prune bench/smollm2_lab.py calibrated on
+    # 512-token blocks. A budget larger than the text changes no row and keys its own prune.
+    smollm2["data"] = {**common["data"], "max_train_tokens": 10**9}
     return gemma, smollm2
 
 
@@ -159,6 +163,10 @@ def main() -> None:
             "captures": caches,
         },
         "student_init_ppl": next(s for s in cross["stages"] if s["name"] == "half")["metrics"]["heldout_ppl"],
+        "student_init": {  # each recipe prunes its own half
+            name: {"ppl": half["metrics"]["heldout_ppl"], "layers": half["info"]["kept_layers"]}
+            for name, half in ((n, next(s for s in r["stages"] if s["name"] == "half")) for n, r in records.items())
+        },
         "heldout_tokens": rows["ce"]["metrics"]["heldout_tokens"],
         "alpha": args.alpha,
         "lr": args.lr,
@@ -188,6 +196,10 @@ def main() -> None:
         step = f"{s['step_seconds']:.1f}" if s["step_seconds"] else "–"
         lines.append(f"| {name} | {s['ppl']:.2f} | {100 * s['vs_ce']:+.1f}% | {step} |")
     lines += [
+        "",
+        "Each recipe prunes its own half from the same calibration blocks: "
+        + "; ".join(f"{n}: layers {v['layers']}, {v['ppl']:.0f} ppl" for n, v in out["student_init"].items())
+        + ". Where they differ, the kd_same_tokenizer students start elsewhere: compare them with each other.",
         "",
         f"Teachers: SmolLM2-135M {out['teacher_ppl']['smollm2_135m']:.2f} on the same tokens; Gemma 3 270M "
         f"{gemma_ppl:.2f} per its own token ({gemma_tokens:,} Gemma tokens of the same text: not comparable).",
