@@ -12,7 +12,7 @@ import torch
 from conftest import FAST_EVAL, TINY_BUILD, TINY_TEACHER
 
 from compressor import UserError
-from compressor.crosstok import Aligner, cross_divergence, vocabulary_map
+from compressor.crosstok import Aligner, cross_divergence, same_tokenizer, vocabulary_map
 from compressor.recipe import load_recipe
 
 TEXTS = [
@@ -165,6 +165,12 @@ def test_one_tokenizer_aligns_every_position():
     vmap = vocabulary_map(tok, len(tok), tok, len(tok))
     mapped = (vmap >= 0).nonzero().flatten()
     assert torch.equal(vmap[mapped], mapped) and len(mapped) > 150  # not the 128 bytes past ASCII, alone
+
+
+def test_same_tokenizer_tells_vocabularies_of_one_size_apart():
+    a, b = _byte_level(TEXTS * 20), _byte_level([t.upper() for t in TEXTS] * 20)
+    assert len(a) == len(b)  # what validate compares (the vocabulary's size) cannot tell them apart
+    assert same_tokenizer(a, _byte_level(TEXTS * 20)) and not same_tokenizer(a, b)
 
 
 # --- a run whose teacher has its own tokenizer ---------------------------------------------------
