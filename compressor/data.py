@@ -138,11 +138,17 @@ def documents(data) -> tuple[list[str], list[str]]:
     the stdlib's held-out files for the built-in text, else the last `heldout_fraction` of the
     training documents."""
     train_docs = load_documents(data.train)
+    if held_out_of_train(data):
+        return split_heldout(train_docs, data.heldout_fraction)
     if data.heldout is not None:
         return train_docs, load_documents(data.heldout)
-    if data.train.source == "builtin:stdlib-text":
-        return train_docs, load_documents(TextSource(source="builtin:stdlib-heldout"))
-    return split_heldout(train_docs, data.heldout_fraction)
+    return train_docs, load_documents(TextSource(source="builtin:stdlib-heldout"))
+
+
+def held_out_of_train(data) -> bool:
+    """Whether `documents` takes the held-out set from the end of the training text (then
+    `heldout_fraction` changes what is trained on)."""
+    return data.heldout is None and data.train.source != "builtin:stdlib-text"
 
 
 def split_heldout(docs: list[str], fraction: float = 0.05) -> tuple[list[str], list[str]]:

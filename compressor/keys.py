@@ -11,6 +11,7 @@ of models timed together, the latency settings and the machine.
 from __future__ import annotations
 
 from . import FORMAT_VERSION
+from .data import held_out_of_train
 from .storage import digest
 
 # Bumped when what a measurement holds changes: old measurements are re-taken, artifacts kept.
@@ -27,8 +28,15 @@ def teacher_key(spec) -> str:
 
 
 def data_identity(data) -> str:
-    budget = data.max_train_tokens
-    return data.train.identity() + (f":first{budget}" if budget else "")
+    """The training blocks as a stage reads them: the text, the held-out share cut from its end
+    (when the held-out set comes from it), the block length (a prune's calibration blocks, the
+    prompts cut for teacher answers) and the token budget."""
+    parts = [data.train.identity(), f"seq{data.seq_len}"]
+    if held_out_of_train(data):
+        parts.append(f"minus-last{data.heldout_fraction}")
+    if data.max_train_tokens:
+        parts.append(f"first{data.max_train_tokens}")
+    return ":".join(parts)
 
 
 def stage_keys(recipe, teacher: str, data: str) -> list[str]:
