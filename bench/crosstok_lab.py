@@ -86,11 +86,17 @@ def recipes(args) -> tuple[dict, dict]:
         "orderings": {s["name"]: ["half", s["name"]] for s in same[1:]},
         **common,
     }
-    # A stage's key holds the data's identity but not data.seq_len (keys.data_identity): without a
-    # budget of its own this recipe would reuse the prune bench/smollm2_lab.py calibrated on
-    # 512-token blocks. A budget larger than the text changes no row and keys its own prune.
-    smollm2["data"] = {**common["data"], "max_train_tokens": 10**9}
     return gemma, smollm2
+
+
+def same_start(inits: dict) -> str:
+    """Both recipes prune SmolLM2 on the same calibration blocks: one half, or a line that says they differ."""
+    first, *others = inits.values()
+    if all(o["layers"] == first["layers"] for o in others):
+        return f"Both recipes prune the same half from the same calibration blocks: layers {first['layers']}."
+    return "The two recipes' halves DIFFER (compare kd_same_tokenizer only with its cached twin): " + "; ".join(
+        f"{n}: layers {v['layers']}, {v['ppl']:.0f} ppl" for n, v in inits.items()
+    )
 
 
 def main() -> None:
@@ -181,7 +187,8 @@ def main() -> None:
     lines = [
         "# Distillation across tokenizers: Gemma 3 270M into a SmolLM2 student",
         "",
-        f"Regenerate: `python bench/crosstok_lab.py --steps {args.steps} --alpha {args.alpha:g}` (2 CPU threads). "
+        f"Regenerate: `python bench/crosstok_lab.py --steps {args.steps} --alpha {args.alpha:g} "
+        f"--prompts {args.prompts}` (2 CPU threads). "
         f"Student: SmolLM2-135M's 15 most influential layers ({out['student_init']['crosstok-lab']['ppl']:.0f} ppl "
         "before training); "
         f"{args.steps} steps × {args.batch} × {args.seq} tokens of TinyStories for each student, the same batches; "
@@ -197,9 +204,7 @@ def main() -> None:
         lines.append(f"| {name} | {s['ppl']:.2f} | {100 * s['vs_ce']:+.1f}% | {step} |")
     lines += [
         "",
-        "Each recipe prunes its own half from the same calibration blocks: "
-        + "; ".join(f"{n}: layers {v['layers']}, {v['ppl']:.0f} ppl" for n, v in out["student_init"].items())
-        + ". Where they differ, the kd_same_tokenizer students start elsewhere: compare them with each other.",
+        same_start(out["student_init"]),
         "",
         f"Teachers: SmolLM2-135M {out['teacher_ppl']['smollm2_135m']:.2f} on the same tokens; Gemma 3 270M "
         f"{gemma_ppl:.2f} per its own token ({gemma_tokens:,} Gemma tokens of the same text: not comparable).",
