@@ -6,6 +6,8 @@ text (TinyStories) by
   kd_same_tokenizer   KD from SmolLM2-135M itself (forward KL, the same vocabulary)
   seq_kd              sequence-level KD: cross-entropy on Gemma 3 270M's continuations of
                       prompts cut from the text (its own tokenizer; the text re-tokenized)
+  seq_kd_hybrid       the hybrid logit KD below on those continuations (the teacher's text and
+                      its distribution)
   kd_uld, kd_hybrid, kd_mapped
                       logit KD from Gemma 3 270M across tokenizers (compressor.crosstok)
   <name>_cache        each logit-KD student again, from the teacher-logit cache
@@ -53,18 +55,12 @@ def recipes(args) -> tuple[dict, dict]:
         crossing = {"loss": kd, "cross_tokenizer": {"loss": loss, "top_k": args.k}, **train}
         cross.append({"name": f"kd_{loss}", "recover": crossing})
         cross.append({"name": f"kd_{loss}_cache", "recover": {**crossing, "teacher_cache": cache}})
+    # Gemma 3's continuations as the text: cross-entropy alone (seq_kd), and with the hybrid loss on them
     sequences = {"prompts": args.prompts, "prompt_tokens": 16, "new_tokens": args.seq - 16, "batch_size": 4}
-    cross.append(
-        {
-            "name": "seq_kd",
-            "distill": {
-                "sequences": sequences,
-                "cross_tokenizer": {"loss": "hybrid", "top_k": args.k},
-                "loss": {**kd, "alpha": 0.0},
-                **train,
-            },
-        }
-    )
+    on_answers = {"sequences": sequences, "cross_tokenizer": {"loss": "hybrid", "top_k": args.k}, **train}
+    cross.append({"name": "seq_kd", "distill": {**on_answers, "loss": {**kd, "alpha": 0.0}}})
+    cross.append({"name": "seq_kd_hybrid", "distill": {**on_answers, "loss": kd}})
+    cross.append({"name": "seq_kd_hybrid_cache", "distill": {**on_answers, "loss": kd, "teacher_cache": cache}})
     gemma = {
         "name": "crosstok-lab",
         "teacher": "gguf:gemma3-270m",
@@ -210,9 +206,10 @@ def main() -> None:
         f"{gemma_ppl:.2f} per its own token ({gemma_tokens:,} Gemma tokens of the same text: not comparable).",
         f"The vocabulary map matches {out['mapped_teacher_tokens']:,} of Gemma 3's 262,144 tokens to SmolLM2 tokens "
         "of the same text.",
-        f"Gemma 3's cache: {out['cache']['bytes_per_token']} bytes per token at k = {out['cache']['k']}, captured "
-        f"once in {out['cache']['capture_seconds']:.0f} s and read by the three cross-tokenizer students "
-        f"(SmolLM2's: {caches['kd_same_tokenizer_cache']['bytes_per_token']} bytes per token). "
+        f"Gemma 3's caches: {out['cache']['bytes_per_token']} bytes per token at k = {out['cache']['k']}, each "
+        f"captured once ({out['cache']['capture_seconds']:.0f} s in all): the text's, read by the three "
+        "cross-tokenizer students, and the continuations'. "
+        f"SmolLM2's: {caches['kd_same_tokenizer_cache']['bytes_per_token']} bytes per token. "
         f"Load average at the end: {out['load_average'][0]}.",
     ]
     save(args.report, out, "\n".join(lines))
