@@ -158,7 +158,7 @@ def main() -> None:
             "gemma3_270m_own_tokens": gemma_ppl,
         },
         "gemma_heldout_tokens": gemma_tokens,
-        "cache": {  # Gemma 3's, shared by the three cross-tokenizer students; every capture in `captures`
+        "cache": {  # Gemma 3's (the text's, shared by three students; the continuations'); each in `captures`
             "k": gemma_cache[0]["k"],
             "bytes_per_token": gemma_cache[0]["bytes_per_token"],
             "capture_seconds": sum(c["capture_seconds"] for c in gemma_cache),
@@ -187,7 +187,8 @@ def main() -> None:
         f"--prompts {args.prompts}` (2 CPU threads). "
         f"Student: SmolLM2-135M's 15 most influential layers ({out['student_init']['crosstok-lab']['ppl']:.0f} ppl "
         "before training); "
-        f"{args.steps} steps × {args.batch} × {args.seq} tokens of TinyStories for each student, the same batches; "
+        f"{args.steps} steps × {args.batch} × {args.seq} tokens for each student: TinyStories, the same batches, "
+        f"but for the seq_kd rows, which train on {args.prompts} Gemma 3 continuations of TinyStories prompts; "
         f"token perplexity on {out['heldout_tokens']:,} SmolLM2 tokens of WikiText-2 test. Logit KD: weight "
         f"{args.alpha:g} on the divergence, {1 - args.alpha:g} on cross-entropy, T = 1, the teacher's top-{args.k} "
         "at every aligned position (compressor.crosstok).",
