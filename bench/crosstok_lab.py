@@ -10,7 +10,12 @@ text (TinyStories) by
                       its distribution)
   kd_uld, kd_hybrid, kd_mapped
                       logit KD from Gemma 3 270M across tokenizers (compressor.crosstok)
-  <name>_cache        each logit-KD student again, from the teacher-logit cache
+  <name>_cache        each logit-KD student again, from the teacher-logit cache (SmolLM2's: its
+                      top k/2 and k/2 draws from the tail, the default; Gemma 3's across
+                      tokenizers: its top k and the tail as one bucket)
+  kd_same_tokenizer_cache_bucket
+                      SmolLM2's cache with the top k and the tail as one bucket (what the
+                      draws replace)
 
 and scored by token perplexity on WikiText-2 test (SmolLM2's tokens: every student has them).
 
@@ -74,6 +79,10 @@ def recipes(args) -> tuple[dict, dict]:
         half,
         {"name": "kd_same_tokenizer", "recover": {"loss": kd, **train}},
         {"name": "kd_same_tokenizer_cache", "recover": {"loss": kd, "teacher_cache": cache, **train}},
+        {
+            "name": "kd_same_tokenizer_cache_bucket",
+            "recover": {"loss": kd, "teacher_cache": {**cache, "tail_samples": 0}, **train},
+        },
     ]
     smollm2 = {
         "name": "crosstok-lab-same",
@@ -150,7 +159,7 @@ def main() -> None:
         for s in r["stages"]
         if "teacher_cache" in s.get("info", {})
     }
-    gemma_cache = [c for name, c in caches.items() if name != "kd_same_tokenizer_cache"]
+    gemma_cache = [c for name, c in caches.items() if not name.startswith("kd_same_tokenizer")]
     out = {
         "students": students,
         "teacher_ppl": {
@@ -210,7 +219,12 @@ def main() -> None:
         f"Gemma 3's caches: {out['cache']['bytes_per_token']} bytes per token at k = {out['cache']['k']}, each "
         f"captured once ({out['cache']['capture_seconds']:.0f} s in all): the text's, read by the three "
         "cross-tokenizer students, and the continuations'. "
-        f"SmolLM2's: {caches['kd_same_tokenizer_cache']['bytes_per_token']} bytes per token. "
+        f"SmolLM2's: {caches['kd_same_tokenizer_cache']['bytes_per_token']} bytes per token, its top "
+        f"{args.k - caches['kd_same_tokenizer_cache']['tail_samples']} tokens and "
+        f"{caches['kd_same_tokenizer_cache']['tail_samples']} drawn from the tail (systematic sampling, each "
+        "a share of the tail's mass: an unbiased estimate of the full-vocabulary gradient; "
+        "kd_same_tokenizer_cache_bucket keeps the top "
+        f"{args.k} and the tail as one bucket). "
         f"Load average at the end: {out['load_average'][0]}.",
     ]
     save(args.report, out, "\n".join(lines))

@@ -22,9 +22,11 @@ Writes reports/smollm2_lab.json ({teacher_ppl, student_init_ppl, ce_ppl, kd_ppl,
 seconds, ...}) and reports/smollm2_lab.md.
 
 A third student trains by the same KD from the teacher-logit cache (`teacher_cache: {k:
---cache-k}`): the teacher's top-k log-probabilities of every row the training visits, captured
-once, then no teacher forward in any step; its perplexity against the live KD student's, the
-cache's bytes per token and capture seconds are reported.
+--cache-k}`): the teacher's top-k/2 log-probabilities and k/2 tokens drawn from its tail, of
+every row the training visits, captured once, then no teacher forward in any step; its
+perplexity against the live KD student's, the cache's bytes per token and capture seconds are
+reported. A fourth, from a cache of the top k with the tail as one bucket (`tail_samples: 0`),
+shows what the draws are worth.
 
 The KD/CE step ratio is measured twice: over the two trainings (each stage's own clock), and side
 by side after them, `--timing-rounds` rounds of one CE step, one KD step and the teacher's forward
@@ -43,6 +45,7 @@ from pathlib import Path
 
 from _reports import SHARED, load_average, prepare, save
 
+STUDENTS = ("ce", "kd", "kd_cache", "kd_cache_bucket")
 TRAIN_TEXTS = {  # name -> (file under ../shared/data, what the report calls it, report name)
     "tinystories": ("tinystories/tinystories_val.txt", "TinyStories (validation, first 800 KB)", "smollm2_lab"),
     "wikitext2": ("wikitext2/wt2_tokens.valid.txt", "WikiText-2 valid", "smollm2_lab_in_domain"),
@@ -139,6 +142,7 @@ def main() -> None:
     train_file, train_name, report = TRAIN_TEXTS[args.train]
     train = {"steps": args.steps, "batch_size": args.batch, "lr": args.lr, "warmup": 0.1, "checkpoint_every": 10}
     kd_loss = {"divergence": "forward_kl", "temperature": 1.0, "alpha": args.alpha}
+    bucket = {"k": args.cache_k, "tail_samples": 0}  # the top k and the tail as one bucket
     recipe = {
         "name": "smollm2-lab",
         "seed": 0,
@@ -153,8 +157,9 @@ def main() -> None:
             {"name": "ce", "recover": {"teacher": "none", **train}},
             {"name": "kd", "recover": {"teacher": "original", "loss": kd_loss, **train}},
             {"name": "kd_cache", "recover": {"loss": kd_loss, "teacher_cache": {"k": args.cache_k}, **train}},
+            {"name": "kd_cache_bucket", "recover": {"loss": kd_loss, "teacher_cache": bucket, **train}},
         ],
-        "orderings": {"ce": ["half", "ce"], "kd": ["half", "kd"], "kd_cache": ["half", "kd_cache"]},
+        "orderings": {name: ["half", name] for name in STUDENTS},
         "eval": {"tasks": [], "latency": {"enabled": False}, "fidelity": {"samples": args.blocks, "batch_size": 4}},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +184,7 @@ def main() -> None:
             args.cache_k,
             Path(tmp) / "timing-cache",
         )
-    rows = {s["ordering"]: s for s in record["stages"] if s["name"] in ("ce", "kd", "kd_cache")}
+    rows = {s["ordering"]: s for s in record["stages"] if s["name"] in STUDENTS}
     ce, kd, kd_cache = rows["ce"]["info"], rows["kd"]["info"], rows["kd_cache"]["info"]
     out = {
         "teacher_ppl": record["stages"][0]["metrics"]["heldout_ppl"],
@@ -197,6 +202,7 @@ def main() -> None:
         "kd_cache_ppl": rows["kd_cache"]["metrics"]["heldout_ppl"],
         "kd_cache_seconds_per_step": kd_cache["train_seconds"] / (args.steps - kd_cache.get("resumed_at", 0)),
         "cache": kd_cache["teacher_cache"],
+        "kd_cache_bucket_ppl": rows["kd_cache_bucket"]["metrics"]["heldout_ppl"],
         "steps_timed": {n: args.steps - rows[n]["info"].get("resumed_at", 0) for n in ("ce", "kd", "kd_cache")},
         "teacher_params": record["stages"][0]["metrics"]["params"],
         "student_params": rows["kd"]["metrics"]["params"],
@@ -212,6 +218,8 @@ def main() -> None:
     out["kd_step_over_ce_step"] = out["kd_seconds_per_step"] / out["ce_seconds_per_step"]
     out["kd_cache_step_over_ce_step"] = out["kd_cache_seconds_per_step"] / out["ce_seconds_per_step"]
     out["kd_cache_vs_kd"] = out["kd_cache_ppl"] / out["kd_ppl"] - 1
+    out["kd_cache_bucket_vs_kd"] = out["kd_cache_bucket_ppl"] / out["kd_ppl"] - 1
+    drawn = out["cache"]["tail_samples"]
     lines = [
         "# Distillation lab on SmolLM2-135M",
         "",
@@ -230,8 +238,10 @@ def main() -> None:
         f"| student, cross-entropy only | {out['ce_ppl']:.2f} |",
         f"| student, KD (forward KL, T = 1, weight {args.alpha:g}; CE on labels {1 - args.alpha:g}) | "
         f"{out['kd_ppl']:.2f} ({100 * out['kd_vs_ce']:+.1f}% vs CE) |",
-        f"| student, the same KD from the teacher-logit cache (top-{args.cache_k}) | {out['kd_cache_ppl']:.2f} "
-        f"({100 * out['kd_cache_vs_kd']:+.1f}% vs live KD) |",
+        f"| student, the same KD from the teacher-logit cache (top-{args.cache_k - drawn} and {drawn} drawn from "
+        f"the tail) | {out['kd_cache_ppl']:.2f} ({100 * out['kd_cache_vs_kd']:+.1f}% vs live KD) |",
+        f"| student, the same KD from a cache of the top-{args.cache_k} and the tail as one bucket | "
+        f"{out['kd_cache_bucket_ppl']:.2f} ({100 * out['kd_cache_bucket_vs_kd']:+.1f}% vs live KD) |",
         "",
         f"The cache: {out['cache']['bytes_per_token']:.0f} bytes per token; {out['cache']['captured_rows']} of the "
         f"{out['cache']['rows']} rows the training visits captured in {out['cache']['capture_seconds']:.0f} s (the "

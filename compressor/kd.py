@@ -83,6 +83,7 @@ class Knobs(TrainConfig):
             raise ValueError("on_policy needs a divergence term: alpha is 0 (plain CE)")
         if self.teacher_cache is not None:
             self._cacheable()
+            self.teacher_cache = self.teacher_cache.resolved(across_tokenizers=self.cross_tokenizer is not None)
         if self.cross_tokenizer is not None:
             self._crossable()
         return self
@@ -110,6 +111,11 @@ class Knobs(TrainConfig):
             raise ValueError(
                 f"teacher_cache.k ({self.teacher_cache.k}) differs from cross_tokenizer.top_k ({cross.top_k}): "
                 "the cache holds the top-k the loss reads; give them the same value"
+            )
+        if self.teacher_cache is not None and self.teacher_cache.tail_samples:
+            raise ValueError(
+                f"teacher_cache.tail_samples ({self.teacher_cache.tail_samples}): the cross-tokenizer losses "
+                "read the tail as one bucket (they are not linear in the teacher's probabilities); set it to 0"
             )
 
     def _cacheable(self) -> None:
@@ -317,7 +323,7 @@ def from_cache(
     visited = sorted({r for step in range(micro_batches) for r in batches.indices(step).tolist()})
     ids, T = batches.rows["input_ids"], cfg.loss.temperature
     reader, aligner = (cross.reader, cross.aligner) if cross is not None else (None, None)
-    path = folder(ctx.cache, ctx.cache_key, ids, cfg.teacher_cache.k, T, reader)
+    path = folder(ctx.cache, ctx.cache_key, ids, cfg.teacher_cache.k, T, reader, cfg.teacher_cache.tail_samples)
     with torch.no_grad():
         captured, stats = capture(teacher, ids, visited, cfg.teacher_cache, T, path, aligner)
     ctx.info["teacher_cache"] = {

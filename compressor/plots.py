@@ -7,6 +7,7 @@ as soon as two models sit close); decode latency is drawn with its range over th
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .picks import Floor, choose, higher_is_better, label, metric_value
@@ -38,6 +39,8 @@ def floor_level(teacher: dict, floor: Floor, higher: bool) -> float | None:
         return None
     return ref * floor.retain if higher else ref / floor.retain
 
+
+KEY_WIDTH = 90  # characters per line of the key beside the axes
 
 AXES = (
     ("loaded_bytes", "memory once loaded (MiB)", "accuracy_vs_memory.png", 2**20),
@@ -122,7 +125,8 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         for s, _, _ in pts:
             kinds = [k for k in marks.get(_key(s), []) if k != "throughput" or x_key == "decode_ms_per_token"]
             pick = f"  ← {' + '.join(kinds)} pick" if kinds else ""
-            key_lines.append(f"{number[_key(s)]}: {' = '.join(names[_key(s)])}{pick}")
+            line = f"{number[_key(s)]}: {' = '.join(names[_key(s)])}{pick}"  # a shared prefix: many names
+            key_lines.append(textwrap.fill(line, KEY_WIDTH, subsequent_indent="    ", break_on_hyphens=False))
         ax.text(
             1.02,
             1.0,
@@ -140,8 +144,7 @@ def write_plots(stages: list[dict], floor: Floor, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         # beside the axes, under the key: inside, it hid points wherever "best" found no room
         ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.02, 0.0), borderaxespad=0)
-        fig.tight_layout()
-        path = out / fname
+        path = out / fname  # saved with bbox_inches="tight": the canvas grows to hold the key beside the axes
         tmp = path.with_suffix(".tmp.png")
         fig.savefig(tmp, bbox_inches="tight")
         plt.close(fig)

@@ -142,8 +142,10 @@ def stage_notes(stages: list[dict]) -> list[str]:
             made = (
                 f"captured {c['captured_rows']} in {c['capture_seconds']:.0f} s" if c["captured_rows"] else "all read"
             )
+            drawn = c.get("tail_samples", 0)  # runs before the draws have none
+            slots = f"top-{c['k'] - drawn} and {drawn} drawn from the tail" if drawn else f"top-{c['k']}"
             notes.append(
-                f"- **{label(s)}**: trained from the teacher-logit cache (top-{c['k']}, "
+                f"- **{label(s)}**: trained from the teacher-logit cache ({slots}, "
                 f"{c['bytes_per_token']:.0f} bytes per token): {c['rows']} rows, {made}; "
                 f"{c['teacher_forwards_saved']} teacher forwards saved."
             )

@@ -218,6 +218,7 @@ def test_a_teacher_with_its_own_tokenizer_refuses_what_reads_it_token_by_token(w
         ({"loss": {"divergence": "reverse_kl"}}, "leave loss.divergence"),
         ({"loss": {"top_k": 8}}, "leave loss.top_k out"),
         ({"teacher_cache": {"k": 32}}, "teacher_cache.k \\(32\\) differs from cross_tokenizer.top_k \\(64\\)"),
+        ({"teacher_cache": {"k": 64, "tail_samples": 8}}, "teacher_cache.tail_samples \\(8\\): the cross-tokenizer"),
         ({"teacher": "input"}, "teacher: input is the stage's own input"),
         ({"sequences": {"prompts": 2}}, "written as text by a distill stage"),
     ],
@@ -254,7 +255,7 @@ def test_distill_across_tokenizers_live_and_from_the_cache(write_recipe, tmp_pat
     info = rows["live"]["info"]["cross_tokenizer"]
     assert info["loss"] == "mapped" and info["aligned_first_batch"] > 0.5 and info["mapped_teacher_tokens"] > 100
     cache = rows["cached"]["info"]["teacher_cache"]
-    assert cache["captured_rows"] == cache["rows"] > 0
+    assert cache["captured_rows"] == cache["rows"] > 0 and cache["tail_samples"] == 0  # one bucket across
     # the live step reads the teacher's top-k as the cache stores it: the same training
     assert rows["live"]["info"]["final_loss"] == pytest.approx(rows["cached"]["info"]["final_loss"], rel=1e-4)
     assert rows["hidden"]["info"]["final_loss"] != rows["live"]["info"]["final_loss"]

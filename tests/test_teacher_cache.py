@@ -77,26 +77,38 @@ def teacher():
     return tiny_llama(hidden=32, layers=2, heads=4, kv_heads=2, inter=64, vocab=V).eval()
 
 
-def test_a_capture_killed_mid_way_resumes_to_the_same_cache_and_its_name_is_its_content(teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("samples", [0, 3])
+def test_a_capture_killed_mid_way_resumes_to_the_same_cache_and_its_name_is_its_content(
+    teacher, tmp_path, monkeypatch, samples
+):
     from compressor import teacher_cache
     from compressor.teacher_cache import PART, TeacherCache, capture, folder
 
     ids = torch.randint(0, V, (60, 12), generator=torch.Generator().manual_seed(1))
     rows = list(range(0, 60, 3)) + [4, 5]  # 22 rows of 60: only what a training visits
-    cfg = TeacherCache(k=8, batch_size=3)
+    cfg = TeacherCache(k=8, tail_samples=samples, batch_size=3)
     whole, stats = capture(teacher, ids, rows, cfg, 2.0, tmp_path / "whole")
     assert stats["captured_rows"] == 22 and stats["bytes_per_token"] == 8 * 2 + 8 * 2 + 4  # uint16, fp16, fp32
     got = whole.take(rows)
     assert got["topk_ids"].dtype == torch.uint16 and got["topk_logp"].shape == (22, 12, 8)
     files = lambda name: {f.name: f.read_bytes() for f in (tmp_path / name).iterdir()}  # noqa: E731
     assert sum(len(f) for f in files("whole").values()) < 1.1 * 22 * 12 * stats["bytes_per_token"]
-    # what it holds is the teacher's: its top-k log-probabilities at T and the tail's log-mass
+    # what it holds is the teacher's: its top-k log-probabilities at T and the tail's log-mass (or
+    # with samples, the top k - m and m tail tokens, each weighing a m-th of the tail's mass)
     with torch.no_grad():
         want = (teacher(ids[rows]).logits / 2.0).log_softmax(-1)
-    top = want.topk(8, -1)
-    assert torch.equal(got["topk_ids"].long(), top.indices)
-    assert torch.allclose(got["topk_logp"].float(), top.values, atol=2e-3)
-    assert torch.allclose(got["tail_logp"], want.scatter(-1, top.indices, float("-inf")).logsumexp(-1), atol=1e-5)
+    top = want.topk(8 - samples, -1)
+    tail = want.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    assert torch.equal(got["topk_ids"][..., : 8 - samples].long(), top.indices)
+    assert torch.allclose(got["topk_logp"][..., : 8 - samples].float(), top.values, atol=2e-3)
+    if samples:
+        drawn = got["topk_ids"][..., 8 - samples :].long()
+        assert not (drawn[..., :, None] == top.indices[..., None, :]).any()  # from the tail only
+        weight = tail[..., None].expand(*tail.shape, samples) - torch.log(torch.tensor(float(samples)))
+        assert torch.allclose(got["topk_logp"][..., 8 - samples :].float(), weight, atol=2e-3)
+        assert (got["tail_logp"] == float("-inf")).all()  # the draws hold the tail's mass
+    else:
+        assert torch.allclose(got["tail_logp"], tail, atol=1e-5)
 
     real, calls = teacher_cache.save_file, []
 
@@ -125,8 +137,49 @@ def test_a_capture_killed_mid_way_resumes_to_the_same_cache_and_its_name_is_its_
         folder(tmp_path, "teacher-a:data", ids.flip(0), 8, 2.0),
         folder(tmp_path, "teacher-a:data", ids, 16, 2.0),
         folder(tmp_path, "teacher-a:data", ids, 8, 1.0),
+        folder(tmp_path, "teacher-a:data", ids, 8, 2.0, tail_samples=3),
     ]
-    assert len({name, *others}) == 5
+    assert len({name, *others}) == 6
+
+
+def test_tail_draws_estimate_the_full_distribution_and_its_kd_gradient_without_bias():
+    """Over many captures (each its own draws), the k - m top tokens plus m systematic draws from
+    the tail average to the teacher's whole distribution, and the cached KD gradient to the
+    full-vocabulary one; a top-k with one tail bucket stays off it. Every token holding more than
+    a m-th of the tail is drawn each time."""
+    from compressor.losses import Workspace
+    from compressor.teacher_cache import topk_of
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(H, V, bias=False)
+    states = torch.randn(6, H, generator=g)
+    with torch.no_grad():
+        head.weight.copy_(0.4 * torch.randn(V, H, generator=g))  # a wide tail: the top 4 hold ~20%
+        p = head(states).log_softmax(-1).exp()
+    s_hidden = torch.randn(1, 6, H, generator=g, requires_grad=True)
+    labels = torch.zeros(1, 6, dtype=torch.long)
+    cfg = LossConfig(alpha=1.0, temperature=1.0)
+
+    def grad(**cached_or_live):
+        s_hidden.grad = None
+        kd_loss(s_hidden, head, states[None], head, labels, cfg, **cached_or_live).backward()
+        return s_hidden.grad.clone()
+
+    live = grad()
+    mean_p, mean_grad, n = torch.zeros(6, V), torch.zeros_like(live), 200
+    for i in range(n):
+        ids, logp, tail = topk_of(
+            head, states, 8, 1.0, Workspace(), (6,), samples=4, draws=torch.Generator().manual_seed(i)
+        )
+        tail_p = p.scatter(-1, ids[:, :4], 0.0)
+        big = tail_p > tail_p.sum(-1, keepdim=True) / 4
+        assert all(set(torch.nonzero(big[r]).flatten().tolist()) <= set(ids[r, 4:].tolist()) for r in range(6))
+        mean_p += torch.zeros(6, V).scatter_add_(-1, ids, logp.float().exp()) / n
+        mean_grad += grad(cached=(ids[None], logp[None], tail[None])) / n
+    assert (mean_p - p).abs().max() < 0.1 * p.max() and (mean_p.sum(-1) - 1).abs().max() < 1e-3
+    bucketed = grad(cached=[c[None] for c in topk_of(head, states, 8, 1.0, Workspace(), (6,))])
+    error, bias = (mean_grad - live).norm(), (bucketed - live).norm()
+    assert error < 0.2 * bias, (error, bias)
 
 
 def test_a_recipe_trains_from_the_cache_as_from_the_live_teacher_and_shares_it(tmp_path, write_recipe):
@@ -140,7 +193,13 @@ def test_a_recipe_trains_from_the_cache_as_from_the_live_teacher_and_shares_it(t
     loss = {"temperature": 2.0, "alpha": 0.5}
     train = {"steps": 6, "batch_size": 4, "loss": loss}
     records = {}
-    for name, cache in (("live", {}), ("cached", {"teacher_cache": {"k": 1024}})):
+    variants = (
+        ("live", {}),
+        ("cached", {"teacher_cache": {"k": 1024}}),
+        ("drawn", {"teacher_cache": {"k": 16}}),
+        ("bucket", {"teacher_cache": {"k": 16, "tail_samples": 0}}),
+    )
+    for name, cache in variants:
         stages = [
             {"distill": {"student": {"num_layers": 1}, **train, **cache}},
             {"recover": {**train, **cache}},
@@ -148,10 +207,15 @@ def test_a_recipe_trains_from_the_cache_as_from_the_live_teacher_and_shares_it(t
         r = recipe(*stages, name=name)
         r["eval"].update(tasks=[], latency={"enabled": False})
         records[name] = run(load_recipe(write_recipe(r, f"{name}.yaml")), tmp_path / name)
-    live, cached = ({s["name"]: s for s in records[n]["stages"]} for n in ("live", "cached"))
+    live, cached, drawn, bucket = ({s["name"]: s for s in records[n]["stages"]} for n, _ in variants)
     for stage in ("distill", "recover"):
         a, b = live[stage]["metrics"]["teacher_kl"], cached[stage]["metrics"]["teacher_kl"]
         assert abs(a - b) < 1e-3 * a, (stage, a, b)
+        # the top 8 of 96 tokens and 8 drawn from the tail (the default: half the slots) train nearer
+        # the live teacher's student than the top 16 and one tail bucket
+        c, d = drawn[stage]["metrics"]["teacher_kl"], bucket[stage]["metrics"]["teacher_kl"]
+        assert abs(c - a) < 0.1 * a and abs(c - a) < abs(d - a), (stage, a, c, d)
+    assert drawn["distill"]["info"]["teacher_cache"]["tail_samples"] == 8
     first, second = cached["distill"]["info"]["teacher_cache"], cached["recover"]["info"]["teacher_cache"]
     assert first["captured_rows"] == first["rows"] > 0 and first["teacher_forwards_saved"] == 6
     assert second["folder"] == first["folder"]  # the same teacher, rows, k and temperature
@@ -168,6 +232,7 @@ def test_a_recipe_trains_from_the_cache_as_from_the_live_teacher_and_shares_it(t
         ({"recover": {"teacher_cache": {"k": 8}, "teacher": "input"}}, "teacher: input has none to share"),
         ({"recover": {"teacher_cache": {"k": 8}, "hidden": {"layer_map": {0: 0}}}}, "hidden needs"),
         ({"recover": {"teacher_cache": {"k": 8}, "loss": {"top_k": 4}}}, "leave loss.top_k out"),
+        ({"recover": {"teacher_cache": {"k": 8, "tail_samples": 8}}}, "tail_samples (8) must leave some of the k (8)"),
     ],
 )
 def test_what_a_cache_cannot_serve_is_refused_in_one_line(stage, message, write_recipe, capsys):
@@ -189,4 +254,8 @@ def test_a_stage_without_the_cache_keeps_the_key_it_had_before_the_field_existed
         load_recipe(write_recipe(recipe({"recover": {"steps": 2, **extra}}), f"{i}.yaml")).stages[0].params()
         for i, extra in enumerate(({}, {"teacher_cache": {"k": 8}}))
     )
-    assert "teacher_cache" not in plain["config"] and cached["config"]["teacher_cache"] == {"k": 8, "batch_size": 4}
+    assert "teacher_cache" not in plain["config"] and cached["config"]["teacher_cache"] == {
+        "k": 8,
+        "tail_samples": 4,
+        "batch_size": 4,
+    }
