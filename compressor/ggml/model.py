@@ -61,13 +61,16 @@ def shape_sizes(shape: dict) -> list[tuple[int, int]]:
 
 def activation_importance(model: torch.nn.Module, linears: dict, blocks: torch.Tensor, batch_size: int) -> dict:
     """{name: mean squared input per column} of `linears` over the calibration blocks, in one pass."""
+    from ..progress import Bar
     from ..quant import Importance
 
     hooks = Importance(linears)
+    batches = blocks.split(batch_size)
     try:
-        with torch.no_grad():
-            for batch in blocks.split(batch_size):
+        with torch.no_grad(), Bar("activation importance", len(batches), unit="calibration batch") as bar:
+            for batch in batches:
                 model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+                bar.update(1)
     finally:
         found = hooks.close()
     return found
