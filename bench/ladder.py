@@ -20,18 +20,23 @@ Rows:
 - `floor`: llama.cpp's own Q8_0 file's weights, dequantized, stored as F32: what llama.cpp's
   arithmetic costs when the weights are exactly Q8_0's (its quantized kernels round activations to
   8-bit blocks; an F32 file does not).
+- `release`: the GGUF file the float model was dequantized from, scored as it is: its weights are the
+  float model's exactly, so its KL is llama.cpp's arithmetic on those types alone, the floor of any
+  rung of the same types (Gemma 3's Q4_K_M: no quantizer can judge itself there).
 Every row: bytes, bits per weight, perplexity, mean KL to the float model and top-1 agreement on the
 same WikiText-2 test windows (llama.cpp's logits, our scorer), and decode ms/token at batch 1, each
 rung's files (llama.cpp's with and without imatrix, ours of that mix) timed together in interleaved
 rounds at 2 threads (min, range), one rung after another: one session holding all ~35 files made the
-files loaded last 10-20% slower than the same bytes timed beside one other file. Writes
-reports/ladder.{json,md,png} (reports/ladder_gemma3.* for Gemma 3).
+files loaded last 10-20% slower than the same bytes timed beside one other file. A byte-identical copy
+of llama.cpp's imatrix file is timed with each rung: what the same bytes measure twice is the noise a
+speed ratio is read against. Writes reports/ladder.{json,md,png} (reports/ladder_gemma3.* for Gemma 3).
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -76,6 +81,11 @@ def against_rungs(out: dict) -> dict:
             same = [x["ms_per_token"] / r["ms_per_token"] for x in out["ours"] if x["mix"] == rung]
             if same:  # our files of this rung's types: the slowest against llama.cpp's (target ≤ 1.1×)
                 best[rung]["ms_ratio_same_types"] = max(same)
+            if rung in out["timing"].get("copy_ms_ratio", {}):  # the same bytes timed again: the noise
+                best[rung]["ms_ratio_copy"] = out["timing"]["copy_ms_ratio"][rung]
+            release = out.get("release")
+            if release and release["types"] == r["types"]:  # the float model's own file, on the rung's types
+                best[rung]["release_kl"] = release["kl_to_float"]
             by_method = {}
             for m in LABELS:
                 mine = [x for x in fits if x["method"] == m]
@@ -110,6 +120,7 @@ def main() -> None:
     from compressor.models import load_pretrained
     from compressor.runtimes.llamacpp import LlamaCppLogits, LlamaCppRunner
     from compressor.teachers import TeacherSpec, load_teacher
+    from compressor.teachers.gguf import file_type
 
     cpu = torch.device("cpu")
     spec = TeacherSpec.model_validate(f"gguf:{args.model}")
@@ -134,6 +145,8 @@ def main() -> None:
                 run_tool("llama-quantize", *extra, str(f32), str(path), rung, str(THREADS))
                 label = f"llama.cpp {rung}" + (" (imatrix)" if extra else "")
                 files[f"{group}/{rung}"] = (rung, path, {"name": label})
+        release, kind = spec.impl.file(), file_type(spec.impl.file())
+        files["release"] = (kind if kind in rungs else "release", release, {"name": f"the release file ({kind})"})
         for stage in ours:
             name = stage["name"]
             loaded = load_pretrained(str(artifacts[name]), cpu, dtype="auto")
@@ -190,13 +203,21 @@ def main() -> None:
         latency = LatencySpec(
             prompt_tokens=32, new_tokens=48, batch_sizes=[1], warmup=1, repeats=args.rounds, threads=THREADS
         )
-        sessions = {}
+        sessions, control = {}, {}
         for rung in dict.fromkeys(r for r, _, _ in files.values()):
-            keys = [k for k, (r, _, _) in files.items() if r == rung]
-            timed = [Timed(k, k, lambda p=files[k][1]: LlamaCppRunner(p, THREADS, 128, 1 << 30)) for k in keys]
+            paths = {k: p for k, (r, p, _) in files.items() if r == rung}
+            if f"llamacpp/{rung}" in paths:  # the noise control: llama.cpp's file again, byte for byte
+                paths["copy"] = tmp / f"copy-{rung}.gguf"
+                shutil.copyfile(paths[f"llamacpp/{rung}"], paths["copy"])
+            timed = [Timed(k, k, lambda p=p: LlamaCppRunner(p, THREADS, 128, 1 << 30)) for k, p in paths.items()]
             timing = time_models(timed, windows.flatten(), latency, cpu)
             for key, figures in timing["models"].items():
-                rows[key].update(ms_per_token=figures["decode_ms_per_token"], ms_range=figures["decode_ms_range"])
+                if key != "copy":
+                    rows[key].update(ms_per_token=figures["decode_ms_per_token"], ms_range=figures["decode_ms_range"])
+            if "copy" in paths:
+                copy_ms = timing["models"]["copy"]["decode_ms_per_token"]
+                control[rung] = copy_ms / rows[f"llamacpp/{rung}"]["ms_per_token"]
+                paths["copy"].unlink()
             sessions[rung] = timing["session"]
 
     out = {
@@ -211,7 +232,13 @@ def main() -> None:
         "llamacpp_our_imatrix": {k.split("/")[1]: r for k, r in rows.items() if k.startswith("llamacpp_our_imatrix/")},
         "ours": [r for k, r in rows.items() if k.startswith("ours/")],
         "floor": rows.get("floor"),
-        "timing": {"order": "per rung: its files together in interleaved rounds", "sessions": sessions},
+        "release": rows["release"],
+        "timing": {
+            "order": "per rung: its files together in interleaved rounds, with a byte-identical copy of llama.cpp's "
+            "imatrix file as the noise control",
+            "copy_ms_ratio": control,
+            "sessions": sessions,
+        },
         "load_average": load_average(),
     }
     out["against_rungs"] = against_rungs(out)
@@ -251,7 +278,7 @@ def markdown(out: dict) -> str:
     ]
     every = [r for g in ("llamacpp", "llamacpp_no_imatrix", "llamacpp_our_imatrix") for r in out[g].values()]
     every += out["ours"]
-    every += [out["floor"]] if out.get("floor") else []
+    every += [out[k] for k in ("floor", "release") if out.get(k)]
     for r in sorted(every, key=lambda r: (-r["bytes"], r["kl_to_float"])):
         ms = f"{r['ms_per_token']:.1f} ({r['ms_range'][0]:.1f}–{r['ms_range'][1]:.1f})" if "ms_per_token" in r else ""
         lines.append(
@@ -263,13 +290,24 @@ def markdown(out: dict) -> str:
         "Ours against each imatrix rung: the lowest-KL file of ours no bigger than it, KL as a share of the "
         "rung's (targets: ≤ 0.7× with GPTQ, ≤ 0.5× with QAT at 4.x bits and below; ≤ 1.0× above).",
         "",
-        "| rung | ours | KL ratio | by method | decode ms, our slowest file of its types / its |",
-        "|---|---|---|---|---|",
+        "| rung | ours | KL ratio | by method | decode ms, our slowest file of its types / its | its copy / it |",
+        "|---|---|---|---|---|---|",
     ]
     for rung, b in out["against_rungs"].items():
         methods = ", ".join(f"{LABELS[m]} {x:.2f}×" for m, x in b["kl_ratio_by_method"].items())
         ms = f"{b['ms_ratio_same_types']:.2f}×" if "ms_ratio_same_types" in b else "none of ours"
-        lines.append(f"| {rung} | {b['ours']} | {b['kl_ratio']:.2f}× | {methods} | {ms} |")
+        copy = f"{b['ms_ratio_copy']:.2f}×" if "ms_ratio_copy" in b else ""
+        lines.append(f"| {rung} | {b['ours']} | {b['kl_ratio']:.2f}× | {methods} | {ms} | {copy} |")
+    for rung, b in out["against_rungs"].items():
+        if "release_kl" in b:
+            r = out["llamacpp"][rung]
+            lines += [
+                "",
+                f"{rung} holds the release file's own types, and the float model is that file dequantized: scored "
+                f"as it is, the release has KL {b['release_kl']:.4f}, llama.cpp's arithmetic on these types with "
+                f"no weight error at all. llama.cpp's {rung} ({r['kl_to_float']:.4f}) and ours sit at that floor, "
+                "so the ratio at this rung measures the runtime's rounding of activations, not a quantizer.",
+            ]
     if out["llamacpp_our_imatrix"]:
         lines += [
             "",
@@ -318,6 +356,9 @@ def plot(out: dict, path: Path) -> None:
         ax.plot(*zip(*frontier), alpha=0.5)
     if out.get("floor"):
         ax.axhline(out["floor"]["kl_to_float"], color="grey", linestyle=":", label="floor: Q8_0's weights as F32")
+    if out.get("release"):
+        r = out["release"]
+        ax.scatter([r["bytes"] / 1e6], [r["kl_to_float"]], marker="v", color="black", label=r["name"])
     for r in list(out["llamacpp"].values()):
         ax.annotate(r["name"].replace("llama.cpp ", "").replace(" (imatrix)", ""), (r["bytes"] / 1e6, r["kl_to_float"]))
     ax.set_yscale("log")

@@ -216,12 +216,13 @@ class Importance:
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
-        def hook(_module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            self.sums[name] += (x * x).sum(0)
-            self.counts[name] += x.shape[0]
+        return lambda _module, args: self.add(name, args[0])
 
-        return hook
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Count inputs `x` [..., in_features] of module `name` (a hook calls it on every forward)."""
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        self.sums[name] += (x * x).sum(0)
+        self.counts[name] += x.shape[0]
 
     def close(self) -> dict[str, torch.Tensor]:
         for h in self.handles:

@@ -305,6 +305,36 @@ def test_a_mix_quantizes_the_embedding_too_and_the_file_holds_every_block(wide_f
         load_recipe(write_recipe(recipe({"quantize": {"method": "gptq", "mix": "Q4_K_M", "type": "Q4_K"}}), "x.yaml"))
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_importance_pass_measures_the_heads_input_without_running_the_head(tie):
+    """Every Linear's mean squared input, the head's included, as hooks on a whole forward see
+    them; the head itself never runs (a 262k vocabulary's logits are ~2 GB a batch)."""
+    from conftest import tiny_llama
+
+    from compressor.ggml.model import activation_importance
+    from compressor.quant import Importance
+
+    model = tiny_llama(hidden=64, layers=2, tie=tie)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "lm_head" in linears
+    blocks = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    hooks = Importance(linears)
+    with torch.no_grad():
+        for batch in blocks.split(4):
+            model(input_ids=batch, use_cache=False)
+    expected = hooks.close()
+
+    def refuse(*_):
+        raise AssertionError("the head ran")
+
+    handle = model.get_output_embeddings().register_forward_hook(refuse)
+    found = activation_importance(model, linears, blocks, 4)
+    handle.remove()
+    assert found.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
 def test_the_budget_buys_the_largest_error_drop_per_byte_and_refuses_what_cannot_fit():
     from compressor.ggml.budget import allocate
 

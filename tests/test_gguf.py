@@ -94,6 +94,7 @@ def test_what_gguf_cannot_hold_exactly_is_one_line_and_nothing_written(
 def test_a_gguf_file_is_a_teacher_with_the_weights_it_holds(tmp_path, tiny_teacher_folder, capsys):
     from compressor.exporters.gguf import write_gguf
     from compressor.teachers import TeacherSpec, load_teacher
+    from compressor.teachers.gguf import file_type
 
     source = load_pretrained(str(tiny_teacher_folder), CPU)
     path = write_gguf(
@@ -120,6 +121,10 @@ def test_a_gguf_file_is_a_teacher_with_the_weights_it_holds(tmp_path, tiny_teach
             assert torch.equal(got[name], value), name  # F32 tensors, bit for bit (q/k un-permuted)
     assert teacher.tokenizer(TEXT).input_ids == source.tokenizer(TEXT).input_ids
     assert "dequantized to fp32" in spec.impl.notes()[0]
+    fields = gguf.GGUFReader(path).fields  # the metadata llama.cpp's own quantizer writes
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    assert fields["general.quantization_version"].contents() == gguf.GGML_QUANT_VERSION
+    assert file_type(path) == "F32"
 
 
 def test_a_named_teacher_whose_package_is_missing_and_a_broken_file_are_one_line(

@@ -294,6 +294,7 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, options: dict, name: 
     for tensor_name, data in family.gguf_extra_tensors(cfg).items():
         add(tensor_name, data)
     writer.add_file_type(_file_type(kinds))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter and quantizer write it
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -60,19 +60,27 @@ def shape_sizes(shape: dict) -> list[tuple[int, int]]:
 
 
 def activation_importance(model: torch.nn.Module, linears: dict, blocks: torch.Tensor, batch_size: int) -> dict:
-    """{name: mean squared input per column} of `linears` over the calibration blocks, in one pass."""
+    """{name: mean squared input per column} of `linears` over the calibration blocks, in one pass.
+    The output head is not run: its input is the decoder's last hidden state, and its logits (a
+    262k vocabulary's are ~2 GB a batch) would be thrown away."""
     from ..progress import Bar
     from ..quant import Importance
 
-    hooks = Importance(linears)
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in linears.items() if m is head), None)
+    hooks = Importance({n: m for n, m in linears.items() if n != head_name})
+    heads = Importance({head_name: head}) if head_name else None
     batches = blocks.split(batch_size)
     try:
         with torch.no_grad(), Bar("activation importance", len(batches), unit="calibration batch") as bar:
             for batch in batches:
-                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+                ids = batch.to(next(model.parameters()).device)
+                hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+                if heads:
+                    heads.add(head_name, hidden)
                 bar.update(1)
     finally:
-        found = hooks.close()
+        found = hooks.close() | (heads.close() if heads else {})
     return found
 
 

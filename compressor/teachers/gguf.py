@@ -212,14 +212,26 @@ class GGUFSource(Source):
 
     def notes(self) -> list[str]:
         what = NAMED[self.target].what if self.target in NAMED else f"the GGUF file {self.file().name}"
-        kind = read_header(self.file())[0].get("general.file_type")
-        kinds = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 15: "Q4_K_M", 17: "Q5_K_M"}
         return [
             f"The teacher is {what} ({self.file().name}), dequantized to fp32 (GGUF file type "
-            f"{kinds.get(kind, kind)}): its weights "
+            f"{file_type(self.file())}): its weights "
             "already lie on that file's grid, not the original bf16 release. Re-quantizing to a 4-bit grid starts "
             "from a model that already sits on one, which flatters every quantization figure of this teacher."
         ] + ([PUBLISHED[self.target]] if self.target in PUBLISHED else [])
+
+
+# general.file_type: llama.cpp's llama_ftype, the mix a file was written as
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M",
+    13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS",
+    32: "BF16",
+}  # fmt: skip
+
+
+def file_type(path: Path) -> str:
+    """The mix a GGUF file says it was written as (llama.cpp's name), or its number when unnamed here."""
+    kind = read_header(path)[0].get("general.file_type")
+    return FILE_TYPES.get(kind, str(kind))
 
 
 def convert(path: Path, out: Path) -> None:
