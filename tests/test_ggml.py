@@ -209,6 +209,7 @@ def test_a_recipe_on_a_gguf_type_is_measured_in_both_runtimes_and_exports_its_bl
     from compressor.cli import main
     from compressor.pipeline import run
     from compressor.recipe import load_recipe
+    from compressor.storage import Store
 
     model, save = wide_folder
     r = recipe({"quantize": {"method": "rtn", "type": "q4_k", "importance": True, "calibration": {"samples": 4}}})
@@ -226,8 +227,16 @@ def test_a_recipe_on_a_gguf_type_is_measured_in_both_runtimes_and_exports_its_bl
     out = tmp_path / "gguf"
     assert main(["export", str(tmp_path / "run"), "--format", "gguf", "--out", str(out)]) == 0
     exported = next(out.glob("*.gguf"))
-    assert gguf_row["metrics"]["bytes"] == exported.stat().st_size  # the measured file is the exported one
-    reader = gguf.GGUFReader(exported)
+    # the measured file is the exported one: the same tensors byte for byte, the same metadata but its name
+    # (the runtime's copy is named by the artifact's key, the export by the stage's)
+    (measured,) = (Store().root / "deployed").glob(f"{torch_row['key']}-*/model.gguf")
+    assert gguf_row["metrics"]["bytes"] == measured.stat().st_size
+    reader, theirs = gguf.GGUFReader(exported), gguf.GGUFReader(measured)
+    assert [(t.name, t.tensor_type, bytes(t.data)) for t in reader.tensors] == [
+        (t.name, t.tensor_type, bytes(t.data)) for t in theirs.tensors
+    ]
+    fields = lambda r: {k: f.contents() for k, f in r.fields.items() if k not in ("general.name", "GGUF.kv_count")}  # noqa: E731
+    assert fields(reader) == fields(theirs)
     assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2} == {"Q4_K"}
 
 

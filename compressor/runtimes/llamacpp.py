@@ -18,7 +18,8 @@ from .. import UserError
 from ..storage import atomic_dir, digest
 from .base import Runtime
 
-EXPORT_VERSION = 2  # bumped when what the GGUF export writes changes (2: families, user-defined tokens)
+EXPORT_VERSION = 3  # bumped when what the GGUF export writes changes (2: families, user-defined tokens;
+# 3: general.quantization_version)
 
 
 _SILENT = None
