@@ -305,8 +305,9 @@ def markdown(out: dict) -> str:
                 "",
                 f"{rung} holds the release file's own types, and the float model is that file dequantized: scored "
                 f"as it is, the release has KL {b['release_kl']:.4f}, llama.cpp's arithmetic on these types with "
-                f"no weight error at all. llama.cpp's {rung} ({r['kl_to_float']:.4f}) and ours sit at that floor, "
-                "so the ratio at this rung measures the runtime's rounding of activations, not a quantizer.",
+                f"no weight error at all, against llama.cpp's {rung} at {r['kl_to_float']:.4f} and {b['ours']} at "
+                f"{b['kl_ratio'] * r['kl_to_float']:.4f}: files of these types that sit at that floor differ by the "
+                "runtime's rounding of activations, not by their quantizer.",
             ]
     if out["llamacpp_our_imatrix"]:
         lines += [
