@@ -145,7 +145,8 @@ def main() -> None:
                 run_tool("llama-quantize", *extra, str(f32), str(path), rung, str(THREADS))
                 label = f"llama.cpp {rung}" + (" (imatrix)" if extra else "")
                 files[f"{group}/{rung}"] = (rung, path, {"name": label})
-        release, kind = spec.impl.file(), file_type(spec.impl.file())
+        release = spec.impl.file()
+        kind = file_type(release)
         files["release"] = (kind if kind in rungs else "release", release, {"name": f"the release file ({kind})"})
         for stage in ours:
             name = stage["name"]

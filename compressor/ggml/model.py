@@ -68,19 +68,18 @@ def activation_importance(model: torch.nn.Module, linears: dict, blocks: torch.T
 
     head = model.get_output_embeddings()
     head_name = next((n for n, m in linears.items() if m is head), None)
-    hooks = Importance({n: m for n, m in linears.items() if n != head_name})
-    heads = Importance({head_name: head}) if head_name else None
+    hooks = Importance(linears)  # the head's hook never fires: its input is counted below
     batches = blocks.split(batch_size)
     try:
         with torch.no_grad(), Bar("activation importance", len(batches), unit="calibration batch") as bar:
             for batch in batches:
                 ids = batch.to(next(model.parameters()).device)
                 hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-                if heads:
-                    heads.add(head_name, hidden)
+                if head_name:
+                    hooks.add(head_name, hidden)
                 bar.update(1)
     finally:
-        found = hooks.close() | (heads.close() if heads else {})
+        found = hooks.close()
     return found
 
 

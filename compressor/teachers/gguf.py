@@ -220,18 +220,16 @@ class GGUFSource(Source):
         ] + ([PUBLISHED[self.target]] if self.target in PUBLISHED else [])
 
 
-# general.file_type: llama.cpp's llama_ftype, the mix a file was written as
-FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M",
-    13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS",
-    32: "BF16",
-}  # fmt: skip
-
-
 def file_type(path: Path) -> str:
-    """The mix a GGUF file says it was written as (llama.cpp's name), or its number when unnamed here."""
+    """The mix a GGUF file says it was written as (`general.file_type`, llama.cpp's name: Q4_K_M),
+    or its number when gguf does not name it."""
+    from gguf import LlamaFileType
+
     kind = read_header(path)[0].get("general.file_type")
-    return FILE_TYPES.get(kind, str(kind))
+    try:
+        return LlamaFileType(kind).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return str(kind)
 
 
 def convert(path: Path, out: Path) -> None:
