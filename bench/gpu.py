@@ -164,6 +164,19 @@ def quickstart(device, quick: bool) -> dict:
     }
 
 
+def versions(names) -> dict:
+    """The packages the figures came from (the machine's image, not this checkout's pins)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -179,7 +192,7 @@ def main() -> None:
         sys.exit(2)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        "versions": versions(("torch", "transformers", "torchao", "compressed-tensors", "lm_eval")),
         "quick": args.quick,
         "load_average_before": load_average(),
     }

@@ -35,6 +35,7 @@ speed ratio is read against. Writes reports/ladder.{json,md,png} (reports/ladder
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import sys
@@ -52,16 +53,17 @@ MODELS = {
 }
 
 
-QAT = {"batch_size": 4, "lr": 2e-4, "loss": {"divergence": "forward_kl", "temperature": 1.0, "alpha": 1.0}}
+QAT = {"batch_size": 4, "loss": {"divergence": "forward_kl", "temperature": 1.0, "alpha": 1.0}}
+QAT_LR = 2e-4  # SmolLM2's; a row at another lr carries it in its name
 
 
-def our_stage(method: str, rung: str, qat_steps: int) -> dict:
+def our_stage(method: str, rung: str, qat_steps: int, lr: float = QAT_LR) -> dict:
     name = f"{method}_{rung.lower()}"
     if method == "llamacpp":  # llama-quantize as a stage, with the imatrix our calibration writes
         return {"name": name, "llamacpp": {"type": rung, "calibration": CALIBRATION}}
     if method == "qat":
-        cfg = {"mix": rung, "init": "gptq", "calibration": CALIBRATION, "steps": qat_steps, **QAT}
-        return {"name": name, "qat": cfg}
+        cfg = {"mix": rung, "init": "gptq", "calibration": CALIBRATION, "steps": qat_steps, "lr": lr, **QAT}
+        return {"name": name if lr == QAT_LR else f"{name}_lr{lr:g}", "qat": cfg}
     cfg = {"method": method, "mix": rung, "calibration": CALIBRATION}
     cfg |= {"act_order": True} if method == "gptq" else {"importance": True}
     return {"name": name, "quantize": cfg}
@@ -101,6 +103,7 @@ def main() -> None:
     p.add_argument("--rungs", default=",".join(RUNGS))
     p.add_argument("--ours", default=None, help="method:rung of our stages; default: gptq and rtn on every rung")
     p.add_argument("--qat-steps", type=int, default=32, help="training steps of each qat row (batch 4 x 512)")
+    p.add_argument("--qat-lr", default=f"{QAT_LR:g}", help="comma-separated: a qat row per learning rate")
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--report", default=None, help="report name under reports/ (default: ladder, ladder_gemma3)")
@@ -124,7 +127,8 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     spec = TeacherSpec.model_validate(f"gguf:{args.model}")
-    ours = [our_stage(m, r, args.qat_steps) for m, r in pairs]
+    lrs = [float(x) for x in args.qat_lr.split(",")]
+    ours = [our_stage(m, r, args.qat_steps, lr) for m, r in pairs for lr in (lrs if m == "qat" else [QAT_LR])]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         artifacts, teacher, windows = build_on_wikitext("ladder", args.model, ours, args.windows, tmp)
@@ -160,7 +164,10 @@ def main() -> None:
             rung = (stage.get("qat") or stage["quantize"])["mix"]
             extra = {"name": f"ours {LABELS[method]} {rung}", "method": method, "mix": rung}
             if method == "qat":
+                extra["name"] = f"ours {LABELS[method]} {rung}, lr {stage['qat']['lr']:g}"
                 extra["qat"] = {k: stage["qat"][k] for k in ("steps", "batch_size", "lr", "loss")}
+                info = json.loads((artifacts[name] / "stage.json").read_text())["info"]
+                extra["qat"] |= {k: info.get(k) for k in ("first_loss", "final_loss", "train_seconds")}
             files[f"ours/{name}"] = (rung, path, extra)
         if "Q8_0" in rungs:  # the floor: Q8_0's weights in F32, llama.cpp's arithmetic without its 8-bit rounding
             q8 = TeacherSpec.model_validate(f"gguf:{files['llamacpp/Q8_0'][1]}")

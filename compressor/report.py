@@ -133,8 +133,11 @@ def stage_notes(stages: list[dict]) -> list[str]:
         elif "teacher_answers" in info:
             notes.append(f"- **{label(s)}**: trained on {info['teacher_answers']} answers of the black-box teacher.")
         if "steps" in info and "final_loss" in info:
+            start = f"loss {_fmt(info['first_loss'])} at the start, " if info.get("first_loss") is not None else ""
+            if info.get("resumed_at"):
+                start = f"resumed at step {info['resumed_at']}, "
             notes.append(
-                f"- **{label(s)}** ({s['kind']}): {info['steps']} steps, final loss {_fmt(info['final_loss'])}, "
+                f"- **{label(s)}** ({s['kind']}): {info['steps']} steps, {start}final loss {_fmt(info['final_loss'])}, "
                 f"{_fmt(info.get('train_seconds'))} s of training."
             )
         if "teacher_cache" in info:

@@ -227,6 +227,7 @@ def train(
     return {
         "steps": cfg.steps,
         "resumed_at": start_step,
+        "first_loss": losses[0] if losses else None,  # the start's, when not resumed: did training help?
         "final_loss": sum(tail) / len(tail) if tail else None,
         "train_seconds": round(time.time() - begin, 2),
     }

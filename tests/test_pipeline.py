@@ -18,6 +18,7 @@ from compressor.models import count_params
 from compressor.pipeline import run
 from compressor.recipe import load_recipe
 from compressor.record import Metrics, RunRecord, StageRecord
+from compressor.report import _fmt
 from compressor.storage import Store, locked
 
 TIMED = ("prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_mem_bytes", "roofline_ms_per_token")
@@ -62,7 +63,9 @@ def test_run_json_follows_the_output_contract(first_run):
     assert student["metrics"]["teacher_kl"] > 0 and student["metrics"]["params"] < teacher["metrics"]["params"]
     assert student["info"]["student_layers"] == 1
     assert abs(teacher["metrics"]["bits_per_param"] - 32) < 0.5  # fp32 safetensors
-    assert "| distill |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| distill |" in report
+    assert f"loss {_fmt(student['info']['first_loss'])} at the start" in report, report
 
 
 def test_same_recipe_and_seed_in_a_fresh_store_gives_identical_figures(first_run, tmp_path):

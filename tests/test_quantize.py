@@ -367,6 +367,8 @@ def test_export_refuses_an_unknown_stage_and_a_missing_run(tmp_path, capsys):
     ],
 )
 def test_quantization_on_cuda(stage, tmp_path, write_recipe, tiny_teacher_folder):
+    if stage.get("quantize", {}).get("method") == "bnb":
+        pytest.importorskip("bitsandbytes", reason="the gpu extra (bitsandbytes) is not installed")
     recipe = _recipe(stage)
     recipe["device"] = "cuda"
     record = run(load_recipe(write_recipe(recipe)), tmp_path / "run")

@@ -21,7 +21,10 @@ def test_resume_after_a_crash_ends_with_identical_weights(tmp_path):
     blocks = torch.randint(0, 512, (40, 16))
     cfg = TrainConfig(steps=10, batch_size=4, lr=1e-2, checkpoint_every=3, warmup=0.2)
     straight = tiny_llama(seed=1)
-    train(straight, _ce, Batches(blocks, 4, seed=0), cfg, device=CPU, seed=0, description="straight")
+    done = train(straight, _ce, Batches(blocks, 4, seed=0), cfg, device=CPU, seed=0, description="straight")
+    with torch.no_grad():  # the summary's first loss is the untrained model's, on the first batch
+        start = _ce(tiny_llama(seed=1), Batches(blocks, 4, seed=0)(0), 0)[0].item()
+    assert done["first_loss"] == pytest.approx(start, rel=1e-5)
 
     def crashing(model, ids, step):
         if step == 7:
@@ -45,7 +48,7 @@ def test_resume_after_a_crash_ends_with_identical_weights(tmp_path):
     summary = train(
         fresh, _ce, Batches(blocks, 4, seed=0), cfg, device=CPU, seed=0, description="b", checkpoint_dir=tmp_path
     )
-    assert summary["resumed_at"] == 6
+    assert summary["resumed_at"] == 6 and summary["first_loss"] != pytest.approx(start)  # step 6's, not the start's
     for a, b in zip(straight.parameters(), fresh.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
