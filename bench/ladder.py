@@ -317,6 +317,17 @@ def markdown(out: dict) -> str:
                 f"{b['kl_ratio'] * r['kl_to_float']:.4f}: files of these types that sit at that floor differ by the "
                 "runtime's rounding of activations, not by their quantizer.",
             ]
+    qat = [r for r in out["ours"] if r["method"] == "qat" and "final_loss" in r["qat"]]
+    if qat:
+        lines += ["", "QAT's training (KD loss on its own batches, the start's is GPTQ's solution's):", ""]
+        for r in sorted(qat, key=lambda r: (r["mix"], -r["qat"]["lr"])):
+            q = r["qat"]
+            start = "(not recorded)" if q["first_loss"] is None else f"{q['first_loss']:.4f}"
+            lines.append(
+                f"- {r['name']}: {q['steps']} steps of batch {q['batch_size']}, KD loss {start} → "
+                f"{q['final_loss']:.4f} (the last tenth's mean), {q['train_seconds'] / 60:.0f} min; "
+                f"held-out KL {r['kl_to_float']:.4f}"
+            )
     if out["llamacpp_our_imatrix"]:
         lines += [
             "",
@@ -368,6 +379,10 @@ def plot(out: dict, path: Path) -> None:
     if out.get("release"):
         r = out["release"]
         ax.scatter([r["bytes"] / 1e6], [r["kl_to_float"]], marker="v", color="black", label=r["name"])
+    qat = [r for r in out["ours"] if r["method"] == "qat"]
+    for r in qat if len({r["qat"]["lr"] for r in qat}) > 1 else []:  # a sweep: which point is which lr
+        point = (r["bytes"] / 1e6, r["kl_to_float"])
+        ax.annotate(f"lr {r['qat']['lr']:g}", point, xytext=(6, -3), textcoords="offset points", fontsize=8)
     for r in list(out["llamacpp"].values()):
         ax.annotate(r["name"].replace("llama.cpp ", "").replace(" (imatrix)", ""), (r["bytes"] / 1e6, r["kl_to_float"]))
     ax.set_yscale("log")
