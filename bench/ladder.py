@@ -319,7 +319,11 @@ def markdown(out: dict) -> str:
             ]
     qat = [r for r in out["ours"] if r["method"] == "qat" and "final_loss" in r["qat"]]
     if qat:
-        lines += ["", "QAT's training (KD loss on its own batches, the start's is GPTQ's solution's):", ""]
+        lines += [
+            "",
+            "QAT's training (its KD loss on its own batches; the first is GPTQ's solution's, before any step):",
+            "",
+        ]
         for r in sorted(qat, key=lambda r: (r["mix"], -r["qat"]["lr"])):
             q = r["qat"]
             start = "(not recorded)" if q["first_loss"] is None else f"{q['first_loss']:.4f}"
