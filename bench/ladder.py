@@ -3,7 +3,7 @@ token ids in one run.
 
     python bench/ladder.py [--model smollm2-135m-instruct|gemma3-270m] [--rungs Q4_K_M,IQ4_XS,...]
                            [--ours gptq:Q4_K_M,qat:Q4_K_M,rtn:Q8_0,...] [--qat-steps 32]
-                           [--windows 8] [--rounds 3] [--report ladder_qat]
+                           [--qat-lr 2e-4,5e-5] [--windows 8] [--rounds 3] [--report ladder_qat]
 
 Rows:
 - `llamacpp`: each rung (llama.cpp's named mix) made by `llama-quantize` with an importance matrix
@@ -70,6 +70,44 @@ def our_stage(method: str, rung: str, qat_steps: int, lr: float = QAT_LR) -> dic
 
 
 LABELS = {"gptq": "GPTQ", "rtn": "RTN (importance)", "qat": "QAT (from GPTQ)"}
+METHODS = (*LABELS, "llamacpp")
+
+
+def listed(parse):
+    """An argparse type for a comma-separated list: each item parsed, a bad one named (argparse exits 2)."""
+
+    def items(text: str) -> list:
+        out = []
+        for item in text.split(","):
+            try:
+                out.append(parse(item))
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{item!r}: {e}") from None
+        return out
+
+    return items
+
+
+def mix_name(text: str) -> str:
+    from compressor.ggml.mixes import PRESETS
+
+    if text not in PRESETS:
+        raise ValueError(f"not one of llama.cpp's mixes we follow: {', '.join(PRESETS)}")
+    return text
+
+
+def method_rung(text: str) -> tuple[str, str]:
+    method, _, name = text.partition(":")
+    if method not in METHODS:
+        raise ValueError(f"method:rung, the method one of {', '.join(METHODS)}")
+    return method, mix_name(name)
+
+
+def learning_rate(text: str) -> float:
+    lr = float(text)
+    if not 0 < lr < 1:
+        raise ValueError("a learning rate between 0 and 1")
+    return lr
 
 
 def against_rungs(out: dict) -> dict:
@@ -98,22 +136,24 @@ def against_rungs(out: dict) -> dict:
 
 
 def main() -> None:
+    prepare(THREADS)  # before the arguments: their check reads compressor's mixes from this checkout
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=list(MODELS), default="smollm2-135m-instruct")
-    p.add_argument("--rungs", default=",".join(RUNGS))
-    p.add_argument("--ours", default=None, help="method:rung of our stages; default: gptq and rtn on every rung")
+    p.add_argument("--rungs", type=listed(mix_name), default=list(RUNGS))
+    every = "method:rung of our stages; default: gptq and rtn on every rung"
+    p.add_argument("--ours", type=listed(method_rung), default=None, help=every)
     p.add_argument("--qat-steps", type=int, default=32, help="training steps of each qat row (batch 4 x 512)")
-    p.add_argument("--qat-lr", default=f"{QAT_LR:g}", help="comma-separated: a qat row per learning rate")
+    p.add_argument(
+        "--qat-lr", type=listed(learning_rate), default=[QAT_LR], help="comma-separated: a qat row per learning rate"
+    )
     p.add_argument("--windows", type=int, default=8, help="512-token WikiText-2 test windows scored")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--report", default=None, help="report name under reports/ (default: ladder, ladder_gemma3)")
     args = p.parse_args()
-    rungs = args.rungs.split(",")
-    every = [(m, r) for m in ("gptq", "rtn") for r in rungs]
-    pairs = [o.split(":") for o in args.ours.split(",")] if args.ours else every
+    rungs = args.rungs
+    pairs = args.ours or [(m, r) for m in ("gptq", "rtn") for r in rungs]
     what, report = MODELS[args.model]
     report = args.report or report
-    prepare(THREADS)
     import torch
 
     from compressor.exporters.gguf import write_gguf
@@ -127,8 +167,7 @@ def main() -> None:
 
     cpu = torch.device("cpu")
     spec = TeacherSpec.model_validate(f"gguf:{args.model}")
-    lrs = [float(x) for x in args.qat_lr.split(",")]
-    ours = [our_stage(m, r, args.qat_steps, lr) for m, r in pairs for lr in (lrs if m == "qat" else [QAT_LR])]
+    ours = [our_stage(m, r, args.qat_steps, lr) for m, r in pairs for lr in (args.qat_lr if m == "qat" else [QAT_LR])]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         artifacts, teacher, windows = build_on_wikitext("ladder", args.model, ours, args.windows, tmp)
