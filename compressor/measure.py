@@ -2,7 +2,8 @@
 
 size      parameters, bytes of weights on disk, effective bits/param, memory once loaded, and
           the kernel that computes the Linear layers as the artifact loads
-accuracy  lm-evaluation-harness tasks, plus our own token-level held-out perplexity
+accuracy  lm-evaluation-harness tasks, plus our own token-level held-out perplexity and its bits
+          per byte of text (what compares across tokenizers)
 fidelity  mean KL(teacher || model) per token and top-1 agreement with the teacher on held-out
           text (what a draft model's acceptance rate in speculative decoding depends on)
 speculative  optional: the model as a draft for the teacher, measured acceptance and speed-up
@@ -31,7 +32,7 @@ from .storage import recipe_path
 from .tasks import evaluate
 
 # our own metrics' directions; lm-eval declares its own per metric
-HIGHER_IS_BETTER = {"heldout_ppl": False, "teacher_kl": False, "top1_agreement": True}
+HIGHER_IS_BETTER = {"heldout_ppl": False, "heldout_bpb": False, "teacher_kl": False, "top1_agreement": True}
 
 
 class FidelitySpec(BaseModel):
@@ -185,13 +186,23 @@ def token_perplexity(model: torch.nn.Module | Logits, blocks: torch.Tensor, batc
     return fidelity(model, None, blocks, batch_size)["heldout_ppl"]
 
 
+def text_bytes(tokenizer, blocks: torch.Tensor) -> int:
+    """UTF-8 bytes of the text that the scored tokens of `blocks` spell (every token but each row's first)."""
+    return sum(len(tokenizer.decode(row[1:], skip_special_tokens=True).encode("utf-8")) for row in blocks.tolist())
+
+
 @torch.no_grad()
 def fidelity(
-    model: torch.nn.Module | Logits, teacher: torch.nn.Module | Logits | None, blocks: torch.Tensor, batch_size: int
+    model: torch.nn.Module | Logits,
+    teacher: torch.nn.Module | Logits | None,
+    blocks: torch.Tensor,
+    batch_size: int,
+    tokenizer=None,
 ) -> dict:
-    """Token-level held-out perplexity; with a teacher, KL(teacher || model) and top-1 agreement.
-    `model` and `teacher` are torch models or a runtime's logits (llama.cpp's, for a GGUF
-    export); logits are made a slice of positions at a time (scoring.py)."""
+    """Token-level held-out perplexity; with the tokenizer, bits per byte of the text (comparable
+    across tokenizers: a teacher's in its own tokens beside a student's); with a teacher,
+    KL(teacher || model) and top-1 agreement. `model` and `teacher` are torch models or a runtime's
+    logits (llama.cpp's, for a GGUF export); logits are made a slice of positions at a time (scoring.py)."""
     sources = [model] if teacher is None else [model, teacher]
     nll = kl = agree = count = 0.0
     with Bar("held-out fidelity", len(blocks), unit="block") as bar:
@@ -208,6 +219,8 @@ def fidelity(
                     agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             bar.update(len(ids))
     out = {"heldout_ppl": math.exp(nll / count), "heldout_tokens": int(count)}
+    if tokenizer is not None:
+        out["heldout_bpb"] = nll / math.log(2) / text_bytes(tokenizer, blocks)
     if teacher is not None:
         out.update(teacher_kl=kl / count, top1_agreement=agree / count)
     return out
@@ -236,7 +249,7 @@ def measure_deployed(
         "loaded_bytes": size_on_disk,  # the runtime maps the file's weights as they are
         "kernel": kernel_name,
     }
-    metrics.update(fidelity(logits, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size))
+    metrics.update(fidelity(logits, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size, tokenizer))
     torch.manual_seed(seed)
     metrics["accuracy"], directions = evaluate(model, tokenizer, spec, seed, logits=logits)
     metrics["higher_is_better"] = {**{k: v for k, v in HIGHER_IS_BETTER.items() if k in metrics}, **directions}
@@ -255,7 +268,7 @@ def measure(
     """Every figure for one model but latency, in the output contract's shape."""
     model.eval()
     metrics = size(model, folder)
-    metrics.update(fidelity(model, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size))
+    metrics.update(fidelity(model, teacher, heldout[: spec.fidelity.samples], spec.fidelity.batch_size, tokenizer))
     pad = tokenizer.pad_token_id or tokenizer.eos_token_id
     if spec.speculative.enabled and teacher is not None:
         metrics["speculative"] = speculative(model, teacher, heldout, spec.speculative, pad)

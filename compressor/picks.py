@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from . import UserError
 from .latency import faster
 
-OWN_METRICS = ("heldout_ppl", "teacher_kl", "top1_agreement")
+OWN_METRICS = ("heldout_ppl", "heldout_bpb", "teacher_kl", "top1_agreement")
 
 
 class Floor(BaseModel):
@@ -25,7 +25,7 @@ class Floor(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: str = Field("heldout_ppl", description="heldout_ppl, top1_agreement, teacher_kl or '<task>/<metric>'")
+    metric: str = Field("heldout_ppl", description=f"{', '.join(OWN_METRICS)} or '<task>/<metric>'")
     retain: float | None = Field(None, gt=0, le=1)
     value: float | None = None
 

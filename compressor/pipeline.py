@@ -438,7 +438,8 @@ def finish(session: Session, rows: list[StageRecord], timing: dict | None, out: 
         notes = [
             *notes,
             "The teacher has a tokenizer of its own: its held-out perplexity counts its own tokens and is "
-            "not shown, no row has a KL or top-1 agreement with it, and lm-eval's scores compare across.",
+            "not shown (its bits per byte of the same text are), no row has a KL or top-1 agreement with it, "
+            "and lm-eval's scores compare across.",
         ]
     if notes:
         record["notes"] = notes

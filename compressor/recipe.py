@@ -252,8 +252,9 @@ def check_crossing(path: Path, spec: RecipeModel, stages: tuple[Stage, ...], why
             path,
             "pick.metric",
             f"{floor.metric} {'is' if floor.metric != 'heldout_ppl' else 'against the teacher is'} taken in the "
-            f"teacher's tokens, and {why}: floor on an lm-eval score (pick: {{metric: <task>/<metric>}}) or on "
-            "an absolute value (pick: {metric: heldout_ppl, value: 40})",
+            f"teacher's tokens, and {why}: floor on bits per byte of the text (pick: {{metric: heldout_bpb, "
+            "retain: 0.9}), an lm-eval score (pick: {metric: <task>/<metric>}) or an absolute value "
+            "(pick: {metric: heldout_ppl, value: 40})",
         )
     _refuse_field(
         path,

@@ -41,8 +41,9 @@ class Metrics(TypedDict):
     kernel: str  # what computes the Linear layers as the artifact loads
     heldout_ppl: float  # token-level, on the recipe's held-out text
     heldout_tokens: int
+    heldout_bpb: float  # bits per UTF-8 byte of the held-out text: comparable across tokenizers
     accuracy: dict[str, float]  # "<task>/<metric>" -> value, from lm-eval
-    higher_is_better: dict[str, bool]  # direction of heldout_ppl, teacher_kl, top1_agreement and each accuracy
+    higher_is_better: dict[str, bool]  # direction of each of our metrics and of each accuracy
     teacher_kl: NotRequired[float]
     top1_agreement: NotRequired[float]
     prefill_ms: NotRequired[float]

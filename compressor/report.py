@@ -90,11 +90,11 @@ def speed_table(stages: list[dict]) -> str:
 def accuracy_table(stages: list[dict]) -> str:
     tasks = sorted({k for s in stages for k in s["metrics"].get("accuracy", {})})
     rows = [
-        [label(s), _fmt(s["metrics"].get("heldout_ppl"))]
+        [label(s), _fmt(s["metrics"].get("heldout_ppl")), _fmt(s["metrics"].get("heldout_bpb"))]
         + [_fmt(s["metrics"].get("accuracy", {}).get(t)) for t in tasks]
         for s in stages
     ]
-    return _table(["stage", "held-out ppl", *tasks], rows)
+    return _table(["stage", "held-out ppl", "bits/byte", *tasks], rows)
 
 
 def fidelity_table(stages: list[dict]) -> str:
@@ -215,7 +215,9 @@ def accuracy_notes(record: dict) -> list[str]:
         "held-out text (the first eval.fidelity.samples blocks): the same definition everywhere in this "
         "report, and the one papers quote. `*/token_perplexity` is the same quantity over a task's documents; "
         "lm-eval's `*/word_perplexity` and `*/byte_perplexity` are per word and per byte. (The built-in "
-        "teacher's build log scores 256 held-out blocks, a different sample: a different number.)",
+        "teacher's build log scores 256 held-out blocks, a different sample: a different number.) **bits/byte** "
+        "is the same loss per UTF-8 byte of that text, in bits: it does not depend on the tokenizer, so a teacher "
+        "with a tokenizer of its own is comparable on it.",
     ]
 
 

@@ -35,8 +35,8 @@ def test_compare_shares_the_prefix_and_picks_among_every_ordering(tmp_path, writ
     assert main(["compare", str(path), "--out", str(tmp_path / "out")]) == 0
     record = read_json(tmp_path / "out" / "run.json")
     labels = [(s.get("ordering"), s["name"], s["cached"]) for s in record["stages"]]
-    assert labels == [
-        (None, "teacher", False),
+    assert labels[0][:2] == (None, "teacher")  # its measurement may be cached by another test's run
+    assert labels[1:] == [
         ("distill-ptq", "distill", False),
         ("distill-ptq", "ptq", False),
         ("distill-prune-ptq", "distill", True),  # the shared prefix is built once

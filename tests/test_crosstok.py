@@ -231,6 +231,7 @@ def test_cross_tokenizer_settings_it_cannot_serve(write_recipe, knobs, message):
 
 def test_distill_across_tokenizers_live_and_from_the_cache(write_recipe, tmp_path):
     from compressor.compare import compare, plan
+    from compressor.picks import Floor, choose
 
     crossing = {**CROSSED, "student": {"num_layers": 1}, "cross_tokenizer": {"loss": "mapped", "top_k": 16}}
     stages = [
@@ -245,11 +246,16 @@ def test_distill_across_tokenizers_live_and_from_the_cache(write_recipe, tmp_pat
         {"name": "answers", "distill": {**crossing, "sequences": {"prompts": 4, "prompt_tokens": 8, "new_tokens": 12}}},
     ]
     orderings = {s["name"]: [s["name"]] for s in stages}
-    record = compare(plan([str(write_recipe(_crossed(*stages, orderings=orderings)))]), tmp_path / "out")
+    pick = {"metric": "heldout_bpb", "retain": 0.01}  # bits per byte of the text: the teacher's compare
+    raw = _crossed(*stages, orderings=orderings, pick=pick)
+    record = compare(plan([str(write_recipe(raw))]), tmp_path / "out")
     rows = {s["ordering"]: s for s in record["stages"] if s["kind"] == "distill"}
     teacher = next(s for s in record["stages"] if s["kind"] == "teacher")
     assert "heldout_ppl" not in teacher["metrics"] and "teacher_kl" not in teacher["metrics"]
     assert "stdlib_mc/acc" in teacher["metrics"]["accuracy"]  # lm-eval's scores compare across tokenizers
+    # the held-out text in either tokenizer: the teacher's bits per byte beside the students', a floor on it
+    assert 0 < teacher["metrics"]["heldout_bpb"] < min(r["metrics"]["heldout_bpb"] for r in rows.values())
+    assert len(choose(record["stages"], Floor(**pick))["eligible"]) == 1 + len(rows)
     for row in rows.values():
         assert "teacher_kl" not in row["metrics"] and row["metrics"]["heldout_ppl"] > 0
     info = rows["live"]["info"]["cross_tokenizer"]

@@ -84,6 +84,22 @@ def test_fidelity_of_a_model_to_itself_and_to_another():
     assert math.isclose(same["heldout_ppl"], math.exp(nll), rel_tol=1e-5)
 
 
+def test_bits_per_byte_count_the_scored_tokens_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_llama(seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(save_with_tokenizer(model, tmp_path / "m"))
+    blocks = torch.randint(0, 512, (3, 10))
+    blocks[1, 4] = 0  # the end-of-text token: its loss counts, it spells no text
+    out = fidelity(model, None, blocks, batch_size=2, tokenizer=tokenizer)
+    # by hand: the word-level tokens t<i>, space-separated, every row's first token unscored
+    text_bytes = sum(len(" ".join(f"t{i}" for i in row[1:] if i != 0)) for row in blocks.tolist())
+    nats = math.log(out["heldout_ppl"]) * out["heldout_tokens"]
+    assert out["heldout_tokens"] == 27
+    assert math.isclose(out["heldout_bpb"], nats / math.log(2) / text_bytes, rel_tol=1e-9)
+    assert "heldout_bpb" not in fidelity(model, None, blocks, batch_size=2)  # no tokenizer, no bytes
+
+
 def test_stdlib_mc_data_is_deterministic_minimal_pairs():
     rows = stdlib_mc_rows(n_items=50)
     assert rows == stdlib_mc_rows(n_items=50)

@@ -54,9 +54,12 @@ def test_run_json_follows_the_output_contract(first_run):
         assert Metrics.__required_keys__ <= set(stage["metrics"])
         for key in (*TIMED, "teacher_kl", "top1_agreement"):
             assert stage["metrics"][key] is not None, key
-        assert set(stage["metrics"]["higher_is_better"]) == {"heldout_ppl", "teacher_kl", "top1_agreement"} | set(
-            stage["metrics"]["accuracy"]
-        )
+        assert set(stage["metrics"]["higher_is_better"]) == {
+            "heldout_ppl",
+            "heldout_bpb",
+            "teacher_kl",
+            "top1_agreement",
+        } | set(stage["metrics"]["accuracy"])
         assert 0 <= stage["metrics"]["accuracy"]["stdlib_mc/acc"] <= 1
     teacher, student = on_disk["stages"]
     assert teacher["metrics"]["teacher_kl"] == 0 and teacher["metrics"]["top1_agreement"] == 1
