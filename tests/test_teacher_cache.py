@@ -212,9 +212,10 @@ def test_a_recipe_trains_from_the_cache_as_from_the_live_teacher_and_shares_it(t
         assert abs(a - b) < 1e-3 * a, (stage, a, b)
         # the top 8 of 96 tokens and 8 drawn from the tail (the default: half the slots) train near it;
         # whether nearer than one tail bucket is the labs' question (6 steps of a tiny model are noise:
-        # on one machine 6% against 20% off, on another 12% against 11%)
+        # 6% and 20% off with torch's CPU wheel here, 12% and 11% on another machine, 45% with the
+        # CUDA wheel a fresh venv gets from the registry): this catches draws gone wrong by a factor, not a share
         c = drawn[stage]["metrics"]["teacher_kl"]
-        assert abs(c - a) < 0.25 * a, (stage, a, c)
+        assert abs(c - a) < 0.6 * a, (stage, a, c)
     assert drawn["distill"]["info"]["teacher_cache"]["tail_samples"] == 8
     first, second = cached["distill"]["info"]["teacher_cache"], cached["recover"]["info"]["teacher_cache"]
     assert first["captured_rows"] == first["rows"] > 0 and first["teacher_forwards_saved"] == 6
